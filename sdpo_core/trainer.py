@@ -1,0 +1,437 @@
+"""`SDPOTrainer`: Self-Distillation Policy Optimization as a TRL `GRPOTrainer` subclass.
+
+SDPO (huggingface.co/papers/2601.20802; reference code lasgroup/SDPO at 0e6d510) keeps GRPO's rollout and
+scoring, then replaces the policy-gradient loss: each completion gets a *teacher prompt* (the question plus
+a successful sibling's answer, or the environment's feedback on this completion), a teacher model scores
+the student's exact tokens under it, and the student is distilled toward the teacher token by token.
+No reward or advantage enters the loss; rewards only pick demonstrations.
+
+Seams overridden (everything else is GRPOTrainer 1.16's):
+
+- `__init__`: builds the teacher (a copy made before GRPO patches `forward`, a second LoRA adapter, or
+  the base with adapters disabled) and prepares it like GRPO's reference model.
+- `_calculate_rewards`: reads `last_feedback` from every reward function (reset before the call) and
+  gathers prompts, completions and feedback across processes.
+- `_generate_and_score_completions`: builds teacher prompts on the global batch (groups may span
+  processes), before GRPO shuffles it, and slices them back to this process.
+- `_compute_loss`: the distillation loss (`sdpo_core.loss`); `enabled=False` leaves GRPO's loss untouched.
+- `_get_grad_norm`, a callback's `on_step_end`: EMA once per generation batch, skipped when no step of the
+  batch had a finite gradient norm.
+- `_save_checkpoint`, `_load_optimizer_and_scheduler`: teacher weights travel with checkpoints.
+
+Deviations from lasgroup/SDPO are deliberate and documented in docs/algorithm.md: the loss is micro-batch
+invariant (the reference's runs are micro-batch 1), teacher-prompt truncation never cuts the generation
+header, the thinking strip also handles a completion that starts inside `<think>`, and a lone success may
+optionally be its own demonstration.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import random
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+from accelerate.utils import gather_object, is_peft_model
+from torch import nn
+from transformers import PreTrainedModel, ProcessorMixin, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from trl import GRPOConfig, GRPOTrainer
+from trl.models import prepare_deepspeed, prepare_fsdp
+from trl.trainer.utils import create_model_from_path, get_config_model_id, pad
+
+from sdpo_core import loss as sdpo_loss
+from sdpo_core.config import SDPOConfig
+from sdpo_core.reprompt import build_teacher_batch
+from sdpo_core.rewards import combine_feedback, read_feedback, reset_feedback, validated_reward_function
+from sdpo_core.teacher import (
+    CopiedModelTeacher,
+    DisabledAdapterTeacher,
+    LoraEMATeacher,
+    Teacher,
+    TrustRegionTeacher,
+    strip_patched_forward,
+)
+from sdpo_envs.reward import completion_text
+
+logger = logging.getLogger(__name__)
+
+TEACHER_STATE_FILE = "sdpo_teacher.pt"
+TEACHER_META_FILE = "sdpo_teacher.json"
+_FLAT_REWARD_WARN_AFTER = 5
+
+
+class _TeacherUpdateCallback(TrainerCallback):
+    """Calls the trainer's teacher update after each optimizer step; the trainer decides when it is due."""
+
+    def __init__(self, trainer: SDPOTrainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._maybe_update_teacher()
+        return control
+
+
+class SDPOTrainer(GRPOTrainer):
+    """GRPOTrainer with SDPO's self-distillation loss. Takes GRPOTrainer's arguments plus `sdpo_config`.
+
+    Args:
+        sdpo_config (`SDPOConfig`, *optional*): the SDPO settings; defaults to `SDPOConfig()`.
+
+    Reward functions may carry feedback for the teacher in a `last_feedback` list (one string per row,
+    set on every call), as `sdpo_envs.Environment` objects do. Feedback of several functions is joined.
+    """
+
+    _tag_names: ClassVar[list[str]] = ["trl", "grpo", "sdpo"]
+    _name = "SDPO"
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel | nn.Module,
+        reward_funcs: Any = None,
+        args: GRPOConfig | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        reward_processing_classes: Any = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[Any, Any] = (None, None),
+        quantization_config: Any = None,
+        peft_config: Any = None,
+        tools: list[Callable] | None = None,
+        rollout_func: Any = None,
+        environment_factory: Any = None,
+        sdpo_config: SDPOConfig | None = None,
+    ) -> None:
+        self.sdpo_config = sdpo_config if sdpo_config is not None else SDPOConfig()
+        if not isinstance(self.sdpo_config, SDPOConfig):
+            raise TypeError(f"sdpo_config must be an SDPOConfig, got {type(self.sdpo_config).__name__}")
+        cfg = self.sdpo_config
+        uses_peft = peft_config is not None or (not isinstance(model, str) and is_peft_model(model))
+        if cfg.enabled:
+            _check_teacher_mode(cfg.teacher_mode, peft_config is not None, uses_peft)
+            if isinstance(processing_class, ProcessorMixin):
+                raise NotImplementedError(
+                    "SDPO teacher prompts for vision-language models (a ProcessorMixin processing_class) are not "
+                    "supported yet; use SDPOConfig(enabled=False) for GRPO"
+                )
+
+        # The copy must precede GRPOTrainer.__init__, which patches model.forward (see teacher.py).
+        copies_model = cfg.enabled and cfg.teacher_mode in ("ema", "frozen", "trust_region") and peft_config is None
+        teacher_copy = None
+        if copies_model and not isinstance(model, str):
+            teacher_copy = strip_patched_forward(copy.deepcopy(model))
+
+        if reward_funcs is not None:
+            funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
+            reward_funcs = [f if isinstance(f, (nn.Module, str)) else validated_reward_function(f) for f in funcs]
+
+        super().__init__(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            reward_processing_classes=reward_processing_classes,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+            tools=tools,
+            rollout_func=rollout_func,
+            environment_factory=environment_factory,
+        )
+
+        self.teacher: Teacher | None = None
+        self._teacher_generations_done = 0
+        self._finite_step_in_generation = False
+        self._flat_generations = 0
+        self._stash: dict[str, Any] = {}
+        if cfg.enabled:
+            if copies_model and teacher_copy is None:
+                teacher_copy = self._teacher_from_path(quantization_config)
+            self.teacher = self._build_teacher(teacher_copy)
+            self.add_callback(_TeacherUpdateCallback(self))
+            logger.info("SDPO teacher: %s (update rate %s)", cfg.teacher_mode, cfg.teacher_update_rate)
+
+    # ------------------------------------------------------------------------------------ teacher set-up
+    def _teacher_from_path(self, quantization_config: Any) -> nn.Module:
+        """Load the teacher from the student's path, the way GRPOTrainer loads its reference model."""
+        model_init_kwargs = dict(self.args.model_init_kwargs or {})
+        if quantization_config is not None:
+            model_init_kwargs["quantization_config"] = quantization_config
+        if self.args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED"]:
+            model_init_kwargs["device_map"] = None
+        model_init_kwargs.setdefault("trust_remote_code", self.args.trust_remote_code)
+        model_init_kwargs.setdefault("dtype", self.model.dtype)
+        model_init_kwargs.setdefault("attn_implementation", self.model.config._attn_implementation)
+        return create_model_from_path(get_config_model_id(self.model.config), **model_init_kwargs)
+
+    def _build_teacher(self, teacher_copy: nn.Module | None) -> Teacher:
+        cfg = self.sdpo_config
+        if cfg.teacher_mode == "lora_ema":
+            return LoraEMATeacher(self.model, cfg.teacher_update_rate)
+        if teacher_copy is None:  # a fresh LoRA run: the initial model is the base with adapters off
+            reference: Teacher = DisabledAdapterTeacher()
+        else:
+            teacher_copy = self._prepare_teacher_module(teacher_copy)
+            rate = cfg.teacher_update_rate if cfg.teacher_mode == "ema" else 0.0
+            reference = CopiedModelTeacher(teacher_copy, rate, "ema" if rate else "frozen")
+            reference.check_matches(self.model)
+        if cfg.teacher_mode == "trust_region":
+            return TrustRegionTeacher(reference, cfg.teacher_update_rate)
+        return reference
+
+    def _prepare_teacher_module(self, module: nn.Module) -> nn.Module:
+        """Place the teacher like GRPO's reference model; never `accelerator.prepare` (DDP on a frozen module)."""
+        module.requires_grad_(False)
+        if self.is_deepspeed_enabled:
+            return prepare_deepspeed(module, self.accelerator)
+        if self.is_fsdp_enabled:
+            return prepare_fsdp(module, self.accelerator)
+        return self.accelerator.prepare_model(module, evaluation_mode=True)
+
+    # ------------------------------------------------------------------------------- rewards, feedback
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        sources = [getattr(f, "sdpo_inner", f) for f in self.reward_funcs]
+        if not self.sdpo_config.enabled:
+            return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        for source in sources:
+            reset_feedback(source)
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        per_function = [read_feedback(source, name, len(prompts)) for source, name in
+                        zip(sources, self.reward_func_names, strict=True)]
+        local_feedback = combine_feedback(per_function, len(prompts))
+        self._stash = {
+            "prompts": gather_object(list(prompts)),
+            "completions": gather_object([completion_text(c) for c in completions]),
+            "feedback": gather_object(local_feedback),
+            "lengths": gather_object([len(ids) for ids in completion_ids_list]),
+            "rewards_per_func": rewards_per_func,
+        }
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        if not self.sdpo_config.enabled:
+            return output
+        mode = "train" if self.model.training else "eval"
+        stash, self._stash = self._stash, {}
+        group_size = self.num_generations if mode == "train" else self.num_generations_eval
+        rewards_per_func = stash["rewards_per_func"]
+        weighted = rewards_per_func * self.reward_weights.to(rewards_per_func.device).unsqueeze(0)
+        rewards = weighted.nansum(dim=1)
+        rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
+        global_rows = len(stash["prompts"])
+        if global_rows % group_size:
+            raise ValueError(
+                f"the global batch has {global_rows} completions, not a multiple of the group size {group_size} "
+                f"({'num_generations' if mode == 'train' else 'num_generations_eval'})"
+            )
+        rng = random.Random(hash((self.args.seed, self.state.global_step, mode)))
+        batch = build_teacher_batch(
+            stash["prompts"],
+            stash["completions"],
+            rewards.tolist(),
+            stash["feedback"],
+            group_size=group_size,
+            config=self.sdpo_config,
+            tokenizer=self._tokenizer,
+            chat_template_kwargs=self._teacher_chat_template_kwargs(),
+            completion_lengths=stash["lengths"],
+            rng=rng,
+        )
+        local_rows = output["completion_ids"].size(0)
+        process_slice = slice(self.accelerator.process_index * local_rows,
+                              (self.accelerator.process_index + 1) * local_rows)
+        device = self.accelerator.device
+        teacher_ids = [torch.tensor(ids, dtype=torch.long) for ids in batch.input_ids[process_slice]]
+        output["teacher_prompt_ids"] = pad(teacher_ids, padding_value=self._tokenizer.pad_token_id,
+                                           padding_side="left").to(device)
+        output["teacher_prompt_mask"] = pad([torch.ones_like(t) for t in teacher_ids], padding_value=0,
+                                            padding_side="left").to(device)
+        sd_mask = torch.tensor(batch.sd_mask[process_slice], dtype=torch.float32, device=device)
+        output["sd_mask"] = sd_mask
+        loss_mask = output["completion_mask"] * output.get("tool_mask", 1) * sd_mask.unsqueeze(1)
+        output["sd_num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
+        for key, value in batch.metrics.items():
+            self._metrics[mode][f"sdpo/{key}"].append(value)
+        self._warn_if_no_signal(batch.metrics.get("reprompt_sample_fraction", 0.0))
+        return output
+
+    def _teacher_chat_template_kwargs(self) -> dict[str, Any]:
+        """The student's template settings (tools, chat template, kwargs), then `apply_chat_template_kwargs`."""
+        kwargs: dict[str, Any] = dict(self.chat_template_kwargs)
+        if self.tools:
+            kwargs["tools"] = self.tools
+        if getattr(self, "chat_template", None) is not None:
+            kwargs["chat_template"] = self.chat_template
+        return kwargs
+
+    def _warn_if_no_signal(self, reprompt_fraction: float) -> None:
+        self._flat_generations = self._flat_generations + 1 if reprompt_fraction == 0.0 else 0
+        if self._flat_generations == _FLAT_REWARD_WARN_AFTER:
+            logger.warning(
+                "SDPO: no completion had a teacher signal (no successful sibling and no feedback) for %d generation "
+                "batches in a row; the loss is zero. Lower success_reward_threshold, raise num_generations, or use "
+                "an environment that gives feedback.", _FLAT_REWARD_WARN_AFTER,
+            )
+
+    # ------------------------------------------------------------------------------------------ loss
+    def _compute_loss(self, model, inputs):
+        if not self.sdpo_config.enabled:
+            return super()._compute_loss(model, inputs)
+        cfg = self.sdpo_config
+        mode = "train" if self.model.training else "eval"
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        logits_to_keep = completion_ids.size(1)
+        sd_mask = inputs["sd_mask"]  # [B]
+        mask = completion_mask * inputs.get("tool_mask", 1) * sd_mask.unsqueeze(1)  # [B, T]
+
+        student_logits = model(
+            input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
+            attention_mask=torch.cat([prompt_mask, completion_mask], dim=1),
+            logits_to_keep=logits_to_keep + 1,
+            use_cache=False,
+        ).logits[:, :-1, :] / self.temperature  # [B, T, V]
+        student_token_logps = sdpo_loss.sampled_token_logps(student_logits, completion_ids)  # [B, T]
+
+        if sd_mask.any():
+            teacher_logits = self.teacher.logits(
+                model,
+                torch.cat([inputs["teacher_prompt_ids"], completion_ids], dim=1),
+                torch.cat([inputs["teacher_prompt_mask"], completion_mask], dim=1),
+                logits_to_keep + 1,
+            )[:, :-1, :] / self.temperature  # [B, T, V]
+            teacher_token_logps = sdpo_loss.sampled_token_logps(teacher_logits, completion_ids)  # [B, T]
+            if cfg.full_logit_distillation:
+                per_token_loss = sdpo_loss.chunked_per_token_distillation_loss(
+                    student_logits, teacher_logits, alpha=cfg.alpha, topk=cfg.distillation_topk,
+                    add_tail=cfg.distillation_add_tail, chunk_size=cfg.distillation_chunk_size,
+                )
+            else:
+                per_token_loss = sdpo_loss.token_level_reverse_kl(student_token_logps, teacher_token_logps)
+            del teacher_logits
+        else:  # lasgroup/SDPO dp_actor.py:848: an all-masked micro-batch contributes a graph-connected zero
+            teacher_token_logps = student_token_logps.detach()
+            per_token_loss = student_token_logps * 0.0
+            self._metrics[mode]["sdpo/empty_target_batch"].append(1.0)
+
+        is_ratio = sdpo_loss.importance_weight(student_token_logps, inputs.get("old_per_token_logps"), cfg.is_clip)
+        per_token_loss = per_token_loss * is_ratio
+        if "importance_sampling_ratio" in inputs:  # vLLM rollout correction, as GRPO applies it
+            per_token_loss = per_token_loss * inputs["importance_sampling_ratio"]
+
+        if cfg.loss_aggregation == "sequence_mean":
+            loss = sdpo_loss.aggregate_loss(per_token_loss, mask, mode="sequence_mean",
+                                            num_sequences=per_token_loss.size(0))
+            reported = loss.detach()
+            if mode == "train":
+                loss = loss / self.current_gradient_accumulation_steps
+        else:
+            normalizer = inputs["sd_num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+            loss = sdpo_loss.aggregate_loss(per_token_loss, mask, mode="token_mean", num_active_tokens=normalizer)
+            reported = loss.detach()
+
+        self._log_loss_metrics(mode, reported, mask, student_logits, student_token_logps, teacher_token_logps,
+                               is_ratio)
+        return loss
+
+    @torch.no_grad()
+    def _log_loss_metrics(self, mode, loss, mask, student_logits, student_token_logps, teacher_token_logps,
+                          is_ratio) -> None:
+        gather = self.accelerator.gather
+        active = mask.sum()
+        denominator = gather(active).sum().clamp(min=1.0)
+        # k1 estimate of KL(student || teacher) on the student's own samples
+        kl = ((student_token_logps - teacher_token_logps) * mask).sum()
+        entropy = (sdpo_loss.token_entropy(student_logits) * mask).sum()
+        ratio_max = torch.where(mask.bool(), is_ratio, torch.zeros_like(is_ratio)).max()
+        metrics = self._metrics[mode]
+        metrics["sdpo/distillation_loss"].append(gather(loss).mean().item())
+        metrics["sdpo/teacher_student_kl"].append((gather(kl).sum() / denominator).item())
+        metrics["entropy"].append((gather(entropy).sum() / denominator).item())
+        metrics["sdpo/is_ratio_mean"].append((gather((is_ratio * mask).sum()).sum() / denominator).item())
+        metrics["sdpo/is_ratio_max"].append(gather(ratio_max).max().item())
+        metrics["sdpo/active_token_fraction"].append(
+            (denominator / gather(torch.ones_like(mask).sum()).sum().clamp(min=1.0)).item()
+        )
+
+    # ---------------------------------------------------------------------------------- teacher update
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        value = float(grad_norm) if grad_norm is not None else 0.0
+        self._finite_step_in_generation |= grad_norm is None or math.isfinite(value)
+        return grad_norm
+
+    def _maybe_update_teacher(self) -> None:
+        """EMA once per generation batch, after its last optimizer step (lasgroup/SDPO dp_actor.py:918-920)."""
+        if self.teacher is None:
+            return
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        completed = self._step // generate_every
+        if completed <= self._teacher_generations_done:
+            return
+        self._teacher_generations_done = completed
+        if self._finite_step_in_generation:
+            self.teacher.update(self.model)
+        else:
+            logger.warning("SDPO: no finite gradient norm in this generation batch; teacher update skipped")
+            self._metrics["train"]["sdpo/teacher_update_skipped"].append(1.0)
+        self._finite_step_in_generation = False
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.teacher is None or not self.args.should_save:
+            return
+        folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        checkpoint = os.path.join(self._get_output_dir(trial=trial), folder)
+        state = self.teacher.state_dict()
+        if state:
+            torch.save(state, os.path.join(checkpoint, TEACHER_STATE_FILE))
+        with open(os.path.join(checkpoint, TEACHER_META_FILE), "w") as f:
+            json.dump({"teacher_mode": self.sdpo_config.teacher_mode, "updates": self.teacher.updates,
+                       "generations_done": self._teacher_generations_done}, f)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if self.teacher is None or checkpoint is None:
+            return
+        meta_path = os.path.join(checkpoint, TEACHER_META_FILE)
+        if not os.path.exists(meta_path):
+            logger.warning("SDPO: checkpoint %s has no teacher state; the teacher restarts from its current weights",
+                           checkpoint)
+            return
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta["teacher_mode"] != self.sdpo_config.teacher_mode:
+            raise ValueError(f"checkpoint teacher_mode {meta['teacher_mode']!r} differs from the configured "
+                             f"{self.sdpo_config.teacher_mode!r}")
+        state_path = os.path.join(checkpoint, TEACHER_STATE_FILE)
+        if os.path.exists(state_path):
+            self.teacher.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True))
+        self.teacher.updates = meta["updates"]
+        self._teacher_generations_done = meta["generations_done"]
+
+
+def _check_teacher_mode(mode: str, fresh_peft: bool, uses_peft: bool) -> None:
+    if mode == "lora_ema" and not uses_peft:
+        raise ValueError("teacher_mode='lora_ema' needs a PEFT model: pass peft_config= or a PeftModel")
+    if mode == "ema" and fresh_peft:
+        raise ValueError(
+            "teacher_mode='ema' with peft_config would keep a second full copy of the base model as the teacher; "
+            "use teacher_mode='lora_ema' (a second adapter, EMA on adapter weights) or pass a PeftModel instance"
+        )
+
+
+__all__: Sequence[str] = ["SDPOTrainer"]

@@ -1,0 +1,344 @@
+"""SDPOTrainer on a tiny model: real TRL steps, the teacher strategies and the peer regressions."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from trl import GRPOTrainer
+
+from sdpo_core import SDPOConfig, SDPOTrainer
+from sdpo_core.testing import tiny_model
+
+
+def _trainer(model, tokenizer, dataset, args, reward, **sdpo):
+    return SDPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=dataset,
+                       processing_class=tokenizer, sdpo_config=SDPOConfig(**sdpo))
+
+
+def _capture_batches(trainer):
+    """Record every generation batch the trainer builds (B-first dicts, before shuffling)."""
+    batches = []
+    original = trainer._generate_and_score_completions
+
+    def wrapped(inputs):
+        output = original(inputs)
+        batches.append(output)
+        return output
+
+    trainer._generate_and_score_completions = wrapped
+    return batches
+
+
+def _params(module):
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+def test_sdpo_steps_train_and_log(model, tokenizer, chat_dataset, make_args, feedback_reward):
+    before = _params(model)
+    trainer = _trainer(model, tokenizer, chat_dataset, make_args(), feedback_reward())
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    changed = [name for name, value in before.items() if not torch.equal(value, after[name])]
+    assert len(changed) == len(before), f"unchanged parameters: {set(before) - set(changed)}"
+    logged = {k for entry in trainer.state.log_history for k in entry}
+    for key in ("sdpo/distillation_loss", "sdpo/teacher_student_kl", "sdpo/reprompt_sample_fraction",
+                "sdpo/feedback_used_fraction", "sdpo/success_group_fraction", "sdpo/is_ratio_mean", "reward",
+                "entropy"):
+        assert key in logged, key
+
+
+def test_feedback_reaches_teacher_prompt_of_failed_samples(model, tokenizer, chat_dataset, make_args,
+                                                           feedback_reward):
+    trainer = _trainer(model, tokenizer, chat_dataset, make_args(max_steps=1), feedback_reward())
+    batches = _capture_batches(trainer)
+    trainer.train()
+    batch = batches[0]
+    assert batch["sd_mask"].tolist() == [1.0] * 4
+    for row in range(4):
+        text = tokenizer.decode(batch["teacher_prompt_ids"][row][batch["teacher_prompt_mask"][row].bool()])
+        assert f"FEEDBACK-{row}" in text
+        assert text.count("You are a helpful assistant.") == 1
+        assert text.count("<|im_start|>user") == 1
+        assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_success_demo_is_a_sibling_never_self(model, tokenizer, chat_dataset, make_args, feedback_reward):
+    reward = feedback_reward(succeed=lambda row: row % 4 == 1)  # one success per group
+    trainer = _trainer(model, tokenizer, chat_dataset, make_args(max_steps=1), reward)
+    batches = _capture_batches(trainer)
+    trainer.train()
+    batch = batches[0]
+    # the lone success has no other success: masked (its feedback is empty); the failures get its demo
+    assert batch["sd_mask"].tolist() == [1.0, 0.0, 1.0, 1.0]
+    demo = tokenizer.decode(batch["completion_ids"][1][batch["completion_mask"][1].bool()], skip_special_tokens=True)
+    for row in (0, 2, 3):
+        text = tokenizer.decode(batch["teacher_prompt_ids"][row][batch["teacher_prompt_mask"][row].bool()])
+        assert "Correct solution:" in text
+        assert f"FEEDBACK-{row}" not in text  # feedback only without a demonstration (seed default)
+        assert demo.strip() in text
+
+
+def test_disabled_is_plain_grpo(tokenizer, chat_dataset, make_args, feedback_reward):
+    grpo = GRPOTrainer(model=tiny_model(tokenizer), reward_funcs=[feedback_reward(succeed=lambda r: r % 2 == 0)],
+                       args=make_args(), train_dataset=chat_dataset, processing_class=tokenizer)
+    grpo.train()
+    sdpo = SDPOTrainer(model=tiny_model(tokenizer), reward_funcs=[feedback_reward(succeed=lambda r: r % 2 == 0)],
+                       args=make_args(), train_dataset=chat_dataset, processing_class=tokenizer,
+                       sdpo_config=SDPOConfig(enabled=False))
+    sdpo.train()
+    assert sdpo.teacher is None
+    for (name, a), (_, b) in zip(grpo.model.named_parameters(), sdpo.model.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    assert not any(k.startswith("sdpo/") for entry in sdpo.state.log_history for k in entry)
+
+
+def test_teacher_is_not_the_student(model, tokenizer, chat_dataset, make_args, feedback_reward):
+    """sdpo-rl 0.0.3's bug: a deepcopy made after GRPO patched forward runs the student's weights."""
+    trainer = _trainer(model, tokenizer, chat_dataset, make_args(), feedback_reward())
+    ids = torch.tensor([[5, 6, 7, 8]])
+    mask = torch.ones_like(ids)
+    before = trainer.teacher.logits(trainer.model, ids, mask, 4).clone()
+    with torch.no_grad():
+        for param in trainer.teacher.module.parameters():
+            param.zero_()
+    after = trainer.teacher.logits(trainer.model, ids, mask, 4)
+    assert not torch.allclose(before, after)
+    student = trainer.model(input_ids=ids, attention_mask=mask).logits
+    assert not torch.allclose(student, after)
+
+
+def test_teacher_from_path_is_separate(tmp_path, tokenizer, chat_dataset, make_args, feedback_reward):
+    path = tmp_path / "model"
+    tiny_model(tokenizer).save_pretrained(path)
+    trainer = SDPOTrainer(model=str(path), reward_funcs=[feedback_reward()], args=make_args(),
+                          train_dataset=chat_dataset, processing_class=tokenizer)
+    assert all(t.data_ptr() != s.data_ptr() for t, s in
+               zip(trainer.teacher.module.parameters(), trainer.model.parameters(), strict=True))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    before = trainer.teacher.logits(trainer.model, ids, torch.ones_like(ids), 4).clone()
+    with torch.no_grad():
+        next(trainer.teacher.module.parameters()).add_(1.0)
+    assert not torch.allclose(before, trainer.teacher.logits(trainer.model, ids, torch.ones_like(ids), 4))
+
+
+def test_ema_teacher_moves_by_rate_once_per_generation(model, tokenizer, chat_dataset, make_args, feedback_reward):
+    rate = 0.25
+    initial = _params(model)
+    # GA 2 with steps_per_generation 2: one generation batch = one optimizer step
+    args = make_args(max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                     num_generations=4)
+    trainer = _trainer(model, tokenizer, chat_dataset, args, feedback_reward(), teacher_update_rate=rate)
+    trainer.train()
+    assert trainer.teacher.updates == 1
+    student = dict(trainer.model.named_parameters())
+    for name, teacher_param in trainer.teacher.module.named_parameters():
+        expected = (1 - rate) * initial[name] + rate * student[name].detach()
+        torch.testing.assert_close(teacher_param, expected, msg=name)
+
+
+def test_frozen_teacher_never_moves(model, tokenizer, chat_dataset, make_args, feedback_reward):
+    initial = _params(model)
+    trainer = _trainer(model, tokenizer, chat_dataset, make_args(), feedback_reward(), teacher_mode="frozen")
+    trainer.train()
+    for name, teacher_param in trainer.teacher.module.named_parameters():
+        assert torch.equal(teacher_param, initial[name]), name
+
+
+def test_trust_region_interpolates_logits(model, tokenizer, chat_dataset, make_args, feedback_reward):
+    trainer = _trainer(model, tokenizer, chat_dataset, make_args(), feedback_reward(), teacher_mode="trust_region",
+                       teacher_update_rate=0.3)
+    trainer.train()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    mask = torch.ones_like(ids)
+    reference = trainer.teacher.reference.logits(trainer.model, ids, mask, 4)
+    with torch.no_grad():
+        live = trainer.model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(trainer.teacher.logits(trainer.model, ids, mask, 4), 0.7 * reference + 0.3 * live)
+
+
+def test_gradient_accumulation_matches_one_big_batch(model, tokenizer, chat_dataset, make_args, feedback_reward):
+    """sdpo-rl bug 4: GA 2x4 must give the same gradients as GA 1x8."""
+    trainer = _trainer(model, tokenizer, chat_dataset, make_args(per_device_train_batch_size=8, num_generations=4),
+                       feedback_reward(succeed=lambda row: row % 4 == 0))
+    batch = trainer._generate_and_score_completions([chat_dataset[i] for i in range(8)])
+    assert batch["sd_mask"].sum() > 0
+
+    def grads(micro_batches, ga):
+        trainer.model.zero_grad()
+        trainer.current_gradient_accumulation_steps = ga
+        for micro in micro_batches:
+            trainer._compute_loss(trainer.model, micro).backward()
+        return {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+
+    trainer.model.train()
+    full = grads([batch], 1)
+    halves = [{k: (v[i:i + 4] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in batch.items()}
+              for i in (0, 4)]
+    split = grads(halves, 2)
+    for name in full:
+        torch.testing.assert_close(split[name], full[name], msg=name, rtol=1e-4, atol=1e-6)
+
+
+def test_masks_and_vllm_ratio_scale_the_loss(model, tokenizer, chat_dataset, make_args, feedback_reward):
+    trainer = _trainer(model, tokenizer, chat_dataset, make_args(), feedback_reward())
+    batch = trainer._generate_and_score_completions([chat_dataset[i] for i in range(4)])
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    base = trainer._compute_loss(trainer.model, batch)
+    assert base.item() > 0
+    halved = trainer._compute_loss(trainer.model, {**batch, "importance_sampling_ratio": torch.full((4, 1), 0.5)})
+    torch.testing.assert_close(halved, base * 0.5)
+    no_tools = trainer._compute_loss(trainer.model, {**batch, "tool_mask": torch.zeros_like(batch["completion_mask"])})
+    assert no_tools.item() == 0.0 and no_tools.requires_grad
+    masked = trainer._compute_loss(trainer.model, {**batch, "sd_mask": torch.zeros(4)})
+    assert masked.item() == 0.0 and masked.requires_grad
+    masked.backward()  # graph-connected: backward works on an all-masked micro-batch
+
+
+def test_importance_ratio_is_one_on_policy_at_low_temperature(model, tokenizer, chat_dataset, make_args,
+                                                              feedback_reward):
+    """sdpo-rl bug 5: logits must be divided by the temperature like GRPO's old log-probs are."""
+    args = make_args(max_steps=1, temperature=0.7, num_iterations=2)  # num_iterations > 1 computes old logps
+    trainer = _trainer(model, tokenizer, chat_dataset, args, feedback_reward())
+    batch = trainer._generate_and_score_completions([chat_dataset[i] for i in range(4)])
+    assert "old_per_token_logps" in batch
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    trainer._compute_loss(trainer.model, batch)
+    torch.testing.assert_close(trainer._metrics["train"]["sdpo/is_ratio_mean"][-1], 1.0, rtol=0, atol=1e-4)
+
+
+def test_checkpoint_resume_restores_teacher(model, tokenizer, chat_dataset, make_args, feedback_reward, tmp_path):
+    args = make_args(max_steps=2, save_strategy="steps", save_steps=1)
+    trainer = _trainer(model, tokenizer, chat_dataset, args, feedback_reward(), teacher_update_rate=0.5)
+    trainer.train()
+    saved = torch.load(tmp_path / "out" / "checkpoint-1" / "sdpo_teacher.pt", weights_only=True)
+    resumed = _trainer(tiny_model(tokenizer, seed=1), tokenizer, chat_dataset, make_args(max_steps=1),
+                       feedback_reward(), teacher_update_rate=0.5)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-1"))
+    state = resumed.teacher.module.state_dict()
+    for name, value in saved.items():
+        assert torch.equal(state[name], value), name
+    assert resumed.teacher.updates == 1
+
+
+def test_lora_ema_shares_base_and_copies_adapter(tokenizer, chat_dataset, make_args, feedback_reward):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(tiny_model(tokenizer), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    base_before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_" not in n}
+    trainer = _trainer(peft_model, tokenizer, chat_dataset, make_args(), feedback_reward(), teacher_mode="lora_ema",
+                       teacher_update_rate=0.5)
+    params = dict(trainer.model.named_parameters())
+    teacher_names = [n for n in params if ".sdpo_teacher." in n]
+    assert teacher_names
+    for name in teacher_names:
+        assert torch.equal(params[name], params[name.replace(".sdpo_teacher.", ".default.")])
+        assert not params[name].requires_grad
+    trainer.train()
+    params = dict(trainer.model.named_parameters())
+    for name, value in base_before.items():
+        assert torch.equal(params[name], value), name  # base weights untouched and shared
+    moved = [n for n in teacher_names
+             if not torch.equal(params[n], params[n.replace(".sdpo_teacher.", ".default.")])]
+    assert moved and trainer.teacher.updates == 2
+
+
+def test_config_errors_at_construction(model, tokenizer, chat_dataset, make_args, feedback_reward):
+    from peft import LoraConfig
+
+    with pytest.raises(ValueError, match="lora_ema"):
+        _trainer(model, tokenizer, chat_dataset, make_args(), feedback_reward(), teacher_mode="lora_ema")
+    with pytest.raises(ValueError, match="lora_ema"):
+        SDPOTrainer(model=model, reward_funcs=[feedback_reward()], args=make_args(), train_dataset=chat_dataset,
+                    processing_class=tokenizer, peft_config=LoraConfig(r=4, target_modules=["q_proj"]),
+                    sdpo_config=SDPOConfig(teacher_mode="ema"))
+
+
+def test_reward_output_errors_name_function_and_row(model, tokenizer, chat_dataset, make_args):
+    def bad_value(prompts, completions, **kwargs):
+        return [0.0, "oops", 0.0, 0.0]
+
+    def short(prompts, completions, **kwargs):
+        return [0.0]
+
+    for func, pattern in ((bad_value, r"'bad_value'.*row 1"), (short, r"'short' returned 1 rewards for 4")):
+        trainer = SDPOTrainer(model=model, reward_funcs=[func], args=make_args(max_steps=1),
+                              train_dataset=chat_dataset, processing_class=tokenizer)
+        with pytest.raises(ValueError, match=pattern):
+            trainer.train()
+
+
+def test_feedback_of_several_functions_is_combined(model, tokenizer, chat_dataset, make_args, feedback_reward):
+    first = feedback_reward(text="FIRST-{row}")
+    second = feedback_reward(text="SECOND-{row}")
+    second.__name__ = "second"
+    trainer = SDPOTrainer(model=model, reward_funcs=[first, second], args=make_args(max_steps=1),
+                          train_dataset=chat_dataset, processing_class=tokenizer)
+    batches = _capture_batches(trainer)
+    trainer.train()
+    text = tokenizer.decode(batches[0]["teacher_prompt_ids"][2])
+    assert text.index("FIRST-2") < text.index("SECOND-2")
+
+
+def test_stale_or_malformed_feedback_is_rejected(model, tokenizer, chat_dataset, make_args):
+    class WrongLength:
+        __name__ = "wrong_length"
+        last_feedback = None
+
+        def __call__(self, prompts, completions, **kwargs):
+            self.last_feedback = ["only one"]
+            return [0.0] * len(prompts)
+
+    trainer = SDPOTrainer(model=model, reward_funcs=[WrongLength()], args=make_args(max_steps=1),
+                          train_dataset=chat_dataset, processing_class=tokenizer)
+    with pytest.raises(ValueError, match="'wrong_length': last_feedback has 1 entries for 4"):
+        trainer.train()
+
+    class Stale:
+        __name__ = "stale"
+
+        def __init__(self):
+            self.last_feedback = ["old"] * 4
+
+        def __call__(self, prompts, completions, **kwargs):
+            return [0.0] * len(prompts)  # never sets last_feedback: the old list must not be reused
+
+    trainer = SDPOTrainer(model=model, reward_funcs=[Stale()], args=make_args(max_steps=1),
+                          train_dataset=chat_dataset, processing_class=tokenizer)
+    batches = _capture_batches(trainer)
+    trainer.train()
+    assert batches[0]["sd_mask"].sum() == 0
+
+
+def test_async_reward_function_keeps_working(model, tokenizer, chat_dataset, make_args):
+    async def async_reward(prompts, completions, **kwargs):
+        return [1.0 if i % 2 else 0.0 for i in range(len(prompts))]
+
+    trainer = SDPOTrainer(model=model, reward_funcs=[async_reward], args=make_args(max_steps=1),
+                          train_dataset=chat_dataset, processing_class=tokenizer)
+    trainer.train()
+    assert trainer.state.log_history[0]["reward"] == pytest.approx(0.5)
+
+
+def test_overridden_grpo_seams_exist():
+    """We override private GRPOTrainer 1.16 methods: pin their signatures."""
+    expected = {
+        "_calculate_rewards": ["self", "inputs", "prompts", "completions", "completion_ids_list"],
+        "_generate_and_score_completions": ["self", "inputs"],
+        "_compute_loss": ["self", "model", "inputs"],
+        "_save_checkpoint": ["self", "model", "trial"],
+        "_load_optimizer_and_scheduler": ["self", "checkpoint"],
+        "_get_grad_norm": ["self", "model", "grad_norm"],
+    }
+    for name, params in expected.items():
+        assert list(inspect.signature(getattr(GRPOTrainer, name)).parameters) == params, name
+    init = inspect.signature(GRPOTrainer.__init__).parameters
+    sdpo_init = inspect.signature(SDPOTrainer.__init__).parameters
+    assert [p for p in init] == [p for p in sdpo_init if p != "sdpo_config"]
