@@ -141,7 +141,7 @@ class SDPOConfig:
     teacher_update_rate: float = field(
         default=0.05, metadata={"help": "EMA rate per generation batch (trust_region: student weight)."}
     )
-    apply_chat_template_kwargs: dict[str, Any] | str = field(
+    apply_chat_template_kwargs: dict[str, Any] | str | None = field(
         default_factory=dict,
         metadata={"help": "Extra apply_chat_template kwargs for teacher prompts (a dict, or JSON on the CLI)."},
     )
@@ -184,6 +184,8 @@ class SDPOConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.apply_chat_template_kwargs is None:
+            self.apply_chat_template_kwargs = {}
         if isinstance(self.apply_chat_template_kwargs, str):
             try:
                 self.apply_chat_template_kwargs = json.loads(self.apply_chat_template_kwargs or "{}")

@@ -123,6 +123,39 @@ def test_teacher_from_path_is_separate(tmp_path, tokenizer, chat_dataset, make_a
     assert not torch.allclose(before, trainer.teacher.logits(trainer.model, ids, torch.ones_like(ids), 4))
 
 
+def test_in_memory_model_is_the_teacher(tokenizer, chat_dataset, make_args, feedback_reward):
+    """TRL's sdpo reloads the teacher from `_name_or_path`: an in-memory edit would be lost."""
+    model = tiny_model(tokenizer)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(3.0)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    expected = model(input_ids=ids).logits
+    trainer = _trainer(model, tokenizer, chat_dataset, make_args(), feedback_reward())
+    torch.testing.assert_close(trainer.teacher.logits(trainer.model, ids, torch.ones_like(ids), 4), expected)
+
+
+def test_teacher_update_skipped_without_finite_gradient(model, tokenizer, chat_dataset, make_args, feedback_reward):
+    initial = _params(model)
+    trainer = _trainer(model, tokenizer, chat_dataset, make_args(max_steps=1), feedback_reward())
+    trainer.model.lm_head.weight.register_hook(lambda grad: grad * float("nan"))
+    trainer.train()
+    assert trainer.teacher.updates == 0
+    for name, teacher_param in trainer.teacher.module.named_parameters():
+        assert torch.equal(teacher_param, initial[name]), name
+
+
+def test_eval_uses_eval_group_size(model, tokenizer, chat_dataset, make_args, feedback_reward):
+    """sdpo-rl bug 7: eval must group by num_generations_eval, not num_generations."""
+    args = make_args(num_generations_eval=2, per_device_eval_batch_size=4, eval_strategy="no")
+    trainer = SDPOTrainer(model=model, reward_funcs=[feedback_reward(succeed=lambda row: row % 2 == 0)], args=args,
+                          train_dataset=chat_dataset, eval_dataset=chat_dataset.select(range(4)),
+                          processing_class=tokenizer)
+    metrics = trainer.evaluate()
+    assert "eval_sdpo/reprompt_sample_fraction" in metrics
+    # groups of 2 with one success each: the failures get a demo, the lone successes are masked
+    assert metrics["eval_sdpo/success_sample_fraction"] == pytest.approx(0.5)
+
+
 def test_ema_teacher_moves_by_rate_once_per_generation(model, tokenizer, chat_dataset, make_args, feedback_reward):
     rate = 0.25
     initial = _params(model)
@@ -174,11 +207,12 @@ def test_gradient_accumulation_matches_one_big_batch(model, tokenizer, chat_data
 
     trainer.model.train()
     full = grads([batch], 1)
-    halves = [{k: (v[i:i + 4] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in batch.items()}
-              for i in (0, 4)]
-    split = grads(halves, 2)
-    for name in full:
-        torch.testing.assert_close(split[name], full[name], msg=name, rtol=1e-4, atol=1e-6)
+    for size in (4, 1):  # GA 2x4, and micro-batch 1 x GA 8 (TRL's sdpo aggregation differs here)
+        micro = [{k: (v[i:i + size] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in batch.items()}
+                 for i in range(0, 8, size)]
+        split = grads(micro, 8 // size)
+        for name in full:
+            torch.testing.assert_close(split[name], full[name], msg=f"{size}: {name}", rtol=1e-4, atol=1e-6)
 
 
 def test_masks_and_vllm_ratio_scale_the_loss(model, tokenizer, chat_dataset, make_args, feedback_reward):
