@@ -88,7 +88,8 @@ def test_presets_set_the_run_values():
     assert (lcb.alpha, lcb.distillation_topk, lcb.teacher_update_rate) == (1.0, 20, 0.01)
     assert lcb.reprompt_template.endswith("question.")
     generalization = SDPOConfig.from_preset("reference_generalization", alpha=0.3)
-    assert not generalization.include_environment_feedback and generalization.alpha == 0.3
+    assert not generalization.include_environment_feedback
+    assert generalization.alpha == 0.3
     assert set(PRESETS) == {"reference_lcb", "reference_generalization"}
     with pytest.raises(ValueError, match="unknown SDPO preset"):
         SDPOConfig.from_preset("nope")

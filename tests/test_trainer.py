@@ -225,9 +225,11 @@ def test_masks_and_vllm_ratio_scale_the_loss(model, tokenizer, chat_dataset, mak
     halved = trainer._compute_loss(trainer.model, {**batch, "importance_sampling_ratio": torch.full((4, 1), 0.5)})
     torch.testing.assert_close(halved, base * 0.5)
     no_tools = trainer._compute_loss(trainer.model, {**batch, "tool_mask": torch.zeros_like(batch["completion_mask"])})
-    assert no_tools.item() == 0.0 and no_tools.requires_grad
+    assert no_tools.item() == 0.0
+    assert no_tools.requires_grad
     masked = trainer._compute_loss(trainer.model, {**batch, "sd_mask": torch.zeros(4)})
-    assert masked.item() == 0.0 and masked.requires_grad
+    assert masked.item() == 0.0
+    assert masked.requires_grad
     masked.backward()  # graph-connected: backward works on an all-masked micro-batch
 
 
@@ -281,7 +283,8 @@ def test_lora_ema_shares_base_and_copies_adapter(tokenizer, chat_dataset, make_a
         assert torch.equal(params[name], value), name  # base weights untouched and shared
     moved = [n for n in teacher_names
              if not torch.equal(params[n], params[n.replace(".sdpo_teacher.", ".default.")])]
-    assert moved and trainer.teacher.updates == 2
+    assert moved
+    assert trainer.teacher.updates == 2
 
 
 def test_config_errors_at_construction(model, tokenizer, chat_dataset, make_args, feedback_reward):
@@ -375,4 +378,4 @@ def test_overridden_grpo_seams_exist():
         assert list(inspect.signature(getattr(GRPOTrainer, name)).parameters) == params, name
     init = inspect.signature(GRPOTrainer.__init__).parameters
     sdpo_init = inspect.signature(SDPOTrainer.__init__).parameters
-    assert [p for p in init] == [p for p in sdpo_init if p != "sdpo_config"]
+    assert list(init) == [p for p in sdpo_init if p != "sdpo_config"]
