@@ -14,6 +14,7 @@ fi
 . "$VENV/bin/activate"
 
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
+pip install -q --upgrade pip "setuptools>=77" wheel
 pip install -q "torch==2.13.0"
 plugins=()
 for p in plugins/*/pyproject.toml; do

@@ -1,7 +1,63 @@
-"""sdpo-gym environments: structured feedback, the Gym-style base class and the plugin registry."""
+"""sdpo-gym environments: structured feedback, the Gym-style base class and the plugin registry.
 
-from sdpo_envs.env import Environment
-from sdpo_envs.hookspecs import hookimpl
-from sdpo_envs.types import Feedback, StepResult, Task
+Plugin authors depend on this package alone (it never imports torch). Plugins load lazily, on the
+first registry access (`make`, `list_environments`, `get_plugins`, ...).
+"""
 
-__all__ = ["Environment", "Feedback", "StepResult", "Task", "hookimpl"]
+from sdpo_envs.env import Environment, FeedbackFormatter
+from sdpo_envs.hookspecs import Register, hookimpl
+from sdpo_envs.plugins import PluginInfo, PluginLoadWarning, get_plugins
+from sdpo_envs.registry import (
+    EnvironmentSpec,
+    RegisteredFactory,
+    get_factory,
+    list_environments,
+    list_sandboxes,
+    make,
+    make_router,
+    make_sandbox,
+    resolve_environment,
+)
+from sdpo_envs.reward import completion_text
+from sdpo_envs.router import MultiEnvironment
+from sdpo_envs.sync import run_sync
+from sdpo_envs.types import (
+    Completion,
+    EnvironmentNotFoundError,
+    EnvironmentSetupError,
+    Feedback,
+    InvalidResultError,
+    Prompt,
+    StepResult,
+    Task,
+)
+
+__all__ = [
+    "Completion",
+    "Environment",
+    "EnvironmentNotFoundError",
+    "EnvironmentSetupError",
+    "EnvironmentSpec",
+    "Feedback",
+    "FeedbackFormatter",
+    "InvalidResultError",
+    "MultiEnvironment",
+    "PluginInfo",
+    "PluginLoadWarning",
+    "Prompt",
+    "Register",
+    "RegisteredFactory",
+    "StepResult",
+    "Task",
+    "completion_text",
+    "get_factory",
+    "get_plugins",
+    "hookimpl",
+    "list_environments",
+    "list_sandboxes",
+    "make",
+    "make_router",
+    "make_sandbox",
+    "resolve_environment",
+    "run_sync",
+]

@@ -4,176 +4,342 @@ An environment turns a task (a dataset row) into a prompt and scores completions
 `Feedback`. Single-turn by default: `reset(task)` returns the prompt, `step(completion)` ends the
 episode. `evaluate` scores many (task, completion) pairs concurrently; `score` is the one method a
 subclass must write. Every `Environment` is also a TRL reward function (see `sdpo_envs.reward`).
+
+Failure policy: an episode whose `score` raises, times out or kills its worker process gets a failed
+`Feedback` (`error_reward`, the reason in `details["error"]`) and is counted in `error_count`; the
+batch goes on, because one odd completion must not stop a training run. A result that breaks the
+contract (not a `Feedback`, a wrong count) raises `InvalidResultError`, and an environment that cannot
+run at all (an unpicklable process environment) raises `EnvironmentSetupError`: those are bugs in code.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
+import inspect
 import logging
-import multiprocessing
+import os
+import queue
+import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
+import weakref
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, ClassVar, Literal
 
-from sdpo_envs.reward import RewardFunctionMixin
-from sdpo_envs.types import Feedback, StepResult, Task
+from sdpo_envs._workers import WorkerPool
+from sdpo_envs.reward import RewardFunctionMixin, completion_text
+from sdpo_envs.sync import run_sync
+from sdpo_envs.types import Completion, EnvironmentSetupError, Feedback, InvalidResultError, Prompt, StepResult, Task
 
 logger = logging.getLogger(__name__)
 
-Prompt = str | list[dict[str, Any]]
-_POLL_SECONDS = 0.02
+FeedbackFormatter = Callable[[Task, StepResult], str | None]
+"""Re-renders feedback text for the teacher; `make` installs one that calls the `format_feedback` hook."""
+
+_POLL_SECONDS = 0.05  # how late a thread episode's timeout may be noticed
+_count_lock = threading.Lock()
+_pool_lock = threading.Lock()
+# Per-instance state that is not part of the environment's definition: never pickled to workers.
+_TRANSIENT = ("_sdpo_pool", "_sdpo_task", "last_feedback", "last_results")
 
 
 class Environment(RewardFunctionMixin, abc.ABC):
     """Base class of every sdpo-gym environment.
 
-    Subclasses implement `score(task, completion) -> Feedback` and, when the prompt is not the
-    task's `prompt` column, `prompt(task)`. Class attributes tune `evaluate`:
+    Subclasses implement `score(task, completion) -> Feedback` (plain or `async def`) and, when the
+    prompt is not the task's `prompt` column, `prompt(task)`. Batch scorers (one call for many
+    completions) override `score_batch` instead. Attributes that tune `evaluate`, settable on the
+    class or the instance:
 
     - `concurrency`: `"thread"` (default; for I/O-bound scoring or scoring that runs its own
-      subprocesses) or `"process"` (for CPU-bound scoring in pure Python, or libraries that need the
-      main thread, e.g. `signal.alarm`). Process environments must be picklable.
-    - `max_workers`: pool size, `None` for the number of CPUs.
+      subprocesses) or `"process"` (CPU-bound pure Python, or libraries that need a main thread, e.g.
+      `signal.alarm`). Process environments must be picklable and defined in an importable module;
+      their worker processes persist across calls (`close()` stops them).
+    - `max_workers`: pool size; `None` for the number of CPUs (processes) or CPUs + 4 (threads).
     - `episode_timeout`: seconds one episode may run once started; `None` for no limit. A thread
-      cannot be killed, so thread environments must bound their own work; the timeout only stops
-      waiting. Process episodes past it are killed with their worker.
-    - `error_reward`: reward of an episode whose `score` raises or times out (`None` abstains).
+      cannot be killed, so a thread environment must bound its own work: past the timeout its thread
+      (a daemon) is abandoned and replaced. A process episode past it is killed with its worker
+      process, which is then replaced. Process workers are POSIX subprocesses (see `_workers`).
+    - `error_reward`: reward of an episode that could not be scored (`None` abstains).
     """
 
     name: str = ""
     description: ClassVar[str] = ""
-    concurrency: ClassVar[Literal["thread", "process"]] = "thread"
+    concurrency: Literal["thread", "process"] = "thread"
     max_workers: int | None = None
     episode_timeout: float | None = None
     error_reward: float | None = 0.0
-
-    _task: Task | None = None
+    error_count: int = 0
+    """Episodes this environment could not score so far (raised, timed out or crashed)."""
+    feedback_formatter: FeedbackFormatter | None = None
 
     # ----------------------------------------------------------------------- what subclasses write
     @abc.abstractmethod
-    def score(self, task: Task, completion: str) -> Feedback:
-        """Score one completion of `task`. Must not keep per-episode state on `self`."""
+    def score(self, task: Task, completion: str) -> Feedback | Awaitable[Feedback]:
+        """Score one completion of `task`. Must not keep per-episode state on `self`: calls run concurrently."""
 
     def prompt(self, task: Task) -> Prompt:
         """The prompt for `task`: its `prompt` field unless overridden."""
         if "prompt" not in task:
-            raise KeyError(f"{self._label()}: task has no 'prompt' field (fields: {sorted(task)})")
-        return task["prompt"]
+            raise KeyError(f"{self.label}: task has no 'prompt' field (fields: {sorted(task)})")
+        prompt: Prompt = task["prompt"]
+        return prompt
+
+    def score_batch(
+        self,
+        tasks: Sequence[Task],
+        completions: Sequence[Completion],
+        *,
+        extra: Mapping[str, Any],
+        max_workers: int | None,
+        timeout: float | None,
+    ) -> list[Feedback]:
+        """Score a batch; `evaluate` calls it. Override for scorers that want the whole batch at once.
+
+        The default calls `score` once per episode, concurrently as `concurrency` says. An override
+        receives completions as TRL passes them (text or messages) and `extra`, the trainer's per-batch
+        keywords (`trainer_state`, `completion_ids`, `log_metric`, ...; empty outside a trainer). It
+        may ignore `max_workers` and `timeout`; if it raises, every episode of the batch fails.
+        """
+        texts = [completion_text(c) for c in completions]
+        workers = self._workers_for(len(tasks), max_workers)
+        if self.concurrency == "process":
+            return self._process_pool().run(self, tasks, texts, workers, timeout)
+        if inspect.iscoroutinefunction(type(self).score):
+            return run_sync(self._score_all_async(tasks, texts, max_workers or self.max_workers, timeout))
+        if workers == 1 and timeout is None:
+            return [self._score_one(t, c)[0] for t, c in zip(tasks, texts, strict=True)]
+        return self._score_all_threads(tasks, texts, workers, timeout)
 
     # --------------------------------------------------------------------------------- Gym style
     def reset(self, task: Task) -> Prompt:
         """Start an episode on `task` and return its prompt."""
-        self._task = task
+        self._sdpo_task = task
         return self.prompt(task)
 
-    def step(self, completion: str) -> StepResult:
-        """Score `completion` against the task of the last `reset`; the episode ends."""
-        if self._task is None:
-            raise RuntimeError(f"{self._label()}: step() called before reset()")
+    def step(self, completion: Completion) -> StepResult:
+        """Score `completion` against the task of the last `reset`; the (single-turn) episode ends."""
+        task: Task | None = getattr(self, "_sdpo_task", None)
+        if task is None:
+            raise RuntimeError(f"{self.label}: step() called before reset()")
         started = time.monotonic()
-        feedback = self._safe_score(self._task, completion)
+        (feedback,) = self.evaluate([task], [completion])
         return StepResult(feedback=feedback, done=True, info={"seconds": time.monotonic() - started})
 
     # ------------------------------------------------------------------------------------ batched
     def evaluate(
         self,
         tasks: Sequence[Task],
-        completions: Sequence[str],
+        completions: Sequence[Completion],
         *,
         max_workers: int | None = None,
         timeout: float | None = None,
+        extra: Mapping[str, Any] | None = None,
     ) -> list[Feedback]:
-        """Score `completions[i]` against `tasks[i]` concurrently, in order.
+        """Score `completions[i]` against `tasks[i]`, concurrently, and return the feedback in order.
 
-        An episode that raises or runs past `timeout` (default `episode_timeout`) gets a failed
-        `Feedback` with `error_reward` and the reason in `details["error"]`; the others are unaffected.
+        Args:
+            tasks (`Sequence[Task]`): one dataset row per episode.
+            completions (`Sequence[Completion]`): the completion of each episode (text or messages).
+            max_workers (`int`, *optional*): overrides the `max_workers` attribute for this call.
+            timeout (`float`, *optional*): overrides `episode_timeout` for this call.
+            extra (`Mapping[str, Any]`, *optional*): the trainer's per-batch keywords, for `score_batch`.
         """
         if len(tasks) != len(completions):
-            raise ValueError(f"{self._label()}: {len(tasks)} tasks but {len(completions)} completions")
+            raise ValueError(f"{self.label}: {len(tasks)} tasks but {len(completions)} completions")
         if not tasks:
             return []
         timeout = self.episode_timeout if timeout is None else timeout
-        workers = max(1, min(len(tasks), max_workers or self.max_workers or multiprocessing.cpu_count()))
-        if self.concurrency == "process":
-            return _run_in_processes(self, list(tasks), list(completions), workers, timeout)
-        if workers == 1 and timeout is None:
-            return [self._safe_score(t, c) for t, c in zip(tasks, completions, strict=True)]
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"sdpo-env-{self._label()}") as pool:
-            results = _collect(pool, self._safe_score, list(tasks), list(completions), timeout, self)
-            pool.shutdown(wait=False, cancel_futures=True)
-        return [r if r is not None else self.failed_feedback("episode was not run") for r in results]
-
-    # ---------------------------------------------------------------------------------- internals
-    def _label(self) -> str:
-        return self.name or type(self).__name__
-
-    def _safe_score(self, task: Task, completion: str) -> Feedback:
         try:
-            feedback = self.score(task, completion)
-        except Exception as exc:  # the environment's fault must not crash a training run
-            logger.warning("%s: score() raised %s: %s", self._label(), type(exc).__name__, exc)
-            return self.failed_feedback(f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=5))
-        if not isinstance(feedback, Feedback):
-            return self.failed_feedback(f"score() returned {type(feedback).__name__}, expected Feedback")
-        return feedback
+            results = self.score_batch(tasks, completions, extra=extra or {}, max_workers=max_workers,
+                                       timeout=timeout)
+        except (InvalidResultError, EnvironmentSetupError):
+            raise
+        except Exception as exc:
+            logger.debug("%s: score_batch raised", self.label, exc_info=True)
+            reason = f"{type(exc).__name__}: {exc}"
+            results = [self.failed_feedback(reason, traceback=traceback.format_exc(limit=5)) for _ in tasks]
+        results = self._check_results(results, len(tasks))
+        failed = [r for r in results if r.failed]
+        if failed:
+            logger.warning("%s: %d of %d episodes could not be scored (error_count=%d, error_reward=%s); first: %s",
+                           self.label, len(failed), len(results), self.error_count, self.error_reward,
+                           failed[0].details["error"])
+        if self.feedback_formatter is not None:
+            results = self._formatted(tasks, completions, results)
+        return results
 
+    # ------------------------------------------------------------------------------ failure helpers
     def failed_feedback(self, reason: str, **details: Any) -> Feedback:
-        """The `Feedback` of an episode the environment could not score."""
+        """The `Feedback` of an episode the environment could not score; counted in `error_count`."""
+        self._note_failure()
         return Feedback(reward=self.error_reward, text="", success=False, details={"error": reason, **details})
 
+    def _note_failure(self, count: int = 1) -> None:
+        with _count_lock:
+            self.error_count += count
 
-def _collect(
-    pool: Executor,
-    fn: Callable[[Task, str], Feedback],
-    tasks: list[Task],
-    completions: list[str],
-    timeout: float | None,
-    env: Environment,
-) -> list[Feedback | None]:
-    """Submit every episode and wait; episodes running longer than `timeout` are given up on."""
-    futures: dict[Future[Feedback], int] = {pool.submit(fn, t, c): i for i, (t, c) in enumerate(zip(tasks, completions))}
-    results: list[Feedback | None] = [None] * len(tasks)
-    started: dict[Future[Feedback], float] = {}
-    pending = set(futures)
-    while pending:
-        done, pending = wait(pending, timeout=_POLL_SECONDS if timeout is not None else None)
-        for future in done:
-            i = futures[future]
+    # ------------------------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Stop the worker processes of a process environment (they also stop when it is collected)."""
+        pool: WorkerPool | None = self.__dict__.pop("_sdpo_pool", None)
+        if pool is not None:
+            pool.close()
+
+    def __enter__(self) -> Environment:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        for key in _TRANSIENT:
+            state.pop(key, None)
+        return state
+
+    # ---------------------------------------------------------------------------------- internals
+    @property
+    def label(self) -> str:
+        """How messages name this environment: its `name`, else its class name."""
+        class_name: str = type(self).__qualname__.rsplit(".", 1)[-1]  # __name__ is shadowed by the mixin for mypy
+        return self.name or class_name
+
+    def _workers_for(self, n: int, max_workers: int | None) -> int:
+        default = (os.cpu_count() or 1) if self.concurrency == "process" else min(32, (os.cpu_count() or 1) + 4)
+        return max(1, min(n, max_workers or self.max_workers or default))
+
+    def _process_pool(self) -> WorkerPool:
+        with _pool_lock:
+            pool: WorkerPool | None = self.__dict__.get("_sdpo_pool")
+            if pool is None:
+                pool = self.__dict__["_sdpo_pool"] = WorkerPool()
+                weakref.finalize(self, pool.close)
+            return pool
+
+    def _score_one(self, task: Task, completion: str) -> tuple[Feedback, bool]:
+        """Score one episode: its feedback, and whether it failed. Runs in worker threads and processes."""
+        try:
+            result = run_sync(self.score(task, completion))
+        except InvalidResultError:
+            raise
+        except Exception as exc:  # the environment's fault must not crash a training run
+            logger.debug("%s: score() raised", self.label, exc_info=True)
+            reason = f"{type(exc).__name__}: {exc}"
+            return self.failed_feedback(reason, traceback=traceback.format_exc(limit=5)), True
+        if not isinstance(result, Feedback):
+            raise InvalidResultError(f"{self.label}.score() returned {type(result).__name__}, expected Feedback")
+        return result, False
+
+    def _score_all_threads(
+        self, tasks: Sequence[Task], texts: Sequence[str], workers: int, timeout: float | None
+    ) -> list[Feedback]:
+        """Daemon threads pull episodes from a queue. A thread stuck past the timeout is abandoned and replaced,
+        so the remaining episodes still run, and it cannot block interpreter exit (executor threads would)."""
+        todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for i in range(len(tasks)):
+            todo.put(i)
+        finished: queue.SimpleQueue[tuple[int, Feedback | None, BaseException | None]] = queue.SimpleQueue()
+        started: dict[int, float] = {}  # the timeout counts from here, not from submission
+        stop = threading.Event()
+
+        def work() -> None:
+            while not stop.is_set():
+                try:
+                    i = todo.get_nowait()
+                except queue.Empty:
+                    return
+                started[i] = time.monotonic()
+                try:
+                    finished.put((i, self._score_one(tasks[i], texts[i])[0], None))
+                except BaseException as exc:  # InvalidResultError: re-raised in the caller's thread
+                    finished.put((i, None, exc))
+
+        def spawn() -> None:
+            threading.Thread(target=work, name=f"sdpo-env-{self.label}", daemon=True).start()
+
+        for _ in range(workers):
+            spawn()
+        results: list[Feedback | None] = [None] * len(tasks)
+        remaining = len(tasks)
+        try:
+            while remaining:
+                try:
+                    i, feedback, error = finished.get(timeout=None if timeout is None else _POLL_SECONDS)
+                except queue.Empty:
+                    pass
+                else:
+                    if results[i] is None:  # else it already timed out
+                        if error is not None:
+                            raise error
+                        results[i], remaining = feedback, remaining - 1
+                if timeout is None:
+                    continue
+                now = time.monotonic()
+                for i, began in list(started.items()):
+                    if results[i] is None and now - began > timeout:
+                        results[i] = self.failed_feedback(f"episode timed out after {timeout:g} s", timed_out=True)
+                        remaining -= 1
+                        spawn()
+        finally:
+            stop.set()
+        return [r if r is not None else self.failed_feedback("episode was not run") for r in results]
+
+    async def _score_all_async(
+        self, tasks: Sequence[Task], texts: Sequence[str], workers: int | None, timeout: float | None
+    ) -> list[Feedback]:
+        limit = asyncio.Semaphore(workers or len(tasks))
+
+        async def one(i: int) -> Feedback:
+            async with limit:
+                try:
+                    return await asyncio.wait_for(self._score_one_async(tasks[i], texts[i]), timeout)
+                except TimeoutError:
+                    return self.failed_feedback(f"episode timed out after {timeout:g} s", timed_out=True)
+
+        return list(await asyncio.gather(*(one(i) for i in range(len(tasks)))))
+
+    async def _score_one_async(self, task: Task, completion: str) -> Feedback:
+        try:
+            result = self.score(task, completion)
+            if inspect.isawaitable(result):
+                result = await result
+        except InvalidResultError:
+            raise
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            return self.failed_feedback(reason, traceback=traceback.format_exc(limit=5))
+        if not isinstance(result, Feedback):
+            raise InvalidResultError(f"{self.label}.score() returned {type(result).__name__}, expected Feedback")
+        return result
+
+    def _check_results(self, results: Any, n: int) -> list[Feedback]:
+        if not isinstance(results, list) or len(results) != n:
+            got = f"{len(results)} results" if isinstance(results, Sequence) else type(results).__name__
+            raise InvalidResultError(f"{self.label}.score_batch() returned {got} for {n} episodes")
+        for row, result in enumerate(results):
+            if not isinstance(result, Feedback):
+                raise InvalidResultError(f"{self.label}.score_batch() returned {type(result).__name__} for row "
+                                         f"{row}, expected Feedback")
+        return results
+
+    def _formatted(
+        self, tasks: Sequence[Task], completions: Sequence[Completion], results: list[Feedback]
+    ) -> list[Feedback]:
+        formatter = self.feedback_formatter
+        assert formatter is not None
+        formatted = []
+        for task, completion, feedback in zip(tasks, completions, results, strict=True):
             try:
-                results[i] = future.result()
-            except BrokenProcessPool:
-                raise
-            except Exception as exc:
-                results[i] = env.failed_feedback(f"{type(exc).__name__}: {exc}")
-        if timeout is None:
-            continue
-        now = time.monotonic()
-        for future in list(pending):
-            if future.running():
-                started.setdefault(future, now)
-                if now - started[future] > timeout:
-                    pending.discard(future)
-                    results[futures[future]] = env.failed_feedback(
-                        f"episode timed out after {timeout:g} s", timed_out=True
-                    )
-    return results
-
-
-def _run_in_processes(
-    env: Environment, tasks: list[Task], completions: list[str], workers: int, timeout: float | None
-) -> list[Feedback]:
-    """A fresh spawn-context pool per call; workers still running a timed-out episode are killed."""
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
-    try:
-        results = _collect(pool, env._safe_score, tasks, completions, timeout, env)
-    except BrokenProcessPool as exc:
-        results = [env.failed_feedback(f"a worker process died: {exc}")] * len(tasks)
-    finally:
-        for process in list((getattr(pool, "_processes", None) or {}).values()):
-            if process.is_alive() and timeout is not None:
-                process.kill()
-        pool.shutdown(wait=True, cancel_futures=True)
-    return [r if r is not None else env.failed_feedback("episode was not run") for r in results]
+                text = formatter(task, StepResult(feedback, info={"completion": completion_text(completion)}))
+            except Exception as exc:  # a plugin's rendering bug must not lose the environment's own feedback
+                logger.warning("%s: format_feedback raised %s: %s; kept the environment's text", self.label,
+                               type(exc).__name__, exc)
+                text = None
+            if text is not None and not isinstance(text, str):
+                logger.warning("%s: format_feedback returned %s, not str; ignored", self.label, type(text).__name__)
+                text = None
+            formatted.append(feedback if text is None else replace(feedback, text=text))
+        return formatted

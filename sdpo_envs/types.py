@@ -2,19 +2,47 @@
 
 These are the whole contract between an environment and SDPO: a reward for GRPO-style scoring, a
 text the teacher may read, and machine-readable details for metrics. No torch import here: plugin
-authors depend on this module alone.
+authors depend on this package alone.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import numbers
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 Task = Mapping[str, Any]
 """One dataset row (its columns by name). Environments read the fields they need from it."""
+
+Prompt = str | list[dict[str, Any]]
+"""A prompt: plain text, or chat messages (`[{"role": "user", "content": ...}]`) as TRL takes them."""
+
+Completion = str | Sequence[Mapping[str, Any]]
+"""A completion as TRL passes it: text, or the assistant messages of a conversational completion."""
+
+
+class InvalidResultError(ValueError):
+    """An environment or reward callable broke its result contract (wrong count, a non-number, not a `Feedback`).
+
+    Raised rather than turned into a failed episode: it is a bug in code, not in the completion, and it
+    would fail every training step the same way.
+    """
+
+
+class EnvironmentSetupError(RuntimeError):
+    """An environment cannot run at all (a process environment that cannot be pickled, or that its worker
+    processes cannot load). Raised rather than turned into failed episodes: every episode would fail."""
+
+
+class EnvironmentNotFoundError(LookupError):
+    """No environment answers to a name: unknown, hidden by the plugin allowlist/blocklist, registered
+    by two plugins, or a router row naming an environment the router does not have."""
+
+    def __str__(self) -> str:  # KeyError-style quoting would hide the message's formatting
+        return str(self.args[0]) if self.args else ""
 
 
 def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
@@ -31,29 +59,42 @@ class Feedback:
             failed to start): TRL turns it into NaN and the sample gets no advantage.
         text (`str`, *optional*, defaults to `""`):
             What the teacher may read: a failing test, a traceback, "your answer 7 is wrong".
-            Empty means there is nothing to say (a full pass).
+            Empty means there is nothing to say (a full pass, or nothing useful).
         success (`bool`, *optional*, defaults to `False`):
             Whether the environment considers the episode solved.
         details (`Mapping[str, Any]`, *optional*):
             Machine-readable facts for metrics and logs (per-test verdicts, the parsed answer,
-            the exception of a failed episode). Never shown to the teacher.
+            the exception of a failed episode under `"error"`). Never shown to the teacher.
     """
 
     reward: float | None
     text: str = ""
     success: bool = False
-    details: Mapping[str, Any] = field(default_factory=dict)
+    details: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         if self.reward is not None:
-            if isinstance(self.reward, bool) or not isinstance(self.reward, (int, float)):
+            if isinstance(self.reward, bool) or not isinstance(self.reward, numbers.Real):
                 raise TypeError(f"Feedback.reward must be a float or None, got {type(self.reward).__name__}")
-            if math.isnan(self.reward):
+            reward = float(self.reward)
+            if math.isnan(reward):
                 raise ValueError("Feedback.reward is NaN; use None to abstain")
-            object.__setattr__(self, "reward", float(self.reward))
+            if math.isinf(reward):
+                raise ValueError(f"Feedback.reward must be finite, got {reward}")
+            object.__setattr__(self, "reward", reward)
         if not isinstance(self.text, str):
             raise TypeError(f"Feedback.text must be a str, got {type(self.text).__name__}")
+        object.__setattr__(self, "success", bool(self.success))
         object.__setattr__(self, "details", _frozen_mapping(self.details))
+
+    def __reduce__(self) -> tuple[type[Feedback], tuple[float | None, str, bool, dict[str, Any]]]:
+        # A mappingproxy cannot be pickled; process workers send Feedback back to the trainer.
+        return (Feedback, (self.reward, self.text, self.success, dict(self.details)))
+
+    @property
+    def failed(self) -> bool:
+        """Whether the environment could not score the episode (it raised, timed out or crashed)."""
+        return "error" in self.details
 
 
 @dataclass(frozen=True)
@@ -64,16 +105,22 @@ class StepResult:
         feedback (`Feedback`): reward, text, success and details of the episode.
         done (`bool`, *optional*, defaults to `True`): whether the episode ended (single-turn
             environments always end after one step).
-        info (`Mapping[str, Any]`, *optional*): extra diagnostics (timing, the task id).
+        info (`Mapping[str, Any]`, *optional*): extra diagnostics (timing, the completion's text).
     """
 
     feedback: Feedback
     done: bool = True
-    info: Mapping[str, Any] = field(default_factory=dict)
+    info: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.feedback, Feedback):
+            raise TypeError(f"StepResult.feedback must be a Feedback, got {type(self.feedback).__name__}")
         object.__setattr__(self, "info", _frozen_mapping(self.info))
+
+    def __reduce__(self) -> tuple[type[StepResult], tuple[Feedback, bool, dict[str, Any]]]:
+        return (StepResult, (self.feedback, self.done, dict(self.info)))
 
     @property
     def reward(self) -> float | None:
+        """The episode's reward (`feedback.reward`)."""
         return self.feedback.reward

@@ -1,0 +1,408 @@
+"""Forward+backward time and peak memory of SDPO's distillation loss, ours against two peers.
+
+    python benchmarks/loss_bench.py            # 8x512x49152 and 4x512x151936, then a T/V scaling sweep (minutes)
+    python benchmarks/loss_bench.py --quick    # small shapes, well under a minute
+
+What is compared (top-K=100 + tail, α ∈ {0.5, 1.0}, the same fp32 inputs, logits already tempered):
+
+- `ours_chunked`: `sdpo_core.loss.chunked_per_token_distillation_loss` (chunk 1024), the trainer's path.
+- `ours_plain`: `sdpo_core.loss.per_token_distillation_loss`, plain autograd, the reference for the checks.
+- `trl`: `trl.experimental.sdpo.loss_utils.compute_topk_self_distillation_loss` (trl 1.16.0), called with
+  `distillation_topk=100, distillation_add_tail=True`. Same semantics as ours (a port of lasgroup/SDPO); TRL's
+  *config* defaults differ (`distillation_mode="sampled_token"`, no tail), so it is configured explicitly.
+- `sdpo_rl`: PyPI `sdpo-rl` 0.0.3, `sdpo_rl.distillation.top_k_kl_divergence` fed the way its trainer feeds it
+  (`trainer.py`: full `log_softmax` of the student, `topk` on it, teacher `log_softmax` under `no_grad` gathered
+  at the student's indices). Same semantics; its trainer does not divide logits by the temperature (peers.md
+  bug 5), which does not matter here since inputs are already tempered. Measuring only: install it with
+  `pip install --no-deps sdpo-rl`; it is never a dependency of sdpo-gym. Skipped with a message if absent.
+
+A second section sweeps T and V for the path that starts from hidden states (`ours_hidden`:
+`chunked_distillation_loss`, which never builds `[B, T, V]` logits) against the peers, which must be handed
+full logits `hidden @ W.T`; there the backward reaches the hidden states and the LM-head weight.
+
+How memory is measured (each measurement runs in a fresh subprocess, one implementation per process):
+
+- CPU: Linux peak RSS. The worker first runs the same code on a tiny input (imports, lazy initialisation),
+  builds the inputs, reads `VmRSS`, resets the high-water mark by writing `5` to `/proc/self/clear_refs`,
+  runs forward+backward once, and reports `VmHWM − baseline`: the extra resident memory at the peak,
+  including the student's `[B, T, V]` gradient and every temporary. torch's CPU allocator does not cache, and
+  glibc returns blocks above 32 MiB (every `[n, V]` tensor here) to the OS on free, so RSS follows live
+  tensors; smaller freed blocks may stay resident, which can only overstate a peak. `tracemalloc` cannot see
+  torch's allocations, hence RSS.
+- CUDA: `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()`, minus the memory allocated
+  before the run.
+- As a trainer does, the harness drops its reference to the teacher's logits right after the forward, so a
+  loss that does not keep them for backward gets the benefit.
+
+Time is the median wall-clock of `--repeats` forward+backward runs after that first (memory) run, in the
+same process. The check runs every implementation on the same inputs and compares the per-token loss and
+the student-logit gradient with `ours_plain` (|Δ| ≤ 1e-5 + 1e-5·|ref|).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib.util
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sdpo_core import loss as sdpo_loss
+
+TOPK = 100
+CHUNK_SIZE = 1024
+ALPHAS = (0.5, 1.0)
+LOGIT_SCALE = 3.0
+TOLERANCE = 1e-5
+MIB = 2**20
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+# ------------------------------------------------------------------------------------------------ implementations
+def _ours_chunked(student_logits: torch.Tensor, teacher_logits: torch.Tensor, alpha: float) -> torch.Tensor:
+    return sdpo_loss.chunked_per_token_distillation_loss(
+        student_logits, teacher_logits, alpha=alpha, topk=TOPK, add_tail=True, chunk_size=CHUNK_SIZE
+    )
+
+
+def _ours_plain(student_logits: torch.Tensor, teacher_logits: torch.Tensor, alpha: float) -> torch.Tensor:
+    return sdpo_loss.per_token_distillation_loss(student_logits, teacher_logits, alpha=alpha, topk=TOPK, add_tail=True)
+
+
+def _trl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, alpha: float) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from trl.experimental.sdpo.loss_utils import compute_topk_self_distillation_loss
+
+    return compute_topk_self_distillation_loss(
+        student_logits, teacher_logits, distillation_topk=TOPK, distillation_alpha=alpha, distillation_add_tail=True
+    )
+
+
+def _sdpo_rl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, alpha: float) -> torch.Tensor:
+    from sdpo_rl.distillation import top_k_kl_divergence
+
+    # the feeding done by sdpo_rl/trainer.py before its loss call
+    student_logps = torch.log_softmax(student_logits, dim=-1)  # [B, T, V]
+    student_topk_logps, topk_indices = torch.topk(student_logps, k=TOPK, dim=-1)  # [B, T, K]
+    with torch.no_grad():
+        teacher_topk_logps = torch.log_softmax(teacher_logits, dim=-1).gather(-1, topk_indices)  # [B, T, K]
+    return top_k_kl_divergence(student_topk_logps, teacher_topk_logps, alpha=alpha, add_tail=True)
+
+
+IMPLS: dict[str, LossFn] = {"ours_chunked": _ours_chunked, "ours_plain": _ours_plain, "trl": _trl,
+                            "sdpo_rl": _sdpo_rl}
+OURS = "ours_chunked"
+
+
+def _peer_missing(name: str) -> str | None:
+    """Why a peer cannot run, or None."""
+    if name == "trl" and importlib.util.find_spec("trl.experimental.sdpo") is None:
+        return "trl.experimental.sdpo not found (needs trl 1.16)"
+    if name == "sdpo_rl" and importlib.util.find_spec("sdpo_rl") is None:
+        return "sdpo-rl is not installed; for measuring only: pip install --no-deps sdpo-rl"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+class _Memory:
+    """Peak extra memory of one run: CUDA allocator stats, or Linux RSS high-water mark (see module doc)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.baseline = 0
+
+    @staticmethod
+    def _status(field: str) -> int:
+        text = Path("/proc/self/status").read_text()
+        match = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
+        if match is None:
+            raise RuntimeError(f"{field} missing from /proc/self/status")
+        return int(match.group(1)) * 1024
+
+    def start(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline = torch.cuda.memory_allocated(self.device)
+        else:
+            self.baseline = self._status("VmRSS")
+            Path("/proc/self/clear_refs").write_text("5")
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - self.baseline
+        return self._status("VmHWM") - self.baseline
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _randn(shape: tuple[int, ...], seed: int, device: torch.device, scale: float = LOGIT_SCALE) -> torch.Tensor:
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = torch.randn(shape, generator=generator, device=device)
+    return out.mul_(scale)
+
+
+def _logits_inputs(case: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (case["B"], case["T"], case["V"])
+    return _randn(shape, 1, device).requires_grad_(), _randn(shape, 2, device)
+
+
+def _run_logits(name: str, case: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Memory of a cold run, then the median time of `repeats` runs."""
+    fn = IMPLS[name]
+    student, teacher = _logits_inputs(case, device)
+    memory = _Memory(device)
+    memory.start()
+    start = time.perf_counter()
+    loss = fn(student, teacher, case["alpha"])
+    del teacher  # as the trainer does after its loss call
+    loss.mean().backward()
+    _sync(device)
+    first = time.perf_counter() - start
+    peak = memory.peak()
+    del loss
+    student.grad = None
+    teacher = _randn(student.shape, 2, device)
+    times = []
+    for _ in range(case["repeats"]):
+        start = time.perf_counter()
+        fn(student, teacher, case["alpha"]).mean().backward()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+        student.grad = None
+    return {"time": statistics.median(times) if times else first, "peak": peak}
+
+
+def _check_logits(case: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Max |Δ| of loss and student-logit gradient of every implementation vs `ours_plain`."""
+    student, teacher = _logits_inputs(case, device)
+    reference = _ours_plain(student, teacher, case["alpha"])
+    reference.mean().backward()
+    ref_loss, ref_grad = reference.detach(), student.grad
+    student.grad = None
+    report = {}
+    for name in case["impls"]:
+        if name == "ours_plain":
+            continue
+        out = IMPLS[name](student, teacher, case["alpha"])
+        out.mean().backward()
+        loss_diff = (out.detach() - ref_loss).abs().max().item()
+        grad_diff = (student.grad - ref_grad).abs().max().item()
+        agree = torch.allclose(out.detach(), ref_loss, rtol=TOLERANCE, atol=TOLERANCE) and torch.allclose(
+            student.grad, ref_grad, rtol=TOLERANCE, atol=TOLERANCE)
+        report[name] = {"loss_diff": loss_diff, "grad_diff": grad_diff, "agree": agree}
+        student.grad = None
+        del out
+    return report
+
+
+def _run_hidden(name: str, case: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """One cold run from hidden states `[B, T, H]` and LM heads `[V, H]`: memory and time."""
+    batch, length, vocab, hidden = case["B"], case["T"], case["V"], case["H"]
+    student_hidden = _randn((batch, length, hidden), 3, device, scale=1.0).requires_grad_()
+    teacher_hidden = _randn((batch, length, hidden), 4, device, scale=1.0)
+    # scale so logits have std ~LOGIT_SCALE, like the logits section
+    student_head = _randn((vocab, hidden), 5, device, scale=LOGIT_SCALE / hidden**0.5).requires_grad_()
+    teacher_head = _randn((vocab, hidden), 6, device, scale=LOGIT_SCALE / hidden**0.5)
+    memory = _Memory(device)
+    memory.start()
+    start = time.perf_counter()
+    if name == "ours_hidden":
+        loss = sdpo_loss.chunked_distillation_loss(
+            student_hidden, teacher_hidden, student_head, teacher_head, temperature=1.0, alpha=case["alpha"],
+            topk=TOPK, add_tail=True, chunk_size=CHUNK_SIZE,
+        )
+    else:
+        student_logits = student_hidden @ student_head.T  # [B, T, V]
+        with torch.no_grad():
+            teacher_logits = teacher_hidden @ teacher_head.T  # [B, T, V]
+        loss = IMPLS[name](student_logits, teacher_logits, case["alpha"])
+        del student_logits, teacher_logits
+    loss.mean().backward()
+    _sync(device)
+    return {"time": time.perf_counter() - start, "peak": memory.peak()}
+
+
+def _warm_up(job: dict[str, Any], device: torch.device) -> None:
+    """Run the job's code once on a tiny input: imports and lazy initialisation are not the loss's memory."""
+    tiny = {**job, "B": 1, "T": 4, "V": 4 * TOPK, "H": 8, "repeats": 0}
+    if job["kind"] == "check":
+        _check_logits(tiny, device)
+    elif job["kind"] == "logits":
+        _run_logits(job["impl"], tiny, device)
+    else:
+        _run_hidden(job["impl"], tiny, device)
+
+
+def _worker(job: dict[str, Any]) -> None:
+    """Subprocess entry: run one job and print its JSON result as the last line."""
+    if job["threads"]:
+        torch.set_num_threads(job["threads"])
+    device = torch.device(job["device"])
+    _warm_up(job, device)
+    if job["kind"] == "check":
+        result: dict[str, Any] = _check_logits(job, device)
+    elif job["kind"] == "logits":
+        result = _run_logits(job["impl"], job, device)
+    else:
+        result = _run_hidden(job["impl"], job, device)
+    print(json.dumps(result))
+
+
+def _spawn(job: dict[str, Any]) -> dict[str, Any]:
+    env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1"}
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True,
+                          env=env, check=False)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"exit {proc.returncode}: {tail}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _fmt_ratio(ours: dict[str, Any], peer: dict[str, Any], key: str) -> str:
+    if "error" in ours or "error" in peer or not peer[key]:
+        return "-"
+    return f"{ours[key] / peer[key]:.2f}"
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
+
+
+def _logits_section(args: argparse.Namespace, devices: list[str], impls: list[str]) -> None:
+    print(f"\n== Loss from logits: forward+backward, top-K={TOPK} + tail, fp32, chunk {CHUNK_SIZE} ==")
+    print("peak = extra memory at the peak over the inputs (incl. the student's [B,T,V] gradient);"
+          f" ratios are {OURS} / impl (< 1: ours is faster / smaller)")
+    rows = []
+    for device in devices:
+        for batch, length, vocab in args.shapes:
+            for alpha in ALPHAS:
+                base = {"device": device, "threads": args.threads, "B": batch, "T": length, "V": vocab,
+                        "alpha": alpha, "repeats": args.repeats}
+                check = _spawn({**base, "kind": "check", "impls": impls})
+                results = {name: _spawn({**base, "kind": "logits", "impl": name}) for name in impls}
+                ours = results[OURS]
+                for name in impls:
+                    res = results[name]
+                    agree = "ref" if name == "ours_plain" else "-"
+                    if "error" in check:
+                        agree = f"check failed: {check['error']}"
+                    elif name in check:
+                        c = check[name]
+                        agree = f"{'OK' if c['agree'] else 'DIFF'} loss {c['loss_diff']:.1e} grad {c['grad_diff']:.1e}"
+                    if "error" in res:
+                        rows.append([device, f"{batch}x{length}x{vocab}", alpha, name, "-", "-", "-", "-",
+                                     res["error"]])
+                        continue
+                    rows.append([device, f"{batch}x{length}x{vocab}", alpha, name, f"{res['time']:.3f}",
+                                 f"{res['peak'] / MIB:.0f}", _fmt_ratio(ours, res, "time"),
+                                 _fmt_ratio(ours, res, "peak"), agree])
+    _table(rows, ["device", "BxTxV", "alpha", "impl", "time s", "peak MiB", "t ratio", "mem ratio",
+                  f"vs ours_plain (tol {TOLERANCE:g})"])
+
+
+def _hidden_section(args: argparse.Namespace, devices: list[str], impls: list[str]) -> None:
+    names = ["ours_hidden", *[n for n in impls if n != "ours_plain"]]
+    print(f"\n== Scaling from hidden states (H={args.hidden}, B={args.sweep_batch}, alpha=0.5): one cold"
+          " forward+backward to hidden states and LM-head weight; peers get full logits hidden @ W.T ==")
+    rows = []
+    for device in devices:
+        for length, vocab in args.sweep:
+            base = {"device": device, "threads": args.threads, "B": args.sweep_batch, "T": length, "V": vocab,
+                    "H": args.hidden, "alpha": 0.5, "kind": "hidden"}
+            results = {name: _spawn({**base, "impl": name}) for name in names}
+            row: list[str] = [device, str(length), str(vocab)]
+            for name in names:
+                res = results[name]
+                row.append("error" if "error" in res else f"{res['peak'] / MIB:.0f} MiB / {res['time']:.2f}s")
+            rows.append(row)
+            for name, res in results.items():
+                if "error" in res:
+                    print(f"  {name} at T={length} V={vocab}: {res['error']}")
+    _table(rows, ["device", "T", "V", *[f"{n} peak / time" for n in names]])
+
+
+def _parse_shape(text: str) -> tuple[int, int, int]:
+    batch, length, vocab = (int(x) for x in text.lower().split("x"))
+    return batch, length, vocab
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes for a smoke run")
+    parser.add_argument("--shapes", nargs="+", type=_parse_shape, help="BxTxV cases for the logits section")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs after the memory run")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
+    parser.add_argument("--hidden", type=int, default=None, help="H of the hidden-state sweep")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the hidden-state T/V sweep")
+    parser.add_argument("--cpu-only", action="store_true", help="skip CUDA even when available")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        _worker(json.loads(args.worker))
+        return
+
+    if args.quick:
+        args.shapes = args.shapes or [(2, 128, 8192), (1, 128, 32768)]
+        args.repeats = 1 if args.repeats is None else args.repeats
+        args.hidden = args.hidden or 64
+        args.sweep_batch = 1
+        args.sweep = [(64, 8192), (128, 8192), (256, 8192), (128, 4096), (128, 16384)]
+    else:
+        args.shapes = args.shapes or [(8, 512, 49152), (4, 512, 151936)]
+        args.repeats = 2 if args.repeats is None else args.repeats
+        args.hidden = args.hidden or 256
+        args.sweep_batch = 2
+        args.sweep = [(256, 49152), (512, 49152), (1024, 49152), (512, 32768), (512, 151936)]
+    if args.no_sweep:
+        args.sweep = []
+
+    devices = ["cpu"]
+    if torch.cuda.is_available() and not args.cpu_only:
+        devices.append("cuda")
+    if not sys.platform.startswith("linux"):
+        print("note: CPU peak memory needs Linux /proc; CPU memory columns will be errors elsewhere")
+    impls = []
+    for name in IMPLS:
+        reason = _peer_missing(name)
+        if reason:
+            print(f"skipping {name}: {reason}")
+        else:
+            impls.append(name)
+    with contextlib.suppress(Exception):
+        import trl
+
+        print(f"torch {torch.__version__}, trl {trl.__version__}, threads {args.threads or torch.get_num_threads()}")
+    _logits_section(args, devices, impls)
+    if args.sweep:
+        _hidden_section(args, devices, impls)
+
+
+if __name__ == "__main__":
+    main()

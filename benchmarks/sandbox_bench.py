@@ -1,0 +1,160 @@
+"""Sandbox throughput of sdpo-code, per backend, with 1 and 2 workers; and agreement with LiveCodeBench.
+
+What it measures, on a fixed set (the bundled problems, each with a correct, a wrong, a looping and a
+crashing solution):
+
+- tests/second: tests actually executed (tests skipped after a timeout are not counted) per wall second;
+- start-up latency: time from launching a sandbox to the harness saying ``ready`` (median and p90);
+- if ``livecodebench`` is importable (PyPI ``nvidia-livecodebench``, installed ``--no-deps`` for measuring
+  only; never a dependency), the same solutions through ``livecodebench.evaluation.testing_util.run_test``
+  (one child process per solution, as LCB runs it): verdict agreement and the tests/second ratio.
+
+Usage: ``python benchmarks/sandbox_bench.py [--size quick|full] [--backends bwrap,process,docker]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing
+import statistics
+import time
+from typing import Any
+
+from sdpo_code import CodeEnvironment, SandboxUnavailable, get_sandbox, load_bundled, parse_task
+
+SOLUTIONS = {
+    "sdpo-001": "a, b = map(int, input().split())\nprint(a + b)",
+    "sdpo-003": "input()\nprint(max(map(int, input().split())))",
+    "sdpo-006": "input()\nprint(sum(map(int, input().split())))",
+    "sdpo-008": "class Solution:\n    def isPalindrome(self, s: str) -> bool:\n        return s == s[::-1]",
+    "sdpo-010": "class Solution:\n    def evens(self, nums):\n        return [x for x in nums if x % 2 == 0]",
+    "sdpo-012": "class Solution:\n    def twoSum(self, nums, target):\n        seen = {}\n"
+                "        for i, x in enumerate(nums):\n            if target - x in seen:\n"
+                "                return [seen[target - x], i]\n            seen[x] = i",
+}
+
+
+def _variants(task_id: str, correct: str) -> dict[str, str]:
+    functional = "class Solution" in correct
+    if functional:
+        method = correct.split("def ", 1)[1].split("(", 1)[0]
+        wrong = f"class Solution:\n    def {method}(self, *args):\n        return 0"
+        loop = f"class Solution:\n    def {method}(self, *args):\n        while True:\n            pass"
+        crash = f"class Solution:\n    def {method}(self, *args):\n        return 1 // 0"
+    else:
+        wrong, loop, crash = "print(0)", "while True:\n    pass", "x = 1 // 0"
+    return {"correct": correct, "wrong": wrong, "tle": loop, "re": crash}
+
+
+def workload(size: str) -> list[tuple[dict[str, Any], str, str]]:
+    rows = {r["task_id"]: r for r in load_bundled()}
+    ids = list(SOLUTIONS)[: 3 if size == "quick" else len(SOLUTIONS)]
+    return [(rows[i], kind, code) for i in ids for kind, code in _variants(i, SOLUTIONS[i]).items()]
+
+
+def bench_backend(name: str, items: list[tuple[dict[str, Any], str, str]], workers: int) -> dict[str, Any]:
+    sandbox = get_sandbox(name)
+    env = CodeEnvironment(backend=sandbox, time_limit=1.0, max_workers=workers)
+    tasks = [row for row, _, _ in items]
+    completions = [f"```python\n{code}\n```" for _, _, code in items]
+    start = time.monotonic()
+    results = env.evaluate(tasks, completions, max_workers=workers)
+    wall = time.monotonic() - start
+    executed = sum(1 for r in results for t in r.details.get("tests", []) if t["verdict"] != "Not Run")
+    startups = sorted(r.details.get("startup_seconds", 0.0) for r in results)
+    return {
+        "backend": name, "workers": workers, "submissions": len(items), "tests": executed, "wall": wall,
+        "tests_per_s": executed / wall, "startup_median_ms": 1000 * statistics.median(startups),
+        "startup_p90_ms": 1000 * startups[int(0.9 * (len(startups) - 1))],
+        "verdicts": [r.details.get("verdict") for r in results],
+    }
+
+
+# ---------------------------------------------------------------------------------------- LiveCodeBench
+def _lcb_child(sample: dict[str, Any], code: str, timeout: int, queue: Any) -> None:
+    from livecodebench.evaluation import testing_util
+
+    try:
+        results, meta = testing_util.run_test(sample, test=code, debug=False, timeout=timeout)
+    except BaseException as exc:
+        results, meta = [-4], {"error": repr(exc)}
+    queue.put((list(results), {k: str(v)[:200] for k, v in (meta or {}).items()}))
+
+
+def lcb_run(row: dict[str, Any], code: str, timeout: int = 1) -> tuple[str, int]:
+    """LCB's verdict class and the number of tests it ran, for one solution."""
+    task = parse_task(row)
+    sample = {"input_output": json.dumps({"inputs": [t.input for t in task.tests],
+                                          "outputs": [t.output for t in task.tests], "fn_name": task.func_name})}
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_lcb_child, args=(sample, code, timeout, queue))
+    proc.start()
+    proc.join((timeout + 1) * len(task.tests) + 5)  # LCB's global timeout
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+        return "Time Limit Exceeded", len(task.tests)
+    results, _ = queue.get() if not queue.empty() else ([-1], {})
+    if all(r is True for r in results) and len(results) == len(task.tests):
+        verdict = "Accepted"
+    else:
+        last = results[-1]
+        verdict = {-2: "Wrong Answer", False: "Wrong Answer", -3: "Time Limit Exceeded", -4: "Runtime Error",
+                   -1: "Time Limit Exceeded"}.get(last, "Runtime Error")
+    return verdict, len(results)
+
+
+def _verdict_class(verdict: str) -> str:
+    return {"Memory Limit Exceeded": "Runtime Error", "Output Limit Exceeded": "Runtime Error",
+            "Syntax Error": "Runtime Error"}.get(verdict, verdict)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=["quick", "full"], default="quick")
+    parser.add_argument("--backends", default="bwrap,process,docker")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    items = workload(args.size)
+    print(f"workload: {len(items)} submissions ({args.size}: correct, wrong, TLE, RE per problem), "
+          f"{sum(len(parse_task(r).tests) for r, _, _ in items)} tests, 1 s CPU limit")
+    print(f"{'backend':8} {'workers':>7} {'tests':>6} {'wall s':>7} {'tests/s':>8} {'start ms (med/p90)':>19}")
+    ours: dict[str, dict[str, Any]] = {}
+    for name in args.backends.split(","):
+        try:
+            get_sandbox(name)
+        except (SandboxUnavailable, RuntimeError) as exc:
+            print(f"{name:8} unavailable: {exc}")
+            continue
+        for workers in (1, 2):
+            r = bench_backend(name, items, workers)
+            ours[f"{name}/{workers}"] = r
+            print(f"{name:8} {workers:>7} {r['tests']:>6} {r['wall']:>7.2f} {r['tests_per_s']:>8.1f} "
+                  f"{r['startup_median_ms']:>9.1f} / {r['startup_p90_ms']:>6.1f}")
+    try:
+        import livecodebench.evaluation.testing_util  # noqa: F401
+    except ImportError:
+        print("livecodebench not importable: skipping the comparison (pip install --no-deps nvidia-livecodebench)")
+        return
+    start = time.monotonic()
+    lcb = [lcb_run(row, code) for row, _, code in items]
+    wall = time.monotonic() - start
+    lcb_tests = sum(n for _, n in lcb)
+    print(f"{'lcb':8} {1:>7} {lcb_tests:>6} {wall:>7.2f} {lcb_tests / wall:>8.1f}   (LCB stops at the first failure)")
+    reference = next((r for key, r in ours.items() if key.endswith("/1")), None)
+    if reference is None:
+        return
+    agree = sum(_verdict_class(v) == lv for v, (lv, _) in zip(reference["verdicts"], lcb, strict=True))
+    print(f"verdict agreement with LCB ({reference['backend']}): {agree}/{len(items)}")
+    for (row, kind, _), ours_v, (lcb_v, _) in zip(items, reference["verdicts"], lcb, strict=True):
+        if _verdict_class(ours_v) != lcb_v:
+            print(f"  differs: {row['task_id']} {kind}: ours {ours_v!r}, LCB {lcb_v!r}")
+    print(f"tests/second ratio ours({reference['backend']}, 1 worker) / LCB: "
+          f"{reference['tests_per_s'] / (lcb_tests / wall):.2f}")
+
+
+if __name__ == "__main__":
+    main()

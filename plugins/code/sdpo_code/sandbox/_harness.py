@@ -1,0 +1,439 @@
+# mypy: ignore-errors
+# (a standalone script for whatever interpreter the sandbox has: kept untyped and stdlib-only on purpose)
+"""The program that runs inside every sandbox (passed as ``python -I -c <this source>``).
+
+Why a separate, stdlib-only script: it must run on whatever interpreter the sandbox has (a Docker image, the
+system Python) and must not import sdpo_code. It is trusted code that shares a process with untrusted code, so
+it never holds anything secret: expected outputs stay in the trainer, which compares.
+
+Shape: the payload (code, test inputs, limits) arrives as one JSON document on stdin. A *supervisor* process
+forks one *worker* that applies the limits, says ``ready``, then runs every test sequentially in-process (no
+per-test process), each with its own CPU timer (``ITIMER_PROF``), wall timer (``ITIMER_REAL``) and
+``RLIMIT_CPU`` backstop. stdin/stdout/stderr of each test are memfds dup2'ed onto fds 0/1/2, so ``print``,
+``sys.stdout.buffer``, ``os.write(1, ...)`` and ``open(0)`` all work, and ``RLIMIT_FSIZE`` bounds the output.
+The supervisor reaps, reports the worker's exit status and CPU time, and, as PID 1 of a PID namespace, takes
+every leftover process down with it when it exits.
+
+Protocol (stdout, one JSON object per line): ``ready``, ``start`` (test i), ``result`` (test i), ``done`` from
+the worker; ``exit`` from the supervisor. Index -1 is the module set-up of functional/HumanEval code.
+"""
+
+import builtins
+import contextlib
+import ctypes
+import io
+import json
+import math
+import os
+import resource
+import signal
+import sys
+import time
+import traceback
+
+SOLUTION_FILE = "Solution.py"
+PROMPT_FILE = "prompt.py"
+TEST_FILE = "test.py"
+MARKER = "sdpo-code-harness"
+
+# Names LeetCode-style solutions use without importing them (`List[int]`, `deque`, `heapq`...).
+_PRELUDE = (
+    "from typing import *\n"
+    "from collections import *\n"
+    "from heapq import *\n"
+    "from bisect import *\n"
+    "from itertools import *\n"
+    "from functools import *\n"
+    "from math import *\n"
+    "import collections, heapq, bisect, itertools, functools, math, string, re, sys, random, operator\n"
+)
+
+_proto_fd = -1
+
+
+def send(msg):
+    """Write one protocol line; a failure means the model closed our channel, so stop quietly."""
+    data = (json.dumps(msg, ensure_ascii=True) + "\n").encode()
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(_proto_fd, view)
+            view = view[n:]
+    except OSError:
+        os._exit(70)
+
+
+class CpuLimit(BaseException):
+    """Raised by the CPU timer; a BaseException so `except Exception` in model code does not swallow it."""
+
+
+class WallLimit(BaseException):
+    """Raised by the wall timer (a program sleeping or blocked past its limit)."""
+
+
+_fired = {"cpu": False, "wall": False}
+
+
+def _on_prof(signum, frame):
+    _fired["cpu"] = True
+    raise CpuLimit()
+
+
+def _on_alarm(signum, frame):
+    _fired["wall"] = True
+    raise WallLimit()
+
+
+# ------------------------------------------------------------------------------------------------ Landlock
+_LL_FS_ABI1 = (1 << 13) - 1  # execute .. make_sym
+_LL_REFER = 1 << 13
+_LL_TRUNCATE = 1 << 14
+_LL_IOCTL_DEV = 1 << 15
+_LL_EXEC, _LL_WRITE, _LL_READ_FILE, _LL_READ_DIR = 1, 2, 4, 8
+
+
+def _landlock(read_paths, write_paths):
+    """Confine reads and writes to the given trees (Linux Landlock); returns the ABI used or 0."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    syscall = libc.syscall
+    syscall.restype = ctypes.c_long
+    abi = syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+    if abi < 1:
+        return 0
+    handled = _LL_FS_ABI1
+    if abi >= 2:
+        handled |= _LL_REFER
+    if abi >= 3:
+        handled |= _LL_TRUNCATE
+    if abi >= 5:
+        handled |= _LL_IOCTL_DEV
+    attr = (ctypes.c_uint64 * 3)(handled, 0, 0)
+    size = 8
+    if abi >= 4:
+        attr[1] = 3  # deny TCP bind and connect: no rule allows any port
+        size = 16
+    if abi >= 6:
+        attr[2] = 3  # abstract unix sockets and signals stay inside the sandbox
+        size = 24
+    ruleset = syscall(444, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
+    if ruleset < 0:
+        return 0
+
+    class PathBeneath(ctypes.Structure):
+        _pack_ = 1
+        _fields_ = [("allowed", ctypes.c_uint64), ("fd", ctypes.c_int32)]
+
+    file_rights = _LL_EXEC | _LL_WRITE | _LL_READ_FILE | (_LL_TRUNCATE if abi >= 3 else 0)
+    read_rights = _LL_EXEC | _LL_READ_FILE | _LL_READ_DIR
+    rules = [(p, read_rights) for p in read_paths] + [(p, handled) for p in write_paths]
+    rules.append(("/dev", read_rights | _LL_WRITE | (_LL_IOCTL_DEV if abi >= 5 else 0)))
+    for path, rights in rules:
+        try:
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            continue
+        if not os.path.isdir(path):
+            rights &= file_rights
+        rule = PathBeneath(rights & handled, fd)
+        syscall(445, ctypes.c_int(ruleset), ctypes.c_int(1), ctypes.byref(rule), ctypes.c_uint32(0))
+        os.close(fd)
+    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+    if syscall(446, ctypes.c_int(ruleset), ctypes.c_uint32(0)) != 0:
+        return 0
+    os.close(ruleset)
+    return abi
+
+
+# ----------------------------------------------------------------------------------------------- per test
+def _memfd(name, data=b""):
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    if data:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _read_capped(fd, cap):
+    size = os.fstat(fd).st_size
+    data = os.pread(fd, min(size, cap), 0)
+    return data.decode("utf-8", errors="replace"), size
+
+
+def _frames(tb, code_lines):
+    """The submitted code's frames (not the harness's), innermost last, with its own line numbers."""
+    out = []
+    for fs in traceback.extract_tb(tb):
+        if fs.filename == SOLUTION_FILE:
+            line = code_lines[fs.lineno - 1].strip() if fs.lineno and 0 < fs.lineno <= len(code_lines) else ""
+            out.append([fs.lineno, fs.name, line])
+    return out
+
+
+def _exc_info(exc, code_lines, test_lines):
+    tb = exc.__traceback__
+    last = traceback.extract_tb(tb)[-1] if tb is not None else None
+    in_test = last is not None and last.filename == TEST_FILE
+    info = {"type": type(exc).__name__, "msg": _safe_str(exc), "frames": _frames(tb, code_lines), "in_test": in_test}
+    if in_test and last.lineno and 0 < last.lineno <= len(test_lines):
+        info["test_line"] = test_lines[last.lineno - 1].strip()
+    return info
+
+
+def _flush_stdout():
+    """Flush what the program printed; a stdout it closed itself was flushed when closed."""
+    with contextlib.suppress(ValueError):  # closed
+        sys.stdout.flush()
+
+
+def _safe_str(obj, cap=2000):
+    try:
+        text = str(obj)
+    except BaseException:
+        text = "<unprintable>"
+    return text[:cap]
+
+
+class Worker:
+    """Runs the tests of one solution in this process."""
+
+    def __init__(self, p):
+        self.p = p
+        self.code = p["code"]
+        self.code_lines = self.code.splitlines()
+        self.test_lines = (p.get("test_code") or "").splitlines()
+        self.out_cap = int(p["output_bytes"])
+        self.err_cap = int(p.get("debug_bytes", 4096))
+        self.fsize_hard = int(p["fsize_hard"])
+        self.devnull = os.open(os.devnull, os.O_RDWR)
+
+    # ---------------------------------------------------------------- one timed step with captured fds
+    def run(self, index, stdin_bytes, cpu_limit, wall_limit, body):
+        send({"ev": "start", "i": index})
+        _fired["cpu"] = _fired["wall"] = False
+        resource.setrlimit(resource.RLIMIT_FSIZE, (self.fsize_hard, self.fsize_hard))
+        in_fd = _memfd("stdin", stdin_bytes)
+        out_fd = _memfd("stdout")
+        err_fd = _memfd("stderr")
+        resource.setrlimit(resource.RLIMIT_FSIZE, (self.out_cap + 1, self.fsize_hard))
+        os.dup2(in_fd, 0)
+        os.dup2(out_fd, 1)
+        os.dup2(err_fd, 2)
+        sys.stdin = sys.__stdin__ = io.TextIOWrapper(
+            io.FileIO(0, "r", closefd=False), encoding="utf-8", errors="replace"
+        )
+        sys.stdout = sys.__stdout__ = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8")
+        sys.stderr = sys.__stderr__ = io.TextIOWrapper(
+            io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace", line_buffering=True
+        )
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        cpu0 = used.ru_utime + used.ru_stime
+        soft = min(math.ceil(cpu0 + cpu_limit) + 1, self.cpu_hard)
+        resource.setrlimit(resource.RLIMIT_CPU, (soft, self.cpu_hard))
+        status, value, exc_info, exit_code = "ok", None, None, None
+        wall0 = time.monotonic()
+        try:
+            try:
+                signal.setitimer(signal.ITIMER_REAL, wall_limit)
+                signal.setitimer(signal.ITIMER_PROF, cpu_limit)
+                value = body()
+            finally:
+                signal.setitimer(signal.ITIMER_PROF, 0)
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            _flush_stdout()
+        except CpuLimit:
+            status = "timeout"
+        except WallLimit:
+            status = "wall_timeout"
+        except MemoryError:
+            status = "memory"
+        except SystemExit as exc:
+            code = exc.code
+            if code not in (None, 0):
+                status, exit_code = "exit", code if isinstance(code, int) else 1
+            with contextlib.suppress(BaseException):
+                _flush_stdout()
+        except BaseException as exc:
+            status, exc_info = "exception", _exc_info(exc, self.code_lines, self.test_lines)
+            if isinstance(exc, OSError) and exc.errno == 27:  # EFBIG: wrote past RLIMIT_FSIZE
+                status = "output_limit"
+        finally:
+            signal.setitimer(signal.ITIMER_PROF, 0)
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        wall = time.monotonic() - wall0
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = used.ru_utime + used.ru_stime - cpu0
+        if _fired["cpu"] or cpu > cpu_limit + 0.1:
+            status = "timeout"
+        elif _fired["wall"]:
+            status = "wall_timeout"
+        for fd in (0, 1, 2):
+            os.dup2(self.devnull, fd)
+        stdout, out_size = _read_capped(out_fd, self.out_cap)
+        stderr, _ = _read_capped(err_fd, self.err_cap)
+        for fd in (in_fd, out_fd, err_fd):
+            os.close(fd)
+        if out_size > self.out_cap and status in ("ok", "exception", "exit"):
+            status = "output_limit"
+        msg = {"ev": "result", "i": index, "status": status, "stdout": stdout, "stdout_bytes": out_size,
+               "stderr": stderr, "cpu": round(cpu, 4), "wall": round(wall, 4)}
+        if exc_info is not None:
+            msg["exc"] = exc_info
+        if exit_code is not None:
+            msg["exit_code"] = exit_code
+        if value is not None:
+            msg.update(value)
+        send(msg)
+        return status
+
+    # ------------------------------------------------------------------------------------- main loop
+    def main(self):
+        p = self.p
+        mode = p["mode"]
+        limits = p["cpu_limits"]
+        walls = p["wall_limits"]
+        self.cpu_hard = int(p["cpu_hard"])
+        try:
+            compiled = compile(self.code, SOLUTION_FILE, "exec", dont_inherit=True)
+        except (SyntaxError, ValueError, OverflowError, MemoryError, RecursionError) as exc:
+            err = {"ev": "compile_error", "type": type(exc).__name__, "msg": _safe_str(getattr(exc, "msg", exc))}
+            if isinstance(exc, SyntaxError):
+                err.update(lineno=exc.lineno, offset=exc.offset, text=(exc.text or "").rstrip("\n"))
+            send(err)
+            return
+        stop_on = set(p.get("stop_on", ()))
+        prelude = compile(_PRELUDE, "<prelude>", "exec")
+        if mode == "stdin":
+            for i, stdin_text in enumerate(p["inputs"]):
+                def body(compiled=compiled):
+                    namespace = {"__name__": "__main__", "__builtins__": builtins, "__file__": SOLUTION_FILE}
+                    exec(prelude, namespace)
+                    exec(compiled, namespace)
+                status = self.run(i, stdin_text.encode("utf-8", errors="surrogateescape"), limits[i], walls[i], body)
+                if status in stop_on:
+                    break
+            return
+        namespace = {"__name__": "__main__", "__builtins__": builtins, "__file__": SOLUTION_FILE}
+        exec(prelude, namespace)
+
+        def setup():
+            if p.get("prefix"):
+                exec(compile(p["prefix"], PROMPT_FILE, "exec", dont_inherit=True), namespace)
+            exec(compiled, namespace)
+            if mode == "humaneval":
+                exec(compile(p["test_code"], TEST_FILE, "exec", dont_inherit=True), namespace)
+
+        if self.run(-1, b"", limits[0], walls[0], setup) != "ok":
+            return
+        for i, args in enumerate(p["inputs"]):
+            if mode == "humaneval":
+                def body(ns=namespace):
+                    ns["check"](ns[p["entry_point"]])
+            else:
+                def body(args=args, ns=namespace):
+                    return _call(ns, p["func_name"], args)
+            status = self.run(i, b"", limits[i], walls[i], body)
+            if status in stop_on:
+                break
+
+
+def _call(namespace, func_name, args):
+    """Call Solution().func_name(*args) (or a top-level func_name) and encode the result as JSON."""
+    cls = namespace.get("Solution")
+    if isinstance(cls, type) and hasattr(cls, func_name):
+        fn = getattr(cls(), func_name)
+    elif callable(namespace.get(func_name)):
+        fn = namespace[func_name]
+    else:
+        raise AttributeError(f"no method {func_name!r} in class Solution")
+    result = fn(*json.loads(json.dumps(args)))
+    if isinstance(result, tuple):
+        result = list(result)
+    try:
+        return {"value": json.dumps(result, allow_nan=True)}
+    except (TypeError, ValueError):
+        return {"value": None, "value_repr": _safe_str(repr(result), 1000)}
+
+
+# ------------------------------------------------------------------------------------------- supervisor
+def _apply_limits(p):
+    limits = [
+        (resource.RLIMIT_CORE, 0),
+        (resource.RLIMIT_AS, int(p["memory_bytes"])),
+        (resource.RLIMIT_NOFILE, int(p["nofile"])),
+    ]
+    if p.get("nproc"):
+        limits.append((resource.RLIMIT_NPROC, int(p["nproc"])))
+    for which, value in limits:
+        hard = resource.getrlimit(which)[1]
+        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+        resource.setrlimit(which, (value, value))
+    hard = int(p["cpu_hard"])
+    resource.setrlimit(resource.RLIMIT_CPU, (hard, hard))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(p["fsize_hard"]), int(p["fsize_hard"])))
+
+
+def _worker(p):
+    signal.signal(signal.SIGPROF, _on_prof)
+    signal.signal(signal.SIGALRM, _on_alarm)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    _apply_limits(p)
+    ll = p.get("landlock")
+    abi = _landlock(ll["read"], ll["write"]) if ll else 0
+    if ll and not abi and ll.get("required"):
+        send({"ev": "setup_failed", "reason": "landlock unavailable"})
+        os._exit(71)
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), int(p.get("recursion_limit", 10000))))
+    send({"ev": "ready", "pid": os.getpid(), "uid": os.getuid(), "landlock": abi, "python": sys.version.split()[0]})
+    Worker(p).main()
+    send({"ev": "done"})
+
+
+def main():
+    global _proto_fd
+    size = int(sys.stdin.buffer.readline())  # length-framed: Docker's attach stream has no clean EOF over TLS
+    raw = sys.stdin.buffer.read(size)
+    p = json.loads(raw)
+    del raw
+    _proto_fd = os.dup(1)
+    os.set_inheritable(_proto_fd, True)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _worker(p)
+        except BaseException as exc:  # a harness fault before or between tests
+            send({"ev": "harness_error", "reason": f"{type(exc).__name__}: {_safe_str(exc, 500)}"})
+            os._exit(72)
+        os._exit(0)
+    # Supervisor: never runs model code. Reap everything (we may be PID 1) until the worker is gone.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_IGN)
+    while True:
+        try:
+            waited, status, usage = os.wait4(-1, 0)
+        except ChildProcessError:
+            os._exit(73)
+        except InterruptedError:
+            continue
+        if waited == pid:
+            break
+    msg = {"ev": "exit", "cpu": round(usage.ru_utime + usage.ru_stime, 4), "maxrss_kb": usage.ru_maxrss}
+    if os.WIFSIGNALED(status):
+        msg["signal"] = os.WTERMSIG(status)
+    else:
+        msg["code"] = os.WEXITSTATUS(status)
+    os.write(_proto_fd, b"\n")  # ends any line the worker was killed in the middle of
+    send(msg)
+    if os.getpid() != 1:
+        with contextlib.suppress(OSError):
+            os.killpg(0, signal.SIGKILL)  # leftovers of the worker in our process group, and us
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""Host facts the local backends share: sandbox uids, the interpreter to run, and process clean-up.
+
+Why a uid per concurrent sandbox (root only): ``RLIMIT_NPROC`` is not enforced for root and is counted per
+uid, and ``kill(-1)`` from a uid reaches every process of that uid. With one uid per running sandbox, the
+process cap is exact (a fork bomb cannot starve a neighbour) and clean-up is one atomic ``kill(-1)`` that
+cannot hit anything else. uid 65534 (nobody) is shared with the rest of the host, so it is not used on the
+host side; inside bwrap the program still sees uid 65534.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+UID_BASE = 1_879_000_000
+"""First host uid handed to sandboxes (no account has it; far from /etc/subuid ranges)."""
+UID_SLOTS = 256
+
+SYSTEM_READ_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc", "/proc", "/dev", "/sys")
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (the affinity mask, not the machine)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class UidLease:
+    """A host uid reserved for one sandbox run (an flock held for its duration, across processes)."""
+
+    uid: int
+    fd: int
+
+
+@contextlib.contextmanager
+def lease_uid() -> Iterator[UidLease]:
+    """Reserve a free sandbox uid; kill whatever runs under it on release."""
+    lock_dir = Path(tempfile.gettempdir()) / "sdpo-code-uids"
+    lock_dir.mkdir(mode=0o700, exist_ok=True)
+    start = (os.getpid() * 7) % UID_SLOTS
+    for k in range(UID_SLOTS):
+        uid = UID_BASE + (start + k) % UID_SLOTS
+        fd = os.open(lock_dir / str(uid), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        try:
+            kill_uid(uid)  # a previous holder that crashed may have left processes
+            yield UidLease(uid, fd)
+        finally:
+            kill_uid(uid)
+            os.close(fd)
+        return
+    raise RuntimeError(f"all {UID_SLOTS} sandbox uids are in use")
+
+
+def uid_processes(uid: int) -> list[int]:
+    """PIDs whose real uid is `uid` (from /proc)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"Uid:"):
+                        if int(line.split()[1]) == uid:
+                            pids.append(int(entry))
+                        break
+        except (OSError, ValueError, IndexError):
+            continue
+    return pids
+
+
+@functools.cache
+def _kill_binary() -> str | None:
+    return shutil.which("kill", path="/usr/bin:/bin")
+
+
+def kill_uid(uid: int) -> None:
+    """SIGKILL every process of `uid`: one ``kill(-1)`` run as that uid (atomic against fork bombs)."""
+    if not uid_processes(uid):
+        return
+    kill = _kill_binary()
+    if kill is not None:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run([kill, "-s", "KILL", "--", "-1"], user=uid, group=uid, extra_groups=[],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           timeout=10, check=False)
+    for _ in range(50):
+        pids = uid_processes(uid)
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    logger.warning("processes of sandbox uid %d survived clean-up: %s", uid, uid_processes(uid))
+
+
+# ------------------------------------------------------------------------------------------- interpreter
+@dataclass(frozen=True)
+class Interpreter:
+    """A Python the sandbox runs, with the directories it needs to read."""
+
+    path: str
+    version: tuple[int, int, int]
+    prefixes: tuple[str, ...]
+
+    @property
+    def version_text(self) -> str:
+        return ".".join(map(str, self.version))
+
+
+_PROBE = (
+    "import sys, json, os; print(json.dumps({'v': list(sys.version_info[:3]), 'p': sorted({os.path.realpath(x) "
+    "for x in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)} | {sys.prefix})}))"
+)
+
+
+@functools.lru_cache(maxsize=16)
+def probe_interpreter(path: str, uid: int | None) -> Interpreter | None:
+    """Run `path` (as `uid`) once; `None` if it cannot start or is older than 3.10."""
+    kwargs: dict[str, object] = {}
+    if uid is not None:
+        kwargs.update(user=uid, group=uid, extra_groups=[])
+    try:
+        out = subprocess.run([path, "-I", "-c", _PROBE], capture_output=True, timeout=20, check=True, cwd="/",
+                             env={"PATH": "/usr/bin:/bin"}, **kwargs)  # type: ignore[call-overload]
+        info = json.loads(out.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    version = tuple(info["v"])
+    if version < (3, 10, 0):
+        return None
+    real = os.path.realpath(path)
+    prefixes = set(info["p"]) | {os.path.dirname(os.path.dirname(real))}
+    return Interpreter(path=path, version=(version[0], version[1], version[2]), prefixes=tuple(sorted(prefixes)))
+
+
+def find_interpreter(preferred: str | None, uid: int | None) -> Interpreter:
+    """The interpreter to run sandboxed code with.
+
+    An explicit `preferred` must work (as `uid`) or this raises: never a silent substitute. With `None`, the
+    trainer's own interpreter is used when the sandbox user can run it; otherwise (e.g. it lives under a
+    mode-700 /root) the system Python of the same minor version, then any system Python 3.10+, with a log line.
+    """
+    if preferred is not None:
+        found = probe_interpreter(preferred, uid)
+        if found is None:
+            who = f"uid {uid}" if uid is not None else "this user"
+            raise RuntimeError(f"interpreter {preferred!r} cannot be run by {who} (or is older than 3.10)")
+        return found
+    major, minor = sys.version_info[:2]
+    candidates = [sys.executable, f"/usr/bin/python{major}.{minor}", "/usr/local/bin/python3", "/usr/bin/python3"]
+    for path in candidates:
+        if not os.path.exists(path):
+            continue
+        found = probe_interpreter(path, uid)
+        if found is not None:
+            if path != sys.executable:
+                logger.info("sdpo-code: %s is not usable by the sandbox user (uid %s); running code with %s "
+                            "(Python %s)", sys.executable, uid, path, found.version_text)
+            return found
+    raise RuntimeError(f"no Python 3.10+ usable by the sandbox user (uid {uid}); tried {candidates}. Pass "
+                       "python=... or install a system python3")

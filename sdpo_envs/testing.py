@@ -1,0 +1,167 @@
+"""Helpers for testing environments and plugins (no pytest dependency).
+
+- `FakeEnvironment`: a tiny, configurable environment (answer check, delays, failures, crashes) for
+  tests of trainers, routers and hooks.
+- `registered_plugin`: register a plugin object for the duration of a ``with`` block (the yield fixture
+  the docs recommend), checked like an installed plugin.
+- `check_environment`: the conformance checks every environment should pass, for plugin authors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import pickle
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+from sdpo_envs.env import Environment
+from sdpo_envs.plugins import load_plugins, pm
+from sdpo_envs.types import Feedback, StepResult, Task
+
+
+class FakeEnvironment(Environment):
+    """Rewards a completion that contains the task's answer; configurable to be slow, fail or crash.
+
+    Args:
+        answer_column (`str`, *optional*, defaults to `"answer"`): the task field holding the answer.
+        delay (`float`, *optional*, defaults to `0.0`): seconds each episode sleeps (a task's `delay`
+            field overrides it).
+        fail_on (`str`, *optional*, defaults to `"FAIL"`): completions containing it make `score` raise.
+        crash_on (`str`, *optional*, defaults to `"CRASH"`): completions containing it kill the scoring
+            process (`os._exit`) in process mode; in thread mode they raise like `fail_on`.
+        concurrency (`str`, *optional*, defaults to `"thread"`): `"thread"` or `"process"`.
+        max_workers (`int`, *optional*): the pool size.
+        episode_timeout (`float`, *optional*): seconds per episode.
+        error_reward (`float`, *optional*, defaults to `0.0`): reward of failed episodes.
+    """
+
+    description = "A fake environment for tests: rewards completions containing the answer."
+
+    def __init__(self, answer_column: str = "answer", *, delay: float = 0.0, fail_on: str = "FAIL",
+                 crash_on: str = "CRASH", concurrency: Literal["thread", "process"] = "thread",
+                 max_workers: int | None = None, episode_timeout: float | None = None,
+                 error_reward: float | None = 0.0) -> None:
+        self.answer_column = answer_column
+        self.delay = delay
+        self.fail_on = fail_on
+        self.crash_on = crash_on
+        self.concurrency = concurrency
+        self.max_workers = max_workers
+        self.episode_timeout = episode_timeout
+        self.error_reward = error_reward
+        self.parent_pid = os.getpid()
+
+    def score(self, task: Task, completion: str) -> Feedback:
+        delay = float(task.get("delay", self.delay))
+        if delay:
+            time.sleep(delay)
+        if self.crash_on and self.crash_on in completion:
+            if os.getpid() != self.parent_pid:
+                os._exit(3)
+            raise RuntimeError("fake crash")
+        if self.fail_on and self.fail_on in completion:
+            raise RuntimeError("fake failure")
+        answer = str(task.get(self.answer_column, ""))
+        details = {"pid": os.getpid(), "answer": answer}
+        if answer and answer in completion:
+            return Feedback(reward=1.0, text="", success=True, details=details)
+        return Feedback(reward=0.0, text=f"The completion does not contain the answer ({len(answer)} characters).",
+                        success=False, details=details)
+
+
+@contextlib.contextmanager
+def registered_plugin(plugin: object, name: str | None = None) -> Iterator[str]:
+    """Register `plugin` (a module, class or object with ``@hookimpl`` methods) inside the block.
+
+    Installed plugins are loaded first (none under ``SDPO_LOAD_PLUGINS=""``), the plugin is checked
+    with ``check_pending()`` like an installed one, and it is unregistered on exit. A plugin that is
+    already registered (e.g. installed and loaded) is used as it is and left registered.
+    """
+    load_plugins()
+    if pm.is_registered(plugin):
+        yield pm.get_name(plugin) or ""
+        return
+    registered = pm.register(plugin, name=name)
+    if registered is None:
+        raise ValueError(f"plugin {name!r} is blocked")
+    try:
+        pm.check_pending()
+        yield registered
+    finally:
+        pm.unregister(name=registered)
+
+
+def _fail(env: Environment, message: str) -> None:
+    raise AssertionError(f"{env.label}: {message}")
+
+
+def check_environment(env: Environment, tasks: Sequence[Task] | None = None,
+                      completions: Sequence[str] | None = None) -> list[Feedback]:
+    """Check that `env` keeps the environment contract; raise `AssertionError` saying what broke.
+
+    Checks the Gym interface (`reset`/`step`), batched `evaluate` (count, order, types), the TRL reward
+    function interface (`__name__`, `list[float | None]`, `last_feedback`, `last_results`, conversational
+    completions, extra dataset columns) and, for process environments, picklability. Returns the
+    feedback of the batch.
+
+    Args:
+        env (`Environment`): the environment under test.
+        tasks (`Sequence[Task]`, *optional*): tasks it can score; defaults to one ``{"prompt": ...}`` task.
+        completions (`Sequence[str]`, *optional*): one completion per task; defaults to ``"42"`` each.
+    """
+    tasks = list(tasks) if tasks is not None else [{"prompt": "What is 6 times 7?", "answer": "42"}]
+    completions = list(completions) if completions is not None else ["42"] * len(tasks)
+    if not isinstance(env, Environment):
+        raise AssertionError(f"{type(env).__name__} is not an sdpo_envs.Environment")
+    if len(tasks) != len(completions) or not tasks:
+        raise AssertionError("check_environment needs one completion per task, and at least one task")
+
+    for task, completion in zip(tasks, completions, strict=True):
+        prompt = env.reset(task)
+        if not isinstance(prompt, (str, list)):
+            _fail(env, f"reset() returned {type(prompt).__name__}, expected a str or a list of messages")
+        step = env.step(completion)
+        if not isinstance(step, StepResult) or not isinstance(step.feedback, Feedback):
+            _fail(env, f"step() returned {type(step).__name__}, expected a StepResult with a Feedback")
+        if not step.done:
+            _fail(env, "step() of a single-turn environment must end the episode (done=True)")
+
+    results = env.evaluate(tasks, completions)
+    if len(results) != len(tasks) or not all(isinstance(r, Feedback) for r in results):
+        _fail(env, "evaluate() must return one Feedback per task")
+    for row, result in enumerate(results):
+        if result.failed:
+            _fail(env, f"row {row} could not be scored: {result.details['error']}")
+        if result.reward is not None and not math.isfinite(result.reward):
+            _fail(env, f"row {row}: reward {result.reward} is not finite")
+
+    name = getattr(env, "__name__", None)
+    if not isinstance(name, str) or not name:
+        _fail(env, "__name__ must be a non-empty str (TRL names the reward column after it)")
+    columns: dict[str, Any] = {}
+    for key in {k for task in tasks for k in task if k != "prompt"}:
+        columns[key] = [task.get(key) for task in tasks]
+    prompts = [env.prompt(task) for task in tasks]
+    for label, batch in (("text", completions),
+                         ("conversational", [[{"role": "assistant", "content": c}] for c in completions])):
+        rewards = env(prompts=prompts, completions=batch, completion_ids=[[0]] * len(tasks), **columns)
+        if not isinstance(rewards, list) or len(rewards) != len(tasks):
+            _fail(env, f"calling it as a reward function ({label} completions) must return one value per row")
+        if any(r is not None and (isinstance(r, bool) or not isinstance(r, (int, float))) for r in rewards):
+            _fail(env, f"rewards must be floats or None, got {rewards!r}")
+        feedback, structured = env.last_feedback, env.last_results
+        if (not isinstance(feedback, list) or len(feedback) != len(tasks)
+                or not all(isinstance(t, str) for t in feedback)):
+            _fail(env, "last_feedback must be a fresh list with one str per row after a call")
+        if not isinstance(structured, list) or [r.reward for r in structured] != rewards:
+            _fail(env, "last_results must hold the Feedback behind each returned reward")
+
+    if env.concurrency == "process":
+        try:
+            pickle.loads(pickle.dumps(env))
+        except Exception as exc:
+            _fail(env, f"a process environment must be picklable: {type(exc).__name__}: {exc}")
+    return results
