@@ -3,7 +3,9 @@
 Used by `sdpo eval` and by `sdpo train`'s before/after check. Generation is plain batched
 `model.generate` (left padding, prompts rendered with the chat template as GRPOTrainer renders them),
 scoring is the environment's own batched `evaluate(tasks, completions)`, so the numbers mean what the
-training reward means. A sample counts as solved when the environment says `Feedback.success`.
+training reward means. A sample counts as solved when its reward reaches `success_threshold` (SDPO's
+`success_reward_threshold`, so "solved" means what a demonstration means), or, with `success_threshold=None`,
+when the environment says `Feedback.success`.
 
 pass@k uses the unbiased estimator of Chen et al. 2021 (huggingface.co/papers/2107.03374) over `n >= k`
 samples per task: `1 - C(n - c, k) / C(n, k)` with `c` solved samples.
@@ -42,7 +44,7 @@ class EvalResult:
         num_samples (`int`): completions per task (`n`).
         pass_at_k (`dict[int, float]`): the unbiased pass@k for each requested `k <= n`.
         mean_reward (`float`): mean reward over all scored completions (abstentions excluded; NaN if none).
-        success_rate (`float`): fraction of completions the environment marked solved (pass@1 with `n` samples).
+        success_rate (`float`): fraction of completions solved (pass@1 estimated from `n` samples).
         abstained (`int`): completions the environment could not score (`reward=None`).
         samples (`tuple[EvalSample, ...]`): a few scored completions, failures with feedback first.
     """
@@ -54,6 +56,19 @@ class EvalResult:
     success_rate: float
     abstained: int = 0
     samples: tuple[EvalSample, ...] = field(default=(), repr=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EvalResult:
+        """The inverse of `to_dict`."""
+        return cls(
+            num_tasks=data["num_tasks"],
+            num_samples=data["num_samples"],
+            pass_at_k={int(k): v for k, v in data["pass_at_k"].items()},
+            mean_reward=data["mean_reward"],
+            success_rate=data["success_rate"],
+            abstained=data.get("abstained", 0),
+            samples=tuple(EvalSample(**s) for s in data.get("samples", ())),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict (samples included)."""
@@ -177,8 +192,12 @@ def generate_completions(
 
 
 def score_completions(env: Environment, tasks: Sequence[Task], completions: Sequence[Sequence[str]], *,
-                      ks: Sequence[int] = (1,), show: int = 3) -> EvalResult:
-    """Score `completions[i]` (n per task) for `tasks[i]` with `env.evaluate` and aggregate them."""
+                      ks: Sequence[int] = (1,), success_threshold: float | None = None, show: int = 3) -> EvalResult:
+    """Score `completions[i]` (n per task) for `tasks[i]` with `env.evaluate` and aggregate them.
+
+    A completion is solved when its reward is at least `success_threshold`, or (`None`) when the environment
+    marks it `success`.
+    """
     if len(tasks) != len(completions):
         raise ValueError(f"{len(tasks)} tasks but {len(completions)} completion lists")
     n = len(completions[0]) if completions else 0
@@ -191,11 +210,12 @@ def score_completions(env: Environment, tasks: Sequence[Task], completions: Sequ
     flat_completions = [c for per_task in completions for c in per_task]
     results: list[Feedback] = env.evaluate(flat_tasks, flat_completions) if flat_tasks else []
     rewards = [r.reward for r in results if r.reward is not None]
-    solved = [sum(r.success for r in results[i * n:(i + 1) * n]) for i in range(len(tasks))]
+    ok = [_solved(r, success_threshold) for r in results]
+    solved = [sum(ok[i * n:(i + 1) * n]) for i in range(len(tasks))]
     pass_k = {k: sum(pass_at_k(n, c, k) for c in solved) / len(tasks) if tasks else math.nan for k in ks}
     samples = [
-        EvalSample(prompt_text(env.prompt(task)), completion, result.reward, result.success, result.text)
-        for task, completion, result in zip(flat_tasks, flat_completions, results, strict=True)
+        EvalSample(prompt_text(env.prompt(task)), completion, result.reward, success, result.text)
+        for task, completion, result, success in zip(flat_tasks, flat_completions, results, ok, strict=True)
     ]
     # failures that come with feedback are the interesting ones to show, then the rest in order
     samples.sort(key=lambda s: (s.success or not s.feedback.strip(), s.success))
@@ -204,10 +224,16 @@ def score_completions(env: Environment, tasks: Sequence[Task], completions: Sequ
         num_samples=n,
         pass_at_k=pass_k,
         mean_reward=sum(rewards) / len(rewards) if rewards else math.nan,
-        success_rate=sum(r.success for r in results) / len(results) if results else math.nan,
+        success_rate=sum(ok) / len(ok) if ok else math.nan,
         abstained=sum(r.reward is None for r in results),
         samples=tuple(samples[:show]),
     )
+
+
+def _solved(result: Feedback, threshold: float | None) -> bool:
+    if threshold is None:
+        return result.success
+    return result.reward is not None and result.reward >= threshold
 
 
 def evaluate_model(
@@ -223,6 +249,7 @@ def evaluate_model(
     top_p: float = 1.0,
     batch_size: int = 16,
     chat_template_kwargs: Mapping[str, Any] | None = None,
+    success_threshold: float | None = None,
     seed: int = 0,
     show: int = 3,
     progress: bool = False,
@@ -234,6 +261,8 @@ def evaluate_model(
         num_samples (`int`, *optional*): completions per task; defaults to the largest `k`.
         temperature (`float`, *optional*): `0` is greedy; defaults to greedy for one sample per task and
             `1.0` (the rollout temperature) otherwise.
+        success_threshold (`float`, *optional*): reward at which a completion counts as solved; `None` uses
+            the environment's `Feedback.success`.
     """
     ks = [k] if isinstance(k, int) else list(k)
     n = num_samples if num_samples is not None else max(ks)
@@ -244,7 +273,7 @@ def evaluate_model(
         model, tokenizer, prompts, num_samples=n, max_new_tokens=max_new_tokens, temperature=temperature,
         top_p=top_p, batch_size=batch_size, chat_template_kwargs=chat_template_kwargs, seed=seed, progress=progress,
     )
-    return score_completions(env, tasks, completions, ks=ks, show=show)
+    return score_completions(env, tasks, completions, ks=ks, success_threshold=success_threshold, show=show)
 
 
 __all__ = [
