@@ -42,6 +42,7 @@ __all__ = [
     "sampled_token_logps",
     "token_entropy",
     "token_level_reverse_kl",
+    "token_stats_from_hidden",
 ]
 
 # lasgroup/SDPO core_algos.py:1112-1118: the top-K log-mass is clamped below 0 so the tail stays finite.
@@ -540,3 +541,32 @@ def aggregate_loss(
         denominator = mask.sum().clamp(min=1.0) if num_active_tokens is None else num_active_tokens
         return masked_loss.sum() / denominator
     raise ValueError(f"mode must be one of 'sequence_mean', 'token_mean', got {mode!r}")
+
+
+@torch.no_grad()
+def token_stats_from_hidden(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    token_ids: Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[Tensor, Tensor]:
+    """Sampled-token log-probs and entropy `[...]` (fp32, no gradient) from hidden states `[..., H]`.
+
+    For the importance ratio and the logged KL and entropy on the hidden-state path: logits exist only
+    `chunk_size` tokens at a time.
+    """
+    if hidden.shape[:-1] != token_ids.shape:
+        raise ValueError(f"hidden states {tuple(hidden.shape)} do not match token ids {tuple(token_ids.shape)}")
+    rows = hidden.reshape(-1, hidden.size(-1))  # [N, H]
+    ids = token_ids.reshape(-1)  # [N]
+    token_logps = torch.empty(rows.size(0), dtype=torch.float32, device=hidden.device)  # [N]
+    entropy = torch.empty_like(token_logps)  # [N]
+    for start in range(0, rows.size(0), chunk_size):
+        chunk = slice(start, start + chunk_size)
+        logps = torch.log_softmax(_project_logits(rows[chunk], weight, bias, temperature), dim=-1)  # [n, V]
+        token_logps[chunk] = logps.gather(-1, ids[chunk].unsqueeze(-1)).squeeze(-1)
+        entropy[chunk] = -(logps.exp() * logps).sum(-1)
+    return token_logps.view(token_ids.shape), entropy.view(token_ids.shape)

@@ -23,6 +23,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from sdpo_core.modeling import LMHead, backbone_hidden_states, lm_head, unwrap
+
 TEACHER_ADAPTER = "sdpo_teacher"
 
 
@@ -30,13 +32,6 @@ def strip_patched_forward(module: nn.Module) -> nn.Module:
     """Drop an instance-level `forward` (a patch copied along with the module) so the class forward runs."""
     module.__dict__.pop("forward", None)
     return module
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The user-level module under DDP/FSDP-style wrappers (`.module`)."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
 
 
 def _forward_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -83,6 +78,11 @@ class Teacher(abc.ABC):
                logits_to_keep: int) -> torch.Tensor:
         """Raw teacher logits `[B, logits_to_keep, V]`, computed without grad."""
 
+    def hidden_states(self, student: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      keep: int) -> tuple[torch.Tensor, LMHead]:
+        """Final hidden states `[B, keep, H]` and the LM head, without grad (the memory-lean path)."""
+        raise NotImplementedError(f"{type(self).__name__} has no hidden-state path")
+
     def update(self, student: nn.Module) -> None:
         """Move the teacher toward the student (once per generation batch). Frozen teachers do nothing."""
         return None
@@ -110,10 +110,15 @@ class CopiedModelTeacher(Teacher):
         with torch.no_grad():
             return _forward_logits(self.module, input_ids, attention_mask, logits_to_keep)
 
+    def hidden_states(self, student: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      keep: int) -> tuple[torch.Tensor, LMHead]:
+        with torch.no_grad():
+            return backbone_hidden_states(self.module, input_ids, attention_mask, keep), lm_head(self.module)
+
     def check_matches(self, student: nn.Module) -> None:
         """Fail early if the EMA could not pair every teacher parameter with a student parameter."""
-        student_params = dict(_unwrap(student).named_parameters())
-        for name, param in _unwrap(self.module).named_parameters():
+        student_params = dict(unwrap(student).named_parameters())
+        for name, param in unwrap(self.module).named_parameters():
             other = student_params.get(name)
             if other is None or (other.shape != param.shape and not hasattr(param, "ds_id")):
                 raise ValueError(f"teacher parameter {name!r} has no student counterpart of the same shape")
@@ -121,18 +126,18 @@ class CopiedModelTeacher(Teacher):
     def update(self, student: nn.Module) -> None:
         if self.rate == 0.0:
             return
-        student_params = dict(_unwrap(student).named_parameters())
-        for name, teacher_param in _unwrap(self.module).named_parameters():
+        student_params = dict(unwrap(student).named_parameters())
+        for name, teacher_param in unwrap(self.module).named_parameters():
             student_param = student_params[name]
             with _gathered([teacher_param, student_param]):
                 ema_update_(iter([(teacher_param, student_param)]), self.rate)
         self.updates += 1
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().clone() for k, v in _unwrap(self.module).state_dict().items()}
+        return {k: v.detach().cpu().clone() for k, v in unwrap(self.module).state_dict().items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        _unwrap(self.module).load_state_dict(state, strict=True)
+        unwrap(self.module).load_state_dict(state, strict=True)
 
 
 @contextlib.contextmanager
@@ -151,7 +156,7 @@ class LoraEMATeacher(Teacher):
     mode = "lora_ema"
 
     def __init__(self, student: nn.Module, rate: float) -> None:
-        peft_model = _unwrap(student)
+        peft_model = unwrap(student)
         if not hasattr(peft_model, "peft_config"):
             raise ValueError("teacher_mode='lora_ema' needs a PEFT model (pass peft_config= or a PeftModel)")
         self.student_adapter = peft_model.active_adapter
@@ -180,9 +185,14 @@ class LoraEMATeacher(Teacher):
 
     def logits(self, student: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                logits_to_keep: int) -> torch.Tensor:
-        peft_model = _unwrap(student)
+        peft_model = unwrap(student)
         with torch.no_grad(), _active_adapter(peft_model, TEACHER_ADAPTER, self.student_adapter):
             return _forward_logits(peft_model, input_ids, attention_mask, logits_to_keep)
+
+    def hidden_states(self, student: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      keep: int) -> tuple[torch.Tensor, LMHead]:
+        with torch.no_grad(), _active_adapter(self._model, TEACHER_ADAPTER, self.student_adapter):
+            return backbone_hidden_states(self._model, input_ids, attention_mask, keep), lm_head(self._model)
 
     def update(self, student: nn.Module) -> None:
         for _, teacher_param, student_param in self._named_pairs(self._model):
@@ -208,9 +218,15 @@ class DisabledAdapterTeacher(Teacher):
 
     def logits(self, student: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                logits_to_keep: int) -> torch.Tensor:
-        peft_model = _unwrap(student)
+        peft_model = unwrap(student)
         with torch.no_grad(), peft_model.disable_adapter():
             return _forward_logits(peft_model, input_ids, attention_mask, logits_to_keep)
+
+    def hidden_states(self, student: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      keep: int) -> tuple[torch.Tensor, LMHead]:
+        peft_model = unwrap(student)
+        with torch.no_grad(), peft_model.disable_adapter():
+            return backbone_hidden_states(peft_model, input_ids, attention_mask, keep), lm_head(peft_model)
 
 
 class TrustRegionTeacher(Teacher):
@@ -226,7 +242,7 @@ class TrustRegionTeacher(Teacher):
                logits_to_keep: int) -> torch.Tensor:
         reference_logits = self.reference.logits(student, input_ids, attention_mask, logits_to_keep)
         with torch.no_grad():
-            student_logits = _forward_logits(_unwrap(student), input_ids, attention_mask, logits_to_keep)
+            student_logits = _forward_logits(unwrap(student), input_ids, attention_mask, logits_to_keep)
         return torch.lerp(reference_logits.float(), student_logits.float(), self.rate)  # lasgroup/SDPO dp_actor.py:51
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -47,6 +47,7 @@ from trl.trainer.utils import create_model_from_path, get_config_model_id, pad
 
 from sdpo_core import loss as sdpo_loss
 from sdpo_core.config import SDPOConfig
+from sdpo_core.modeling import add_hidden_states_forward, causal_lm, lm_head, supports_hidden_state_path
 from sdpo_core.reprompt import build_teacher_batch
 from sdpo_core.rewards import combine_feedback, read_feedback, reset_feedback, validated_reward_function
 from sdpo_core.teacher import (
@@ -149,6 +150,7 @@ class SDPOTrainer(GRPOTrainer):
         )
 
         self.teacher: Teacher | None = None
+        self._hidden_state_path = False
         self._teacher_generations_done = 0
         self._finite_step_in_generation = False
         self._flat_generations = 0
@@ -158,6 +160,9 @@ class SDPOTrainer(GRPOTrainer):
                 teacher_copy = self._teacher_from_path(quantization_config)
             self.teacher = self._build_teacher(teacher_copy)
             self.add_callback(_TeacherUpdateCallback(self))
+            self._hidden_state_path = self._can_use_hidden_states()
+            if self._hidden_state_path:
+                add_hidden_states_forward(causal_lm(self.model))
             logger.info("SDPO teacher: %s (update rate %s)", cfg.teacher_mode, cfg.teacher_update_rate)
 
     # ------------------------------------------------------------------------------------ teacher set-up
@@ -187,6 +192,22 @@ class SDPOTrainer(GRPOTrainer):
         if cfg.teacher_mode == "trust_region":
             return TrustRegionTeacher(reference, cfg.teacher_update_rate)
         return reference
+
+    def _can_use_hidden_states(self) -> bool:
+        """The memory-lean loss path: top-K/full-vocabulary distillation from hidden states and LM heads.
+
+        Needs logits that are a plain linear projection, parameters that are not sharded (ZeRO-3/FSDP
+        gather them only inside forward), and a teacher whose logits come from one model (not trust-region).
+        """
+        cfg = self.sdpo_config
+        return (
+            cfg.full_logit_distillation
+            and cfg.teacher_mode != "trust_region"
+            and not self.is_deepspeed_enabled
+            and not self.is_fsdp_enabled
+            and supports_hidden_state_path(self.model)
+            and (not isinstance(self.teacher, CopiedModelTeacher) or supports_hidden_state_path(self.teacher.module))
+        )
 
     def _prepare_teacher_module(self, module: nn.Module) -> nn.Module:
         """Place the teacher like GRPO's reference model; never `accelerator.prepare` (DDP on a frozen module)."""
@@ -289,39 +310,11 @@ class SDPOTrainer(GRPOTrainer):
             return super()._compute_loss(model, inputs)
         cfg = self.sdpo_config
         mode = "train" if self.model.training else "eval"
-        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
-        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-        logits_to_keep = completion_ids.size(1)
         sd_mask = inputs["sd_mask"]  # [B]
-        mask = completion_mask * inputs.get("tool_mask", 1) * sd_mask.unsqueeze(1)  # [B, T]
-
-        student_logits = model(
-            input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
-            attention_mask=torch.cat([prompt_mask, completion_mask], dim=1),
-            logits_to_keep=logits_to_keep + 1,
-            use_cache=False,
-        ).logits[:, :-1, :] / self.temperature  # [B, T, V]
-        student_token_logps = sdpo_loss.sampled_token_logps(student_logits, completion_ids)  # [B, T]
-
-        if sd_mask.any():
-            teacher_logits = self.teacher.logits(
-                model,
-                torch.cat([inputs["teacher_prompt_ids"], completion_ids], dim=1),
-                torch.cat([inputs["teacher_prompt_mask"], completion_mask], dim=1),
-                logits_to_keep + 1,
-            )[:, :-1, :] / self.temperature  # [B, T, V]
-            teacher_token_logps = sdpo_loss.sampled_token_logps(teacher_logits, completion_ids)  # [B, T]
-            if cfg.full_logit_distillation:
-                per_token_loss = sdpo_loss.chunked_per_token_distillation_loss(
-                    student_logits, teacher_logits, alpha=cfg.alpha, topk=cfg.distillation_topk,
-                    add_tail=cfg.distillation_add_tail, chunk_size=cfg.distillation_chunk_size,
-                )
-            else:
-                per_token_loss = sdpo_loss.token_level_reverse_kl(student_token_logps, teacher_token_logps)
-            del teacher_logits
-        else:  # lasgroup/SDPO dp_actor.py:848: an all-masked micro-batch contributes a graph-connected zero
-            teacher_token_logps = student_token_logps.detach()
-            per_token_loss = student_token_logps * 0.0
+        mask = inputs["completion_mask"] * inputs.get("tool_mask", 1) * sd_mask.unsqueeze(1)  # [B, T]
+        terms_of = self._distillation_from_hidden if self._hidden_state_path else self._distillation_from_logits
+        per_token_loss, student_token_logps, teacher_token_logps, entropy = terms_of(model, inputs)
+        if not sd_mask.any():  # lasgroup/SDPO dp_actor.py:848: no teacher signal in this micro-batch
             self._metrics[mode]["sdpo/empty_target_batch"].append(1.0)
 
         is_ratio = sdpo_loss.importance_weight(student_token_logps, inputs.get("old_per_token_logps"), cfg.is_clip)
@@ -342,24 +335,81 @@ class SDPOTrainer(GRPOTrainer):
             loss = sdpo_loss.aggregate_loss(per_token_loss, mask, mode="token_mean", num_active_tokens=normalizer)
             reported = loss.detach()
 
-        self._log_loss_metrics(mode, reported, mask, student_logits, student_token_logps, teacher_token_logps,
-                               is_ratio)
+        self._log_loss_metrics(mode, reported, mask, student_token_logps, teacher_token_logps, entropy, is_ratio)
         return loss
 
+    def _inputs_for(self, inputs, prompt_key: str):
+        """Prompt + completion ids and mask, with `prompt_key` the student's or the teacher's prompt."""
+        prompt_ids, prompt_mask = inputs[f"{prompt_key}_ids"], inputs[f"{prompt_key}_mask"]
+        input_ids = torch.cat([prompt_ids, inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([prompt_mask, inputs["completion_mask"]], dim=1)
+        return input_ids, attention_mask, inputs["completion_ids"].size(1) + 1
+
+    def _distillation_from_logits(self, model, inputs):
+        """Per-token loss from full `[B, T, V]` logits (token-level and trust-region modes need them)."""
+        cfg = self.sdpo_config
+        completion_ids = inputs["completion_ids"]
+        input_ids, attention_mask, keep = self._inputs_for(inputs, "prompt")
+        student_logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep,
+                               use_cache=False).logits[:, :-1, :] / self.temperature  # [B, T, V]
+        student_token_logps = sdpo_loss.sampled_token_logps(student_logits, completion_ids)  # [B, T]
+        entropy = sdpo_loss.token_entropy(student_logits)  # [B, T]
+        if not inputs["sd_mask"].any():
+            return student_token_logps * 0.0, student_token_logps, student_token_logps.detach(), entropy
+        teacher_logits = self.teacher.logits(model, *self._inputs_for(inputs, "teacher_prompt"))
+        teacher_logits = teacher_logits[:, :-1, :] / self.temperature  # [B, T, V]
+        teacher_token_logps = sdpo_loss.sampled_token_logps(teacher_logits, completion_ids)  # [B, T]
+        if cfg.full_logit_distillation:
+            per_token_loss = sdpo_loss.chunked_per_token_distillation_loss(
+                student_logits, teacher_logits, alpha=cfg.alpha, topk=cfg.distillation_topk,
+                add_tail=cfg.distillation_add_tail, chunk_size=cfg.distillation_chunk_size,
+            )
+        else:
+            per_token_loss = sdpo_loss.token_level_reverse_kl(student_token_logps, teacher_token_logps)
+        return per_token_loss, student_token_logps, teacher_token_logps, entropy
+
+    def _distillation_from_hidden(self, model, inputs):
+        """Per-token loss from final hidden states and the LM heads: `[B, T, V]` logits never exist."""
+        cfg = self.sdpo_config
+        completion_ids = inputs["completion_ids"]
+        input_ids, attention_mask, keep = self._inputs_for(inputs, "prompt")
+        student_hidden = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep,
+                               sdpo_hidden_states=True)[:, :-1, :]  # [B, T, H]
+        student_head = lm_head(model)
+        student_token_logps, entropy = sdpo_loss.token_stats_from_hidden(
+            student_hidden, *student_head, completion_ids, temperature=self.temperature,
+            chunk_size=cfg.distillation_chunk_size,
+        )  # [B, T] each, no grad
+        if not inputs["sd_mask"].any():
+            zero = student_hidden.sum(-1) * 0.0 + student_head.weight.sum() * 0.0  # graph-connected
+            return zero, student_token_logps, student_token_logps, entropy
+        teacher_hidden, teacher_head = self.teacher.hidden_states(model, *self._inputs_for(inputs, "teacher_prompt"))
+        teacher_hidden = teacher_hidden[:, :-1, :]  # [B, T, H]
+        per_token_loss = sdpo_loss.chunked_distillation_loss(
+            student_hidden, teacher_hidden, student_head.weight, teacher_head.weight, temperature=self.temperature,
+            alpha=cfg.alpha, topk=cfg.distillation_topk, add_tail=cfg.distillation_add_tail,
+            chunk_size=cfg.distillation_chunk_size, student_lm_head_bias=student_head.bias,
+            teacher_lm_head_bias=teacher_head.bias,
+        )  # [B, T]
+        teacher_token_logps, _ = sdpo_loss.token_stats_from_hidden(
+            teacher_hidden, *teacher_head, completion_ids, temperature=self.temperature,
+            chunk_size=cfg.distillation_chunk_size,
+        )
+        return per_token_loss, student_token_logps, teacher_token_logps, entropy
+
     @torch.no_grad()
-    def _log_loss_metrics(self, mode, loss, mask, student_logits, student_token_logps, teacher_token_logps,
+    def _log_loss_metrics(self, mode, loss, mask, student_token_logps, teacher_token_logps, entropy,
                           is_ratio) -> None:
         gather = self.accelerator.gather
         active = mask.sum()
         denominator = gather(active).sum().clamp(min=1.0)
         # k1 estimate of KL(student || teacher) on the student's own samples
         kl = ((student_token_logps - teacher_token_logps) * mask).sum()
-        entropy = (sdpo_loss.token_entropy(student_logits) * mask).sum()
         ratio_max = torch.where(mask.bool(), is_ratio, torch.zeros_like(is_ratio)).max()
         metrics = self._metrics[mode]
         metrics["sdpo/distillation_loss"].append(gather(loss).mean().item())
         metrics["sdpo/teacher_student_kl"].append((gather(kl).sum() / denominator).item())
-        metrics["entropy"].append((gather(entropy).sum() / denominator).item())
+        metrics["entropy"].append((gather((entropy * mask).sum()).sum() / denominator).item())
         metrics["sdpo/is_ratio_mean"].append((gather((is_ratio * mask).sum()).sum() / denominator).item())
         metrics["sdpo/is_ratio_max"].append(gather(ratio_max).max().item())
         metrics["sdpo/active_token_fraction"].append(

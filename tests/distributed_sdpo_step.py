@@ -46,7 +46,9 @@ def main(out_dir: str) -> None:
     trainer._generate_and_score_completions = capture
     trainer.train()
     with open(os.path.join(out_dir, f"rank{dist.get_rank()}.json"), "w") as f:
-        json.dump({"batch": seen[0], "teacher_updates": trainer.teacher.updates}, f)
+        checksum = sum(p.detach().double().sum().item() for p in trainer.model.parameters())
+        json.dump({"batch": seen[0], "teacher_updates": trainer.teacher.updates, "checksum": checksum,
+                   "hidden_state_path": trainer._hidden_state_path}, f)
 
 
 if __name__ == "__main__":

@@ -35,3 +35,6 @@ def test_group_spanning_two_processes(tmp_path):
     # rank 1: each success is demonstrated by the other success, never itself
     assert rank1["batch"]["sd_mask"] == [1.0, 1.0]
     assert rank0["teacher_updates"] == rank1["teacher_updates"] == 1
+    # gradients were synchronised through DDP on the hidden-state loss path: the replicas agree
+    assert rank0["hidden_state_path"]
+    assert rank0["checksum"] == pytest.approx(rank1["checksum"], rel=1e-9)

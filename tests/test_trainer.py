@@ -379,3 +379,35 @@ def test_overridden_grpo_seams_exist():
     init = inspect.signature(GRPOTrainer.__init__).parameters
     sdpo_init = inspect.signature(SDPOTrainer.__init__).parameters
     assert list(init) == [p for p in sdpo_init if p != "sdpo_config"]
+
+
+@pytest.mark.parametrize("teacher_mode", ["ema", "lora_ema"])
+def test_hidden_state_path_matches_logits_path(tokenizer, chat_dataset, make_args, feedback_reward, teacher_mode):
+    """The memory-lean path (no [B, T, V] logits) gives the logits path's loss and gradients."""
+    model = tiny_model(tokenizer)
+    peft_config = None
+    if teacher_mode == "lora_ema":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    trainer = SDPOTrainer(model=model, reward_funcs=[feedback_reward(succeed=lambda row: row % 4 == 0)],
+                          args=make_args(temperature=0.7), train_dataset=chat_dataset, processing_class=tokenizer,
+                          peft_config=peft_config, sdpo_config=SDPOConfig(teacher_mode=teacher_mode, alpha=0.3,
+                                                                           distillation_topk=7))
+    assert trainer._hidden_state_path
+    batch = trainer._generate_and_score_completions([chat_dataset[i] for i in range(4)])
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    results = {}
+    for hidden in (True, False):
+        trainer._hidden_state_path = hidden
+        trainer.model.zero_grad()
+        loss = trainer._compute_loss(trainer.model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        results[hidden] = (loss.detach(), grads, trainer._metrics["train"]["sdpo/teacher_student_kl"][-1])
+    torch.testing.assert_close(results[True][0], results[False][0])
+    assert results[True][1].keys() == results[False][1].keys()
+    for name, grad in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], grad, msg=name, rtol=1e-4, atol=1e-6)
+    assert results[True][2] == pytest.approx(results[False][2], rel=1e-4, abs=1e-6)
