@@ -1,7 +1,7 @@
 """Forward+backward time and peak memory of SDPO's distillation loss, ours against two peers.
 
     python benchmarks/loss_bench.py            # 8x512x49152 and 4x512x151936, then a T/V scaling sweep (minutes)
-    python benchmarks/loss_bench.py --quick    # small shapes, well under a minute
+    python benchmarks/loss_bench.py --quick    # small shapes (chunk 64 so chunking shows), about a minute
 
 What is compared (top-K=100 + tail, α ∈ {0.5, 1.0}, the same fp32 inputs, logits already tempered):
 
@@ -18,25 +18,31 @@ What is compared (top-K=100 + tail, α ∈ {0.5, 1.0}, the same fp32 inputs, log
 
 A second section sweeps T and V for the path that starts from hidden states (`ours_hidden`:
 `chunked_distillation_loss`, which never builds `[B, T, V]` logits) against the peers, which must be handed
-full logits `hidden @ W.T`; there the backward reaches the hidden states and the LM-head weight.
+full logits `hidden @ W.T`; there the backward reaches the hidden states and the LM-head weight. The sweep's
+chunk (256; `--sweep-chunk-size`) is below B·T so that the chunking shows: ours should grow with V only.
 
-How memory is measured (each measurement runs in a fresh subprocess, one implementation per process):
+How memory is measured. Each case (device, shape, α) runs in a fresh interpreter that first runs every
+implementation once on a tiny input (imports and lazy initialisation are not the loss's memory), then
+measures the implementations one after another on the same inputs:
 
-- CPU: Linux peak RSS. The worker first runs the same code on a tiny input (imports, lazy initialisation),
-  builds the inputs, reads `VmRSS`, resets the high-water mark by writing `5` to `/proc/self/clear_refs`,
-  runs forward+backward once, and reports `VmHWM − baseline`: the extra resident memory at the peak,
-  including the student's `[B, T, V]` gradient and every temporary. torch's CPU allocator does not cache, and
-  glibc returns blocks above 32 MiB (every `[n, V]` tensor here) to the OS on free, so RSS follows live
-  tensors; smaller freed blocks may stay resident, which can only overstate a peak. `tracemalloc` cannot see
-  torch's allocations, hence RSS.
+- CPU: Linux peak RSS. Before each run the worker reads `VmRSS` and resets the high-water mark by writing
+  `5` to `/proc/self/clear_refs`; after forward+backward it reports `VmHWM − baseline`, the extra resident
+  memory at the peak, including the student's `[B, T, V]` gradient and every temporary. torch's CPU
+  allocator does not cache, and the worker runs with `MALLOC_MMAP_THRESHOLD_=131072`, so glibc returns every
+  freed block above 128 KiB to the OS: RSS follows live tensors and one implementation cannot reuse pages
+  another freed. `tracemalloc` cannot see torch's allocations, hence RSS.
 - CUDA: `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()`, minus the memory allocated
   before the run.
-- As a trainer does, the harness drops its reference to the teacher's logits right after the forward, so a
+- As a trainer does, the harness keeps no reference to the teacher's logits once the loss is computed, so a
   loss that does not keep them for backward gets the benefit.
 
-Time is the median wall-clock of `--repeats` forward+backward runs after that first (memory) run, in the
-same process. The check runs every implementation on the same inputs and compares the per-token loss and
-the student-logit gradient with `ours_plain` (|Δ| ≤ 1e-5 + 1e-5·|ref|).
+Time is the median wall-clock of `--repeats` forward+backward runs after the memory run (which warms
+caches); the fixed mmap threshold makes every large allocation pay its page faults, as torch's CPU
+allocator does anyway for tensors above 32 MiB. On a shared machine times are noisy; memory is not. The
+check reruns every implementation on the same inputs and compares the per-token loss and the student-logit
+gradient with `ours_plain`, and the loss with a float64 evaluation of the same formula: where an fp32
+implementation disagrees with ours, that column says which one rounding moved (sdpo-rl's `log_softmax`
+path drifts ~1e-4 at α=1 on 49k-token vocabularies; ours and TRL's `logits − logsumexp` stay ~1e-5).
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ import contextlib
 import gc
 import importlib.util
 import json
+import math
 import os
 import re
 import statistics
@@ -65,6 +72,7 @@ from sdpo_core import loss as sdpo_loss
 
 TOPK = 100
 CHUNK_SIZE = 1024
+_settings = {"chunk_size": CHUNK_SIZE}  # set by the worker from --chunk-size
 ALPHAS = (0.5, 1.0)
 LOGIT_SCALE = 3.0
 TOLERANCE = 1e-5
@@ -76,7 +84,7 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 # ------------------------------------------------------------------------------------------------ implementations
 def _ours_chunked(student_logits: torch.Tensor, teacher_logits: torch.Tensor, alpha: float) -> torch.Tensor:
     return sdpo_loss.chunked_per_token_distillation_loss(
-        student_logits, teacher_logits, alpha=alpha, topk=TOPK, add_tail=True, chunk_size=CHUNK_SIZE
+        student_logits, teacher_logits, alpha=alpha, topk=TOPK, add_tail=True, chunk_size=_settings["chunk_size"]
     )
 
 
@@ -168,115 +176,154 @@ def _logits_inputs(case: dict[str, Any], device: torch.device) -> tuple[torch.Te
     return _randn(shape, 1, device).requires_grad_(), _randn(shape, 2, device)
 
 
-def _run_logits(name: str, case: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Memory of a cold run, then the median time of `repeats` runs."""
-    fn = IMPLS[name]
-    student, teacher = _logits_inputs(case, device)
+def _measure(run: Callable[[], None], device: torch.device) -> tuple[float, int]:
+    """Wall time and peak extra memory of one `run()`."""
     memory = _Memory(device)
     memory.start()
     start = time.perf_counter()
-    loss = fn(student, teacher, case["alpha"])
-    del teacher  # as the trainer does after its loss call
-    loss.mean().backward()
+    run()
     _sync(device)
-    first = time.perf_counter() - start
-    peak = memory.peak()
-    del loss
-    student.grad = None
-    teacher = _randn(student.shape, 2, device)
-    times = []
-    for _ in range(case["repeats"]):
-        start = time.perf_counter()
-        fn(student, teacher, case["alpha"]).mean().backward()
-        _sync(device)
-        times.append(time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    return elapsed, memory.peak()
+
+
+def _logits_case(case: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Every implementation on one `B x T x V` case: memory of a first run, median time, agreement."""
+    alpha, results = case["alpha"], {}
+    student = _randn((case["B"], case["T"], case["V"]), 1, device).requires_grad_()
+    for name in case["impls"]:
+        fn = IMPLS[name]
+        teacher = [_randn(student.shape, 2, device)]
+
+        def run(fn: LossFn = fn, teacher: list[torch.Tensor] = teacher) -> None:
+            loss = fn(student, teacher.pop(), alpha)  # the harness keeps no teacher reference, like the trainer
+            loss.mean().backward()
+
+        try:
+            first, peak = _measure(run, device)
+            student.grad = None
+            times = []
+            for _ in range(case["repeats"]):
+                teacher.append(_randn(student.shape, 2, device))
+                times.append(_measure(run, device)[0])
+                student.grad = None
+            results[name] = {"time": statistics.median(times) if times else first, "peak": peak}
+        except Exception as error:  # an OOM in one implementation must not hide the others
+            results[name] = {"error": f"{type(error).__name__}: {error}"[:200]}
         student.grad = None
-    return {"time": statistics.median(times) if times else first, "peak": peak}
+    results["check"] = _check_logits(student, alpha, case["impls"], device)
+    return results
 
 
-def _check_logits(case: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Max |Δ| of loss and student-logit gradient of every implementation vs `ours_plain`."""
-    student, teacher = _logits_inputs(case, device)
-    reference = _ours_plain(student, teacher, case["alpha"])
+def _fp64_loss(student: torch.Tensor, teacher: torch.Tensor, alpha: float, rows: int = 128) -> torch.Tensor:
+    """The top-K + tail loss in float64, row chunk by row chunk: the yardstick for fp32 rounding."""
+    student_rows, teacher_rows = student.detach().flatten(0, -2), teacher.flatten(0, -2)  # [N, V]
+    out = []
+    for start in range(0, student_rows.size(0), rows):
+        z_s, z_t = student_rows[start:start + rows].double(), teacher_rows[start:start + rows].double()
+        index = z_s.topk(TOPK, dim=-1).indices  # [n, K]
+        buckets = []
+        for z in (z_s, z_t):
+            topk_logps = z.gather(-1, index) - z.logsumexp(-1, keepdim=True)  # [n, K]
+            mass = topk_logps.logsumexp(-1, keepdim=True).clamp(max=-1e-7)
+            buckets.append(torch.cat([topk_logps, torch.log(-torch.expm1(mass))], dim=-1))  # [n, K+1]
+        log_s, log_t = buckets
+
+        def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+            return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+        if alpha == 1.0:
+            out.append(kl(log_s, log_t))
+        else:  # the benchmark's α are 0.5 and 1.0
+            log_m = torch.logaddexp(log_s + math.log1p(-alpha), log_t + math.log(alpha))
+            out.append((1 - alpha) * kl(log_s, log_m) + alpha * kl(log_t, log_m))
+    return torch.cat(out).view(student.shape[:-1])
+
+
+def _check_logits(student: torch.Tensor, alpha: float, impls: list[str], device: torch.device) -> dict[str, Any]:
+    """Max |Δ| of loss and student-logit gradient vs `ours_plain`, and of the loss vs a float64 reference."""
+    teacher = _randn(student.shape, 2, device)
+    exact = _fp64_loss(student, teacher, alpha)
+    reference = _ours_plain(student, teacher, alpha)
     reference.mean().backward()
     ref_loss, ref_grad = reference.detach(), student.grad
     student.grad = None
-    report = {}
-    for name in case["impls"]:
+    report: dict[str, Any] = {"ours_plain": {"fp64_diff": (ref_loss.double() - exact).abs().max().item()}}
+    for name in impls:
         if name == "ours_plain":
             continue
-        out = IMPLS[name](student, teacher, case["alpha"])
-        out.mean().backward()
-        loss_diff = (out.detach() - ref_loss).abs().max().item()
-        grad_diff = (student.grad - ref_grad).abs().max().item()
-        agree = torch.allclose(out.detach(), ref_loss, rtol=TOLERANCE, atol=TOLERANCE) and torch.allclose(
-            student.grad, ref_grad, rtol=TOLERANCE, atol=TOLERANCE)
-        report[name] = {"loss_diff": loss_diff, "grad_diff": grad_diff, "agree": agree}
+        try:
+            out = IMPLS[name](student, teacher, alpha)
+            out.mean().backward()
+        except Exception as error:
+            report[name] = {"error": f"{type(error).__name__}: {error}"[:200]}
+            continue
+        report[name] = {
+            "loss_diff": (out.detach() - ref_loss).abs().max().item(),
+            "grad_diff": (student.grad - ref_grad).abs().max().item(),
+            "fp64_diff": (out.detach().double() - exact).abs().max().item(),
+            "agree": torch.allclose(out.detach(), ref_loss, rtol=TOLERANCE, atol=TOLERANCE)
+            and torch.allclose(student.grad, ref_grad, rtol=TOLERANCE, atol=TOLERANCE),
+        }
         student.grad = None
         del out
     return report
 
 
-def _run_hidden(name: str, case: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """One cold run from hidden states `[B, T, H]` and LM heads `[V, H]`: memory and time."""
-    batch, length, vocab, hidden = case["B"], case["T"], case["V"], case["H"]
+def _hidden_case(case: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """One forward+backward from hidden states `[B, T, H]` and LM heads `[V, H]` per implementation."""
+    batch, length, vocab, hidden, alpha = case["B"], case["T"], case["V"], case["H"], case["alpha"]
     student_hidden = _randn((batch, length, hidden), 3, device, scale=1.0).requires_grad_()
     teacher_hidden = _randn((batch, length, hidden), 4, device, scale=1.0)
-    # scale so logits have std ~LOGIT_SCALE, like the logits section
+    # scaled so the logits have std ~LOGIT_SCALE, like the logits section
     student_head = _randn((vocab, hidden), 5, device, scale=LOGIT_SCALE / hidden**0.5).requires_grad_()
     teacher_head = _randn((vocab, hidden), 6, device, scale=LOGIT_SCALE / hidden**0.5)
-    memory = _Memory(device)
-    memory.start()
-    start = time.perf_counter()
-    if name == "ours_hidden":
-        loss = sdpo_loss.chunked_distillation_loss(
-            student_hidden, teacher_hidden, student_head, teacher_head, temperature=1.0, alpha=case["alpha"],
-            topk=TOPK, add_tail=True, chunk_size=CHUNK_SIZE,
-        )
-    else:
-        student_logits = student_hidden @ student_head.T  # [B, T, V]
-        with torch.no_grad():
-            teacher_logits = teacher_hidden @ teacher_head.T  # [B, T, V]
-        loss = IMPLS[name](student_logits, teacher_logits, case["alpha"])
-        del student_logits, teacher_logits
-    loss.mean().backward()
-    _sync(device)
-    return {"time": time.perf_counter() - start, "peak": memory.peak()}
+    results = {}
+    for name in case["impls"]:
 
+        def run(name: str = name) -> None:
+            if name == "ours_hidden":
+                loss = sdpo_loss.chunked_distillation_loss(
+                    student_hidden, teacher_hidden, student_head, teacher_head, temperature=1.0, alpha=alpha,
+                    topk=TOPK, add_tail=True, chunk_size=case["chunk_size"],
+                )
+            else:
+                student_logits = student_hidden @ student_head.T  # [B, T, V]
+                with torch.no_grad():
+                    teacher_logits = teacher_hidden @ teacher_head.T  # [B, T, V]
+                loss = IMPLS[name](student_logits, teacher_logits, alpha)
+                del student_logits, teacher_logits
+            loss.mean().backward()
 
-def _warm_up(job: dict[str, Any], device: torch.device) -> None:
-    """Run the job's code once on a tiny input: imports and lazy initialisation are not the loss's memory."""
-    tiny = {**job, "B": 1, "T": 4, "V": 4 * TOPK, "H": 8, "repeats": 0}
-    if job["kind"] == "check":
-        _check_logits(tiny, device)
-    elif job["kind"] == "logits":
-        _run_logits(job["impl"], tiny, device)
-    else:
-        _run_hidden(job["impl"], tiny, device)
+        try:
+            elapsed, peak = _measure(run, device)
+            results[name] = {"time": elapsed, "peak": peak}
+        except Exception as error:
+            results[name] = {"error": f"{type(error).__name__}: {error}"[:200]}
+        student_hidden.grad = student_head.grad = None
+    return results
 
 
 def _worker(job: dict[str, Any]) -> None:
-    """Subprocess entry: run one job and print its JSON result as the last line."""
+    """Subprocess entry: warm every implementation up on a tiny case, run the job, print JSON last."""
+    _settings["chunk_size"] = job["chunk_size"]
     if job["threads"]:
         torch.set_num_threads(job["threads"])
     device = torch.device(job["device"])
-    _warm_up(job, device)
-    if job["kind"] == "check":
-        result: dict[str, Any] = _check_logits(job, device)
-    elif job["kind"] == "logits":
-        result = _run_logits(job["impl"], job, device)
-    else:
-        result = _run_hidden(job["impl"], job, device)
-    print(json.dumps(result))
+    case_fn = _logits_case if job["kind"] == "logits" else _hidden_case
+    case_fn({**job, "B": 1, "T": 4, "V": 4 * TOPK, "H": 8, "repeats": 0}, device)  # imports, lazy init
+    print(json.dumps(case_fn(job, device)))
 
 
 def _spawn(job: dict[str, Any]) -> dict[str, Any]:
-    env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1"}
+    """Run one case in a fresh interpreter; glibc returns every freed block above 128 KiB to the OS."""
+    env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "MALLOC_MMAP_THRESHOLD_": "131072",
+           "MALLOC_TRIM_THRESHOLD_": "131072"}
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True,
                           env=env, check=False)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"exit {proc.returncode}: {tail}"}
+        return {"error": f"worker exit {proc.returncode}: {tail}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -296,55 +343,58 @@ def _table(rows: list[list[str]], header: list[str]) -> None:
 
 
 def _logits_section(args: argparse.Namespace, devices: list[str], impls: list[str]) -> None:
-    print(f"\n== Loss from logits: forward+backward, top-K={TOPK} + tail, fp32, chunk {CHUNK_SIZE} ==")
-    print("peak = extra memory at the peak over the inputs (incl. the student's [B,T,V] gradient);"
+    print(f"\n== Loss from logits: forward+backward, top-K={TOPK} + tail, fp32, chunk {args.chunk_size} ==")
+    print("peak = extra memory at the peak over the inputs, incl. the student's [B,T,V] gradient; the teacher's"
+          " logits are released after the forward, as in the trainer;"
           f" ratios are {OURS} / impl (< 1: ours is faster / smaller)")
     rows = []
     for device in devices:
         for batch, length, vocab in args.shapes:
             for alpha in ALPHAS:
-                base = {"device": device, "threads": args.threads, "B": batch, "T": length, "V": vocab,
-                        "alpha": alpha, "repeats": args.repeats}
-                check = _spawn({**base, "kind": "check", "impls": impls})
-                results = {name: _spawn({**base, "kind": "logits", "impl": name}) for name in impls}
-                ours = results[OURS]
+                results = _spawn({"kind": "logits", "device": device, "threads": args.threads, "B": batch,
+                                  "T": length, "V": vocab, "alpha": alpha, "repeats": args.repeats,
+                                  "impls": impls, "chunk_size": args.chunk_size})
+                label = [device, f"{batch}x{length}x{vocab}", str(alpha)]
+                if "error" in results:
+                    rows.append([*label, "all", "-", "-", "-", "-", results["error"]])
+                    continue
+                ours, check = results[OURS], results["check"]
                 for name in impls:
-                    res = results[name]
-                    agree = "ref" if name == "ours_plain" else "-"
-                    if "error" in check:
-                        agree = f"check failed: {check['error']}"
-                    elif name in check:
-                        c = check[name]
+                    res, c = results[name], check.get(name, {})
+                    agree, exact = "-", f"{c['fp64_diff']:.1e}" if "fp64_diff" in c else "-"
+                    if "error" in c:
+                        agree = c["error"]
+                    elif name == "ours_plain":
+                        agree = "reference"
+                    elif c:
                         agree = f"{'OK' if c['agree'] else 'DIFF'} loss {c['loss_diff']:.1e} grad {c['grad_diff']:.1e}"
                     if "error" in res:
-                        rows.append([device, f"{batch}x{length}x{vocab}", alpha, name, "-", "-", "-", "-",
-                                     res["error"]])
+                        rows.append([*label, name, "-", "-", "-", "-", agree, exact, res["error"]])
                         continue
-                    rows.append([device, f"{batch}x{length}x{vocab}", alpha, name, f"{res['time']:.3f}",
-                                 f"{res['peak'] / MIB:.0f}", _fmt_ratio(ours, res, "time"),
-                                 _fmt_ratio(ours, res, "peak"), agree])
+                    rows.append([*label, name, f"{res['time']:.3f}", f"{res['peak'] / MIB:.0f}",
+                                 _fmt_ratio(ours, res, "time"), _fmt_ratio(ours, res, "peak"), agree, exact])
     _table(rows, ["device", "BxTxV", "alpha", "impl", "time s", "peak MiB", "t ratio", "mem ratio",
-                  f"vs ours_plain (tol {TOLERANCE:g})"])
+                  f"vs ours_plain (rtol=atol={TOLERANCE:g})", "loss |Δ| vs fp64"])
 
 
 def _hidden_section(args: argparse.Namespace, devices: list[str], impls: list[str]) -> None:
     names = ["ours_hidden", *[n for n in impls if n != "ours_plain"]]
-    print(f"\n== Scaling from hidden states (H={args.hidden}, B={args.sweep_batch}, alpha=0.5): one cold"
-          " forward+backward to hidden states and LM-head weight; peers get full logits hidden @ W.T ==")
+    print(f"\n== Scaling from hidden states (H={args.hidden}, B={args.sweep_batch}, alpha=0.5, chunk"
+          f" {args.sweep_chunk_size}): one forward+backward to the hidden states and the LM-head weight; peers and"
+          " ours_chunked get full logits hidden @ W.T ==")
     rows = []
     for device in devices:
         for length, vocab in args.sweep:
-            base = {"device": device, "threads": args.threads, "B": args.sweep_batch, "T": length, "V": vocab,
-                    "H": args.hidden, "alpha": 0.5, "kind": "hidden"}
-            results = {name: _spawn({**base, "impl": name}) for name in names}
-            row: list[str] = [device, str(length), str(vocab)]
+            results = _spawn({"kind": "hidden", "device": device, "threads": args.threads, "B": args.sweep_batch,
+                              "T": length, "V": vocab, "H": args.hidden, "alpha": 0.5, "impls": names,
+                              "chunk_size": args.sweep_chunk_size})
+            row = [device, str(length), str(vocab)]
             for name in names:
-                res = results[name]
+                res = results.get(name, results)
                 row.append("error" if "error" in res else f"{res['peak'] / MIB:.0f} MiB / {res['time']:.2f}s")
-            rows.append(row)
-            for name, res in results.items():
                 if "error" in res:
                     print(f"  {name} at T={length} V={vocab}: {res['error']}")
+            rows.append(row)
     _table(rows, ["device", "T", "V", *[f"{n} peak / time" for n in names]])
 
 
@@ -359,6 +409,9 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", type=_parse_shape, help="BxTxV cases for the logits section")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs after the memory run")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
+    parser.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk of our chunked losses")
+    parser.add_argument("--sweep-chunk-size", type=int, default=None,
+                        help="chunk of the sweep, below B*T so that chunking shows")
     parser.add_argument("--hidden", type=int, default=None, help="H of the hidden-state sweep")
     parser.add_argument("--no-sweep", action="store_true", help="skip the hidden-state T/V sweep")
     parser.add_argument("--cpu-only", action="store_true", help="skip CUDA even when available")
@@ -371,18 +424,23 @@ def main() -> None:
     if args.quick:
         args.shapes = args.shapes or [(2, 128, 8192), (1, 128, 32768)]
         args.repeats = 1 if args.repeats is None else args.repeats
+        args.chunk_size = args.chunk_size or 64
+        args.sweep_chunk_size = args.sweep_chunk_size or 64
         args.hidden = args.hidden or 64
         args.sweep_batch = 1
         args.sweep = [(64, 8192), (128, 8192), (256, 8192), (128, 4096), (128, 16384)]
     else:
         args.shapes = args.shapes or [(8, 512, 49152), (4, 512, 151936)]
         args.repeats = 2 if args.repeats is None else args.repeats
+        args.chunk_size = args.chunk_size or CHUNK_SIZE
+        args.sweep_chunk_size = args.sweep_chunk_size or 256
         args.hidden = args.hidden or 256
         args.sweep_batch = 2
         args.sweep = [(256, 49152), (512, 49152), (1024, 49152), (512, 32768), (512, 151936)]
     if args.no_sweep:
         args.sweep = []
 
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # find_spec imports trl.experimental
     devices = ["cpu"]
     if torch.cuda.is_available() and not args.cpu_only:
         devices.append("cuda")

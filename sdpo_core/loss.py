@@ -16,9 +16,10 @@ is the spec. Conventions shared by every function here:
 Memory. The `[B, T, V]` fp32 tensors dominate. `per_token_distillation_loss` is the plain-autograd version
 (easy to audit, used as the oracle in tests). `chunked_per_token_distillation_loss` (logits given) and
 `chunked_distillation_loss` (hidden states and LM-head weights given) compute the same values and gradients
-chunk by chunk with a custom autograd function that recomputes each chunk in backward, so the fp32
-temporaries are bounded by `chunk_size x V`; the hidden-state path never materialises `[B, T, V]` logits at
-all, and in top-K mode neither path keeps the teacher's logits alive for backward.
+chunk by chunk with a custom autograd function (`_ChunkedDistillation`) that recomputes each chunk's logits
+in backward, so the fp32 temporaries are bounded by `chunk_size x V`. The hidden-state path never
+materialises `[B, T, V]` logits at all, and in top-K mode neither path keeps the teacher's logits alive for
+backward. The only full-size tensor the logits path creates is the gradient of the student's logits.
 """
 
 from __future__ import annotations
@@ -167,6 +168,7 @@ class _DistillSpec:
     chunk_size: int
     temperature: float
     vocab_size: int
+    needs_grad: bool  # False under no_grad/inference_mode: skip the K-sized gradient in forward
 
 
 class _ChunkedDistillation(torch.autograd.Function):
@@ -220,13 +222,18 @@ class _ChunkedDistillation(torch.autograd.Function):
             chunk_logsumexp = _logsumexp_into(student_logits, workspace)  # [n, 1]
             teacher_topk_logps = teacher_logits.gather(-1, chunk_indices) - _logsumexp_into(teacher_logits, workspace)
             teacher_logps = _topk_support(teacher_topk_logps, spec.add_tail)  # [n, K+1]
-            with torch.enable_grad():
-                student_topk_logps = (student_logits.gather(-1, chunk_indices) - chunk_logsumexp).requires_grad_()
+            student_topk_logps = student_logits.gather(-1, chunk_indices) - chunk_logsumexp  # [n, K]
+            if spec.needs_grad:
+                with torch.enable_grad():
+                    student_topk_logps.requires_grad_()
+                    chunk_loss = _divergence(_topk_support(student_topk_logps, spec.add_tail), teacher_logps,
+                                             spec.alpha)  # [n]
+                    (topk_logps_grad[rows],) = torch.autograd.grad(chunk_loss.sum(), student_topk_logps)  # ∂ℓ/∂s
+                chunk_loss = chunk_loss.detach()
+            else:
                 chunk_loss = _divergence(_topk_support(student_topk_logps, spec.add_tail), teacher_logps, spec.alpha)
-                (chunk_grad,) = torch.autograd.grad(chunk_loss.sum(), student_topk_logps)  # [n, K] = ∂ℓ/∂s
-            per_token_loss[rows] = chunk_loss.detach()
+            per_token_loss[rows] = chunk_loss
             topk_indices[rows] = chunk_indices
-            topk_logps_grad[rows] = chunk_grad
             student_logsumexp[rows] = chunk_logsumexp
             del student_logits, teacher_logits
         ctx.spec = spec  # type: ignore[attr-defined]
@@ -328,6 +335,9 @@ def _run_chunked(
         chunk_size=max(num_rows, 1) if chunk_size is None else int(chunk_size),
         temperature=float(temperature),
         vocab_size=vocab_size,
+        needs_grad=torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (student_x, student_weight, student_bias)
+        ),
     )
     per_token_loss = _ChunkedDistillation.apply(
         spec, student_rows, student_weight, student_bias, teacher_rows, teacher_weight, teacher_bias

@@ -326,6 +326,23 @@ def test_chunked_topk_path_does_not_keep_the_teacher_alive():
     assert torch.isfinite(student.grad).all()
 
 
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("topk", [4, None])
+def test_chunked_paths_without_autograd(context, topk):
+    # eval runs under no_grad (or inference_mode): same values, no graph
+    student, teacher = _logits(B, T, V, seed=45, requires_grad=True), _logits(B, T, V, seed=46)
+    head = torch.eye(V)
+    reference = sdpo_loss.per_token_distillation_loss(student, teacher, alpha=0.5, topk=topk, add_tail=True)
+    with context():
+        from_logits = sdpo_loss.chunked_per_token_distillation_loss(student, teacher, alpha=0.5, topk=topk,
+                                                                    add_tail=True, chunk_size=2)
+        from_hidden = sdpo_loss.chunked_distillation_loss(student, teacher, head, head, temperature=1.0, alpha=0.5,
+                                                          topk=topk, add_tail=True, chunk_size=2)
+    assert not from_logits.requires_grad
+    close(from_logits, reference.detach())
+    close(from_hidden, reference.detach(), rtol=1e-5, atol=1e-5)
+
+
 def test_empty_batch():
     student = torch.zeros(0, T, V, requires_grad=True)
     out = sdpo_loss.chunked_per_token_distillation_loss(student, student.detach(), alpha=0.5, topk=4, add_tail=True)
@@ -468,3 +485,17 @@ def test_cuda_matches_cpu(dtype):
     assert cuda_grad.dtype == dtype
     close(cuda_value.cpu(), cpu_value)
     torch.testing.assert_close(cuda_grad.cpu(), cpu_grad)
+
+
+def test_token_stats_from_hidden_match_the_logits_functions():
+    from sdpo_core.loss import sampled_token_logps, token_entropy, token_stats_from_hidden
+
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 5, 8, generator=generator)
+    weight = torch.randn(13, 8, generator=generator)
+    bias = torch.randn(13, generator=generator)
+    ids = torch.randint(0, 13, (2, 5), generator=generator)
+    logits = (hidden @ weight.T + bias) / 0.7
+    token_logps, entropy = token_stats_from_hidden(hidden, weight, bias, ids, temperature=0.7, chunk_size=3)
+    torch.testing.assert_close(token_logps, sampled_token_logps(logits, ids))
+    torch.testing.assert_close(entropy, token_entropy(logits))
