@@ -411,3 +411,24 @@ def test_hidden_state_path_matches_logits_path(tokenizer, chat_dataset, make_arg
     for name, grad in results[False][1].items():
         torch.testing.assert_close(results[True][1][name], grad, msg=name, rtol=1e-4, atol=1e-6)
     assert results[True][2] == pytest.approx(results[False][2], rel=1e-4, abs=1e-6)
+
+
+def test_lora_ema_checkpoint_restores_teacher_adapter(tokenizer, chat_dataset, make_args, feedback_reward, tmp_path):
+    from peft import LoraConfig
+
+    def trainer(max_steps, **args):
+        return SDPOTrainer(model=tiny_model(tokenizer), reward_funcs=[feedback_reward()],
+                           args=make_args(max_steps=max_steps, **args), train_dataset=chat_dataset,
+                           processing_class=tokenizer, peft_config=LoraConfig(r=4, target_modules=["q_proj"]),
+                           sdpo_config=SDPOConfig(teacher_mode="lora_ema", teacher_update_rate=0.5))
+
+    first = trainer(2, save_strategy="steps", save_steps=1)
+    first.train()
+    saved = torch.load(tmp_path / "out" / "checkpoint-1" / "sdpo_teacher.pt", weights_only=True)
+    assert saved
+    assert all(".sdpo_teacher." in name for name in saved)
+    resumed = trainer(1)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-1"))
+    state = resumed.teacher.state_dict()
+    for name, value in saved.items():
+        assert torch.equal(state[name], value), name
