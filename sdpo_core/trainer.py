@@ -255,7 +255,8 @@ class SDPOTrainer(GRPOTrainer):
                 f"the global batch has {global_rows} completions, not a multiple of the group size {group_size} "
                 f"({'num_generations' if mode == 'train' else 'num_generations_eval'})"
             )
-        rng = random.Random(hash((self.args.seed, self.state.global_step, mode)))
+        # seeded from a string (hashed with sha512), so every process draws the same "random" demonstrations
+        rng = random.Random(f"{self.args.seed}-{self.state.global_step}-{mode}")
         batch = build_teacher_batch(
             stash["prompts"],
             stash["completions"],
