@@ -123,8 +123,8 @@ def summarize(records: Sequence[Mapping[str, Any]], *, title: str, notes: Mappin
         key, _, values = series(steps, keys)
         if key is not None:
             first, last = _mean(values[:window]), _mean(values[-window:])
-            lines.append(f"{name} ({key}): {first:.3f} (first {min(window, len(values))} logs) -> "
-                         f"{last:.3f} (last {min(window, len(values))} logs)")
+            shown = min(window, len(values))
+            lines.append(f"{name} ({key}): {first:.4g} (mean of the first {shown} logs) -> {last:.4g} (last {shown})")
     lines.extend(f"{key}: {value}" for key, value in (notes or {}).items())
     return "\n".join(lines) + "\n"
 

@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from sdpo_core.train_cli import add_eval_parser, add_train_parser
 from sdpo_envs import plugins as sdpo_plugins
 from sdpo_envs import registry
 
@@ -137,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_envs_parser(subparsers)
+    add_train_parser(subparsers)
+    add_eval_parser(subparsers)
     return parser
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -149,7 +149,7 @@ def generate_completions(
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if temperature == 0 and num_samples > 1:
-        raise ValueError("greedy decoding (temperature 0) gives identical samples; set a temperature for num_samples > 1")
+        raise ValueError("greedy decoding (temperature 0) repeats one sample; set a temperature for num_samples > 1")
     stops = _stop_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     sampling = temperature > 0
@@ -182,8 +182,8 @@ def generate_completions(
                 width = max(len(x) for x in chunk)
                 input_ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in chunk], device=device)  # [b, P]
                 attention_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk], device=device)
-                generated = model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                           generation_config=config)  # [b * n, P + T]
+                generated = cast(Any, model).generate(input_ids=input_ids, attention_mask=attention_mask,
+                                                      generation_config=config)  # [b * n, P + T]
                 texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
                 outputs.extend(texts[i:i + num_samples] for i in range(0, len(texts), num_samples))
     finally:

@@ -1,0 +1,55 @@
+"""The two trainer benchmarks run end to end at a microscopic size on the tiny model.
+
+Why: they drive the trainers through private seams (timers on instance methods, subprocess workers), so a
+change in the trainer or in TRL can break them silently; this runs each once, as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run(script: str, *argv: str, cwd: Path) -> str:
+    env = {**os.environ, "SDPO_LOAD_PLUGINS": "math", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), *argv], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_step_overhead_prints_its_table(tmp_path):
+    out = tmp_path / "overhead.json"
+    stdout = _run("step_overhead.py", "--tiny", "--rounds", "1", "--steps", "2", "--warmup", "1", "--threads", "1",
+                  "--completion-length", "8", "--json", str(out), cwd=tmp_path)
+    for row in ("generation", "teacher forward", "backward", "whole step", "SDPO / GRPO step:", "floor"):
+        assert row in stdout
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["ratio"] > 0
+    assert summary["medians_s"]["SDPO"]["teacher_forward"] > 0  # the synthetic reward gives every row a teacher
+    assert summary["medians_s"]["GRPO"]["teacher_forward"] == 0
+
+
+@pytest.mark.slow
+def test_learning_efficacy_writes_results_and_plot(tmp_path):
+    out_dir = tmp_path / "results"
+    stdout = _run("learning_efficacy.py", "--tiny", "--steps", "2", "--seeds", "1", "--eval-every", "1",
+                  "--eval-size", "4", "--completion-length", "8", "--out-dir", str(out_dir), cwd=tmp_path)
+    assert "held-out accuracy" in stdout
+    assert "FAILED" not in stdout
+    results = json.loads((out_dir / "learning_efficacy.json").read_text())
+    assert {r["variant"] for r in results["runs"]} == {"grpo", "sdpo", "sdpo_no_feedback"}
+    for variant, summary in results["summary"].items():
+        assert [p["step"] for p in summary["accuracy"]] == [0, 1, 2], variant
+    sdpo_run = next(r for r in results["runs"] if r["variant"] == "sdpo")
+    assert len(sdpo_run["success_fraction"]) == 2
+    assert all("sdpo/reprompt_sample_fraction" in log for log in sdpo_run["logs"])
+    assert (out_dir / "learning_efficacy.png").stat().st_size > 10_000
