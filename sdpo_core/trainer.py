@@ -451,8 +451,7 @@ class SDPOTrainer(GRPOTrainer):
         if state:
             torch.save(state, os.path.join(checkpoint, TEACHER_STATE_FILE))
         with open(os.path.join(checkpoint, TEACHER_META_FILE), "w") as f:
-            json.dump({"teacher_mode": self.sdpo_config.teacher_mode, "updates": self.teacher.updates,
-                       "generations_done": self._teacher_generations_done}, f)
+            json.dump({"teacher_mode": self.sdpo_config.teacher_mode, "updates": self.teacher.updates}, f)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -472,7 +471,8 @@ class SDPOTrainer(GRPOTrainer):
         if os.path.exists(state_path):
             self.teacher.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True))
         self.teacher.updates = meta["updates"]
-        self._teacher_generations_done = meta["generations_done"]
+        # GRPOTrainer counts its micro-steps (`_step`) from 0 again after a resume; count generations likewise.
+        self._teacher_generations_done = self._step // (self.args.steps_per_generation * self.num_iterations)
 
 
 def _check_teacher_mode(mode: str, fresh_peft: bool, uses_peft: bool) -> None:

@@ -271,9 +271,6 @@ def test_interrupt_saves_a_checkpoint_and_resume_continues(toy_env, tiny_argv, t
     assert (tmp_path / "run" / "checkpoint-3" / "sdpo_teacher.json").is_file()
 
 
-@pytest.mark.xfail(strict=True, reason="trainer.py restores _teacher_generations_done from the checkpoint while "
-                                       "GRPOTrainer._step restarts at 0, so the EMA skips the first generation "
-                                       "batches after a resume")
 def test_resume_keeps_updating_the_teacher(toy_env, tiny_argv, tmp_path):
     argv = tiny_argv("run", 3)
     train(argv, callbacks=[_RaiseAt(2)])
