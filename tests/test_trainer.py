@@ -6,6 +6,7 @@ import inspect
 
 import pytest
 import torch
+from transformers import TrainerCallback
 from trl import GRPOTrainer
 
 from sdpo_core import SDPOConfig, SDPOTrainer
@@ -29,6 +30,19 @@ def _capture_batches(trainer):
 
     trainer._generate_and_score_completions = wrapped
     return batches
+
+
+def _teacher_state_at_train_begin(trainer):
+    """The teacher as `train(resume_from_checkpoint=...)` restored it, before any step runs."""
+    seen = {}
+
+    class Capture(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            seen["state"] = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
+            seen["updates"] = trainer.teacher.updates
+
+    trainer.add_callback(Capture())
+    return seen
 
 
 def _params(module):
@@ -251,13 +265,14 @@ def test_checkpoint_resume_restores_teacher(model, tokenizer, chat_dataset, make
     trainer = _trainer(model, tokenizer, chat_dataset, args, feedback_reward(), teacher_update_rate=0.5)
     trainer.train()
     saved = torch.load(tmp_path / "out" / "checkpoint-1" / "sdpo_teacher.pt", weights_only=True)
-    resumed = _trainer(tiny_model(tokenizer, seed=1), tokenizer, chat_dataset, make_args(max_steps=1),
+    resumed = _trainer(tiny_model(tokenizer, seed=1), tokenizer, chat_dataset, make_args(max_steps=2),
                        feedback_reward(), teacher_update_rate=0.5)
+    loaded = _teacher_state_at_train_begin(resumed)
     resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-1"))
-    state = resumed.teacher.module.state_dict()
     for name, value in saved.items():
-        assert torch.equal(state[name], value), name
-    assert resumed.teacher.updates == 1
+        assert torch.equal(loaded["state"][name], value), name
+    assert loaded["updates"] == 1
+    assert resumed.teacher.updates == 2  # and the EMA keeps its schedule after the resume
 
 
 def test_lora_ema_shares_base_and_copies_adapter(tokenizer, chat_dataset, make_args, feedback_reward):
@@ -427,8 +442,8 @@ def test_lora_ema_checkpoint_restores_teacher_adapter(tokenizer, chat_dataset, m
     saved = torch.load(tmp_path / "out" / "checkpoint-1" / "sdpo_teacher.pt", weights_only=True)
     assert saved
     assert all(".sdpo_teacher." in name for name in saved)
-    resumed = trainer(1)
+    resumed = trainer(2)
+    loaded = _teacher_state_at_train_begin(resumed)
     resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-1"))
-    state = resumed.teacher.state_dict()
     for name, value in saved.items():
-        assert torch.equal(state[name], value), name
+        assert torch.equal(loaded["state"][name], value), name
