@@ -71,6 +71,11 @@ def add_hidden_states_forward(model: nn.Module) -> None:
     def forward(self: nn.Module, *args: Any, sdpo_hidden_states: bool = False, **kwargs: Any) -> Any:
         if not sdpo_hidden_states:
             return previous(*args, **kwargs)
-        return backbone_hidden_states(self, kwargs["input_ids"], kwargs["attention_mask"], kwargs["logits_to_keep"])
+        hidden = backbone_hidden_states(self, kwargs["input_ids"], kwargs["attention_mask"], kwargs["logits_to_keep"])
+        # The head is applied outside this forward; a zero-valued use keeps it in the forward graph, so DDP with
+        # find_unused_parameters=True does not mark it unused and then see its gradient arrive.
+        head = self.get_output_embeddings()
+        anchor = head.weight.sum() * 0.0 + (0.0 if head.bias is None else head.bias.sum() * 0.0)
+        return hidden + anchor
 
     model.forward = types.MethodType(forward, model)

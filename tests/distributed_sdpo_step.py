@@ -21,13 +21,13 @@ def reward(prompts, completions, **kwargs):
     return [1.0 if dist.get_rank() == 1 else 0.0] * len(prompts)
 
 
-def main(out_dir: str) -> None:
+def main(out_dir: str, gradient_checkpointing: bool) -> None:
     torch.set_num_threads(1)
     tokenizer = tiny_tokenizer()
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": "What is 2 + 3?"}]] * 8})
     args = GRPOConfig(output_dir=out_dir, per_device_train_batch_size=2, num_generations=4, max_completion_length=6,
                       max_steps=1, report_to="none", use_cpu=True, save_strategy="no", seed=0, disable_tqdm=True,
-                      logging_steps=1)
+                      logging_steps=1, gradient_checkpointing=gradient_checkpointing)
     trainer = SDPOTrainer(model=tiny_model(tokenizer), reward_funcs=[reward], args=args, train_dataset=dataset,
                           processing_class=tokenizer, sdpo_config=SDPOConfig())
     seen = []
@@ -52,4 +52,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], gradient_checkpointing=sys.argv[2] == "checkpointing")

@@ -15,13 +15,15 @@ SCRIPT = Path(__file__).with_name("distributed_sdpo_step.py")
 
 
 @pytest.mark.slow
-def test_group_spanning_two_processes(tmp_path):
+@pytest.mark.parametrize("checkpointing", ["checkpointing", "no-checkpointing"])
+def test_group_spanning_two_processes(tmp_path, checkpointing):
+    """Without activation checkpointing, DDP looks for unused parameters: the LM head must not be one."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SCRIPT.parent.parent)}
     with socket.socket() as probe:  # torchrun's static rendezvous needs a concrete free port
         probe.bind(("127.0.0.1", 0))
         port = str(probe.getsockname()[1])
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-               str(SCRIPT), str(tmp_path)]
+               str(SCRIPT), str(tmp_path), checkpointing]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
