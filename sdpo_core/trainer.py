@@ -222,7 +222,9 @@ class SDPOTrainer(GRPOTrainer):
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         sources = [getattr(f, "sdpo_inner", f) for f in self.reward_funcs]
         if not self.sdpo_config.enabled:
-            return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+            rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+            self._log_success_fraction(self._total_rewards(rewards_per_func))
+            return rewards_per_func
         for source in sources:
             reset_feedback(source)
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -245,10 +247,8 @@ class SDPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         stash, self._stash = self._stash, {}
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
-        rewards_per_func = stash["rewards_per_func"]
-        weighted = rewards_per_func * self.reward_weights.to(rewards_per_func.device).unsqueeze(0)
-        rewards = weighted.nansum(dim=1)
-        rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
+        rewards = self._total_rewards(stash["rewards_per_func"])
+        self._log_success_fraction(rewards)
         global_rows = len(stash["prompts"])
         if global_rows % group_size:
             raise ValueError(
@@ -286,6 +286,19 @@ class SDPOTrainer(GRPOTrainer):
             self._metrics[mode][f"sdpo/{key}"].append(value)
         self._warn_if_no_signal(batch.metrics.get("reprompt_sample_fraction", 0.0))
         return output
+
+    def _total_rewards(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
+        """Weighted sum per completion `[B]`, as GRPO computes it; NaN where every function abstained."""
+        weighted = rewards_per_func * self.reward_weights.to(rewards_per_func.device).unsqueeze(0)
+        rewards = weighted.nansum(dim=1)
+        rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
+        return rewards
+
+    def _log_success_fraction(self, rewards: torch.Tensor) -> None:
+        """Completions reaching `success_reward_threshold`, logged in SDPO and GRPO runs alike (to compare)."""
+        mode = "train" if self.model.training else "eval"
+        successes = (rewards >= self.sdpo_config.success_reward_threshold).float().mean().item()
+        self._metrics[mode]["sdpo/success_fraction"].append(successes)
 
     def _teacher_chat_template_kwargs(self) -> dict[str, Any]:
         """The student's template settings (tools, chat template, kwargs), then `apply_chat_template_kwargs`."""

@@ -57,9 +57,9 @@ def test_sdpo_steps_train_and_log(model, tokenizer, chat_dataset, make_args, fee
     changed = [name for name, value in before.items() if not torch.equal(value, after[name])]
     assert len(changed) == len(before), f"unchanged parameters: {set(before) - set(changed)}"
     logged = {k for entry in trainer.state.log_history for k in entry}
-    for key in ("sdpo/distillation_loss", "sdpo/teacher_student_kl", "sdpo/reprompt_sample_fraction",
-                "sdpo/feedback_used_fraction", "sdpo/success_group_fraction", "sdpo/is_ratio_mean", "reward",
-                "entropy"):
+    for key in ("sdpo/distillation_loss", "sdpo/teacher_student_kl", "sdpo/success_fraction",
+                "sdpo/reprompt_sample_fraction", "sdpo/feedback_used_fraction", "sdpo/success_group_fraction",
+                "sdpo/is_ratio_mean", "reward", "entropy"):
         assert key in logged, key
 
 
@@ -105,7 +105,9 @@ def test_disabled_is_plain_grpo(tokenizer, chat_dataset, make_args, feedback_rew
     assert sdpo.teacher is None
     for (name, a), (_, b) in zip(grpo.model.named_parameters(), sdpo.model.named_parameters(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
-    assert not any(k.startswith("sdpo/") for entry in sdpo.state.log_history for k in entry)
+    logged = {k for entry in sdpo.state.log_history for k in entry}
+    assert {k for k in logged if k.startswith("sdpo/")} == {"sdpo/success_fraction"}  # only the comparison metric
+    assert sdpo.state.log_history[0]["sdpo/success_fraction"] == pytest.approx(0.5)
 
 
 def test_teacher_is_not_the_student(model, tokenizer, chat_dataset, make_args, feedback_reward):
