@@ -92,9 +92,16 @@ def plot_runs(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path)
     for axis, (title, keys) in zip(figure.subplots(1, len(PANELS)), PANELS.items(), strict=True):
         for label, records in runs.items():
             key, steps, values = series(records, keys)
-            if key is not None:
-                axis.plot(steps, values, marker="o" if len(steps) < 40 else None, markersize=3,
-                          label=f"{label} ({key})" if len(keys) > 1 else label)
+            if key is None:
+                continue
+            name = f"{label} ({key})" if len(keys) > 1 else label
+            if len(values) < 2 * SMOOTHING:
+                axis.plot(steps, values, marker="o", markersize=3, label=name)
+                continue
+            # one prompt group per step is noisy: faint raw points, and their running mean
+            (raw,) = axis.plot(steps, values, alpha=0.3, linewidth=1)
+            axis.plot(steps, rolling_mean(values, SMOOTHING), color=raw.get_color(),
+                      label=f"{name}, mean of {SMOOTHING} steps")
         axis.set_title(title)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
@@ -103,6 +110,15 @@ def plot_runs(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path)
     path = Path(path)
     figure.savefig(path, dpi=110)
     return path
+
+
+SMOOTHING = 5
+"""Steps per running mean in the plot (raw values are drawn faintly behind it)."""
+
+
+def rolling_mean(values: Sequence[float], window: int) -> list[float]:
+    """Mean of each value and the up to `window - 1` values before it."""
+    return [_mean(values[max(0, i + 1 - window):i + 1]) for i in range(len(values))]
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -269,6 +285,7 @@ __all__ = [
     "first_present",
     "plot_runs",
     "read_metrics",
+    "rolling_mean",
     "series",
     "summarize",
     "training_records",

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 EVAL_BEFORE_FILE = "eval_before.json"
 EVAL_AFTER_FILE = "eval_after.json"
 EVAL_TASKS_FILE = "eval_tasks.jsonl"
+EVAL_DEFAULT_TASKS = 64  # `sdpo eval` on a generated problem set (math's holds 1000) without --num-tasks
 
 DEFAULTS: dict[str, Any] = {
     # The demo: one-digit additions, which SmolLM2-135M-Instruct solves about 30% of the time when sampling
@@ -599,8 +600,9 @@ def evaluate_command(args: argparse.Namespace) -> int:
     env = build_environment(name, kwargs)
     rows = (load_dataset_spec(args.dataset, config=args.dataset_config, split=args.dataset_split)
             if args.dataset else environment_rows(env, name))
-    if args.num_tasks is not None:
-        rows = rows.select(range(min(args.num_tasks, len(rows))))
+    num_tasks = args.num_tasks if args.num_tasks is not None or args.dataset else EVAL_DEFAULT_TASKS
+    if num_tasks is not None:
+        rows = rows.select(range(min(num_tasks, len(rows))))
     tasks = rows.to_list()
     path = resolve_model(args.model)
     if (Path(path) / "adapter_config.json").is_file():
@@ -705,7 +707,9 @@ def add_eval_parser(subparsers: Any) -> None:
                                           "environment's dataset())")
     parser.add_argument("--dataset-config", "--dataset_config", help="hub dataset configuration")
     parser.add_argument("--dataset-split", "--dataset_split", default="train", help="dataset split")
-    parser.add_argument("--num-tasks", "--num_tasks", type=int, help="evaluate the first N tasks (default: all)")
+    parser.add_argument("--num-tasks", "--num_tasks", type=int,
+                        help=f"evaluate the first N tasks (default: all of --dataset, or the first "
+                             f"{EVAL_DEFAULT_TASKS} of the environment's dataset())")
     parser.add_argument("--k", type=int, nargs="+", default=[1], help="pass@k values to report")
     parser.add_argument("--num-samples", "--num_samples", type=int, help="completions per task (default: max k)")
     parser.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=256, help="completion length")
