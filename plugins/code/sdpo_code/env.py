@@ -18,7 +18,7 @@ from sdpo_code.feedback import FeedbackOptions, render
 from sdpo_code.runner import Limits, run_submission
 from sdpo_code.sandbox import Sandbox, get_sandbox
 from sdpo_code.sandbox._system import cpu_count
-from sdpo_code.tasks import TaskFormatError, build_prompt, parse_task
+from sdpo_code.tasks import TaskFormatError, build_prompt, load_bundled, parse_task
 from sdpo_code.verdicts import Judgement, Verdict
 from sdpo_envs import Environment, Feedback, Task
 
@@ -118,6 +118,19 @@ class CodeEnvironment(Environment):
     def prompt(self, task: Task) -> str:
         """The task's ``prompt``, or one built from LiveCodeBench's ``question_content`` and starter code."""
         return build_prompt(task)
+
+    def dataset(self, *, as_dataset: bool = True, chat: bool = True) -> Any:
+        """The bundled LiveCodeBench-style problems (`load_bundled`); prompts as chat messages unless `chat=False`.
+
+        Returns a `datasets.Dataset`, or a list of rows with `as_dataset=False`.
+        """
+        rows = [{**row, "prompt": [{"role": "user", "content": row["prompt"]}] if chat else row["prompt"]}
+                for row in load_bundled()]
+        if not as_dataset:
+            return rows
+        from datasets import Dataset
+
+        return Dataset.from_list(rows)
 
     def score(self, task: Task, completion: str) -> Feedback:
         try:

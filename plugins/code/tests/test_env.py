@@ -143,3 +143,16 @@ def test_prompt_from_lcb_row(code_plugin, sandbox):
     assert "Return the sum of nums." in prompt
     assert "def total" in prompt
     assert "```python" in prompt
+
+
+def test_dataset_is_the_bundled_problems_in_chat_format(make_env):
+    env = make_env()
+    rows = env.dataset(as_dataset=False)
+    assert len(rows) >= 8
+    assert rows[0]["prompt"][0]["role"] == "user"
+    assert "```python" in rows[0]["prompt"][0]["content"]
+    dataset = env.dataset()
+    assert dataset.num_rows == len(rows)
+    (result,) = env.evaluate([dataset[0]], ["no code here"])
+    assert result.details["verdict"] == "No Code Found"
+    assert isinstance(env.dataset(chat=False, as_dataset=False)[0]["prompt"], str)
