@@ -77,6 +77,16 @@ def lease_uid() -> Iterator[UidLease]:
     raise RuntimeError(f"all {UID_SLOTS} sandbox uids are in use")
 
 
+@contextlib.contextmanager
+def sandbox_uid(switch: bool) -> Iterator[int | None]:
+    """A leased uid for one sandbox run when `switch` (running as root), else `None` (run as ourselves)."""
+    if not switch:
+        yield None
+        return
+    with lease_uid() as lease:
+        yield lease.uid
+
+
 def uid_processes(uid: int) -> list[int]:
     """PIDs whose real uid is `uid` (from /proc)."""
     pids = []

@@ -19,13 +19,11 @@ shared with the trainer.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
 from typing import Any
 
 from sdpo_code.sandbox import _system
@@ -121,16 +119,8 @@ class BwrapSandbox:
     def argv(self, command: list[str]) -> list[str]:
         return [*self._base_args(), "--", *command]
 
-    @contextlib.contextmanager
-    def _identity(self) -> Iterator[int | None]:
-        if not self.switch_uid:
-            yield None
-            return
-        with _system.lease_uid() as lease:
-            yield lease.uid
-
     def run(self, request: ExecutionRequest) -> ExecutionResult:
-        with self._identity() as uid:
+        with _system.sandbox_uid(self.switch_uid) as uid:
             argv = self.argv([self.interpreter.path, "-I", "-c", HARNESS_SOURCE])
             nproc = request.nproc
             if uid is None:

@@ -127,16 +127,8 @@ class ProcessSandbox:
     def __repr__(self) -> str:
         return f"ProcessSandbox(python={self.interpreter.path!r}, isolation={self.isolation!r})"
 
-    @contextlib.contextmanager
-    def _identity(self) -> Iterator[int | None]:
-        if not self.switch_uid:
-            yield None
-            return
-        with _system.lease_uid() as lease:
-            yield lease.uid
-
     def run(self, request: ExecutionRequest) -> ExecutionResult:
-        with self._identity() as uid, _workdir(uid) as workdir:
+        with _system.sandbox_uid(self.switch_uid) as uid, _workdir(uid) as workdir:
             argv = [self.interpreter.path, "-I", "-c", HARNESS_SOURCE]
             if self.unshare:
                 argv = [self.unshare, *_UNSHARE, *argv]
