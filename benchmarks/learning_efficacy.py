@@ -51,9 +51,9 @@ LOG_KEYS = ("reward", "sdpo/reprompt_sample_fraction", "sdpo/success_group_fract
 SUCCESS_THRESHOLD = 1.0  # SDPOConfig().success_reward_threshold; also the evaluation's "solved"
 
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    # one prompt x 8 completions of <= 32 tokens per step: 10-18 s a step for the 135M model on 2 shared CPUs,
-    # so 9 runs of 24 steps with 3 evaluations of 40 problems fit in an hour
-    "math": {"steps": 24, "num_generations": 8, "batch_size": 8, "completion_length": 32, "eval_size": 40,
+    # one prompt x 8 completions of <= 32 tokens per step. Measured on 2 shared CPUs with 1 thread: 17-23 s a
+    # step, 15-20 s an evaluation of 40 problems, so a run takes about 6 min and the 9 runs just under an hour
+    "math": {"steps": 16, "num_generations": 8, "batch_size": 8, "completion_length": 32, "eval_size": 40,
              "eval_every": 8, "learning_rate": 1e-5, "difficulty": 0},
     # programs need room: 2 prompts x 4 completions of <= 192 tokens, 4 held-out problems
     "code": {"steps": 10, "num_generations": 4, "batch_size": 8, "completion_length": 192, "eval_size": 4,
@@ -92,10 +92,7 @@ def _task(args: argparse.Namespace):
         from sdpo_code import load_bundled
 
         env = sdpo_envs.make("code", backend="auto", time_limit=2.0)
-        problems = load_bundled()
-        for row in problems:  # an instruct model wants a chat turn, not raw text
-            row["prompt"] = [{"role": "user", "content": row["prompt"]}]
-        rows = Dataset.from_list(problems)
+        rows = Dataset.from_list(load_bundled())  # plain-text prompts, as `sdpo train --env code` uses them
     train, held_out = split_rows(rows, env, eval_size=args.eval_size, eval_on="heldout", seed=12345)
     return env, train, held_out
 
@@ -110,8 +107,26 @@ def _evaluate(model, tokenizer, env, tasks, args: argparse.Namespace) -> dict[st
             "seconds": round(time.monotonic() - start, 2)}
 
 
+def _idle_cores(window: float = 1.0) -> float:
+    """Cores the other processes leave idle now (Linux `/proc/stat` over `window` s); else the CPU count."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        return ticks[3] + ticks[4], sum(ticks)  # idle + iowait, all
+
+    cores = os.cpu_count() or 1
+    try:
+        idle0, total0 = sample()
+        time.sleep(window)
+        idle1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return float(cores)
+    return cores * (idle1 - idle0) / max(1, total1 - total0)
+
+
 def _worker(args: argparse.Namespace) -> None:
     """One run (or, for `--worker baseline`, the untrained model's evaluation); writes JSON to `--out`."""
+    idle = _idle_cores() if args.threads == 0 else None  # before this process gets busy
     import torch
     from transformers import TrainerCallback, set_seed
     from trl import GRPOConfig
@@ -120,6 +135,8 @@ def _worker(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    elif idle is not None and not torch.cuda.is_available():
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), round(idle))))
     set_seed(args.seed)
     model, tokenizer = _load_model(args)
     env, train_rows, held_out = _task(args)
@@ -232,11 +249,11 @@ def print_table(summary: dict[str, Any], failed: list[dict[str, Any]]) -> None:
         print("no finished runs")
         return
     steps = sorted({p["step"] for s in summary.values() for p in s["accuracy"]})
-    head = f"{'held-out accuracy':<32}" + "".join(f"{'step ' + str(st):>15}" for st in steps)
+    head = f"{'held-out accuracy':<36}" + "".join(f"{'step ' + str(st):>15}" for st in steps)
     print("\n" + head)
     for variant, s in summary.items():
         cells = {p["step"]: f"{p['mean']:.3f}±{p['std']:.3f}" for p in s["accuracy"]}
-        print(f"{LABELS[variant] + ' (' + str(len(s['seeds'])) + ')':<32}"
+        print(f"{LABELS[variant] + ' (' + str(len(s['seeds'])) + ')':<36}"
               + "".join(f"{cells.get(st, '-'):>15}" for st in steps))
     print(f"\n{'per run, mean over seeds':<32}{'success 1st/3':>14}{'success 3rd/3':>14}{'with teacher':>13}"
           f"{'feedback used':>14}{'s/step':>8}")
@@ -331,8 +348,9 @@ def main() -> None:
     parser.add_argument("--eval-batch-size", type=int, default=16)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--threads", type=int,
-                        help="torch CPU threads per run; default 1 on a CPU (torch's threads spin-wait, so on a "
-                             "shared machine 2 threads can be several times slower), 0 for torch's default")
+                        help="torch CPU threads per run (default 1: torch's threads spin-wait, so when other "
+                             "processes take a core, 2 threads are several times slower than 1); 0: as many as "
+                             "cores are idle when the run starts (a dedicated machine or a GPU)")
     parser.add_argument("--run-timeout", type=float, default=1800, help="seconds before a run is killed")
     parser.add_argument("--out-dir", default=None, help="default: /tmp/sdpo_learning_efficacy_<task>")
     parser.add_argument("--resume", action="store_true",

@@ -1,13 +1,15 @@
 """Step time of `SDPOTrainer` against TRL's `GRPOTrainer` on the same model, batch and generation settings.
 
-    python benchmarks/step_overhead.py                  # tiny Llama (hidden 256, 4 layers), 4 rounds x 5 steps
-    python benchmarks/step_overhead.py --model demo     # SmolLM2-135M-Instruct (the demo model), slower
-    python benchmarks/step_overhead.py --tiny --rounds 2 --steps 2 --warmup 1   # seconds; the smoke test
+    python benchmarks/step_overhead.py                  # tiny Llama (hidden 256, 4 layers), 3 rounds x 6 steps
+    python benchmarks/step_overhead.py --model demo     # SmolLM2-135M-Instruct (the demo model), ~15 min on 2 CPUs
+    python benchmarks/step_overhead.py --tiny --rounds 1 --steps 2 --warmup 1   # seconds; the smoke test
 
-Why rounds of subprocesses: the machine is shared, so the two variants run as alternating rounds (ABBA:
-GRPO, SDPO, SDPO, GRPO, ...), each a fresh process that trains `--steps` steps and drops its first
-`--warmup` ones (allocator, lazy imports, first generate). Medians over the kept steps of all rounds are
-compared; drift in the machine's load hits both variants alike.
+Why steps interleave: the machine is shared and its load drifts by a factor of two within minutes, so the
+two variants must see the same load. Each round is a fresh process holding a GRPO and an SDPO trainer
+(same model, data, seed and settings), each in its own thread; a baton lets one optimizer step run at a
+time, in the order GRPO, SDPO, SDPO, GRPO, ... The first `--warmup` steps of each are dropped (lazy
+initialisation, and the other trainer's set-up running beside them); medians over the kept steps of all
+rounds are compared.
 
 The split comes from timers the worker wraps around the trainers' seams (instance attributes and
 `sdpo_core.loss` functions, patched in the worker process only; the trainers' code is not modified):
@@ -45,6 +47,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -154,18 +157,41 @@ def _build_model(args: argparse.Namespace):
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype), tokenizer
 
 
-def _worker(args: argparse.Namespace) -> None:
-    """One round: train `--steps` steps of one variant and write per-step timings as JSON."""
-    import torch
+class Baton:
+    """Lets trainers, each in its own thread, take their optimizer steps one at a time in a fixed order."""
+
+    def __init__(self, schedule: list[str]) -> None:
+        self._cond = threading.Condition()
+        self._schedule = schedule
+        self._next = 0
+        self._aborted = False
+
+    def wait_turn(self, name: str) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._aborted or self._next >= len(self._schedule)
+                                or self._schedule[self._next] == name)
+            if self._aborted:
+                raise RuntimeError("the other trainer failed")
+
+    def pass_on(self) -> None:
+        with self._cond:
+            self._next += 1
+            self._cond.notify_all()
+
+    def abort(self) -> None:
+        with self._cond:
+            self._aborted = True
+            self._cond.notify_all()
+
+
+def _make_trainer(variant: str, args: argparse.Namespace, out: str) -> tuple[Any, SeamTimer, dict[str, Any]]:
+    """A trainer of `variant` with timers on its seams; `info` collects token counts and the last teacher input."""
     from sdpo_math.data import generate_problems
-    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from sdpo_core import SDPOConfig, SDPOTrainer
     from sdpo_core import loss as sdpo_loss
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     model, tokenizer = _build_model(args)
     prompts_per_step = args.batch_size // args.num_generations
     dataset = generate_problems(n=max(64, prompts_per_step * args.steps * 2), difficulty=args.difficulty, seed=0)
@@ -175,84 +201,124 @@ def _worker(args: argparse.Namespace) -> None:
         reward = sdpo_envs.make("math")
     else:
         reward = SyntheticReward()
+    config = GRPOConfig(
+        output_dir=out, per_device_train_batch_size=args.batch_size, num_generations=args.num_generations,
+        max_completion_length=args.completion_length, max_steps=args.steps, learning_rate=1e-6,
+        temperature=1.0, use_cpu=True, bf16=args.bf16, report_to="none", logging_steps=1,
+        activation_checkpointing=args.activation_checkpointing,
+        save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=args.seed,
+    )
+    if variant == "SDPO":
+        trainer = SDPOTrainer(model=model, reward_funcs=[reward], args=config, sdpo_config=SDPOConfig(),
+                              train_dataset=dataset, processing_class=tokenizer)
+    else:
+        trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=config, train_dataset=dataset,
+                              processing_class=tokenizer)
+    timer = SeamTimer()
+    info: dict[str, Any] = {"shapes": defaultdict(list), "teacher_input": []}
+
+    def note_student(current, model, inputs):
+        info["shapes"]["student_tokens"].append(inputs["prompt_ids"].size(1) + inputs["completion_ids"].size(1))
+        info["shapes"]["completion_tokens"].append(int(inputs["completion_mask"].sum()))
+
+    def note_teacher(current, student, input_ids, attention_mask, keep):
+        info["shapes"]["teacher_tokens"].append(input_ids.size(1))
+        info["teacher_input"] = [input_ids, attention_mask, keep]
+
+    timer.wrap(trainer, "training_step", "training_step")
+    timer.wrap(trainer, "_prepare_inputs", "prepare_inputs")
+    timer.wrap(trainer, "_generate_and_score_completions", "generate_and_score")
+    timer.wrap(trainer, "_generate", "generate")
+    timer.wrap(trainer, "_calculate_rewards", "score")
+    timer.wrap(trainer, "_compute_loss", "compute_loss", on_call=note_student)
+    teacher = getattr(trainer, "teacher", None)
+    if teacher is not None:
+        for method in ("logits", "hidden_states"):  # the full-logits path or the hidden-state path
+            if hasattr(teacher, method):
+                timer.wrap(teacher, method, "teacher_forward", on_call=note_teacher)
+        timer.wrap(teacher, "update", "teacher_update")
+        for name in LOSS_FUNCTIONS:  # the trainer calls them as `sdpo_loss.<name>`; only SDPO calls them
+            if hasattr(sdpo_loss, name):
+                timer.wrap(sdpo_loss, name, "token_stats" if name == "token_stats_from_hidden" else "loss_fn")
+    return trainer, timer, info
+
+
+def _worker(args: argparse.Namespace) -> None:
+    """One round: both trainers in one process, steps alternating GRPO, SDPO, SDPO, GRPO, ...; JSON to `--out`.
+
+    Each trainer runs `train()` in its own thread, and a callback holds it at `on_step_begin` until its turn,
+    so exactly one step runs at a time and neighbouring GRPO and SDPO steps see the same machine load.
+    """
+    import torch
+    from transformers import TrainerCallback
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    schedule = [v for i in range(args.steps) for v in (VARIANTS if i % 2 == 0 else VARIANTS[::-1])]
+    baton = Baton(schedule)
     with tempfile.TemporaryDirectory() as out:
-        config = GRPOConfig(
-            output_dir=out, per_device_train_batch_size=args.batch_size, num_generations=args.num_generations,
-            max_completion_length=args.completion_length, max_steps=args.steps, learning_rate=1e-6,
-            temperature=1.0, use_cpu=True, bf16=args.bf16, report_to="none", logging_steps=1,
-            activation_checkpointing=args.activation_checkpointing,
-            save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=args.seed,
-        )
-        if args.worker == "SDPO":
-            trainer = SDPOTrainer(model=model, reward_funcs=[reward], args=config, sdpo_config=SDPOConfig(),
-                                  train_dataset=dataset, processing_class=tokenizer)
-        else:
-            trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=config, train_dataset=dataset,
-                                  processing_class=tokenizer)
-        timer = SeamTimer()
-        shapes: dict[str, list[int]] = defaultdict(list)
-        last_teacher_input: list[Any] = []
-
-        def note_student(current, model, inputs):
-            shapes["student_tokens"].append(inputs["prompt_ids"].size(1) + inputs["completion_ids"].size(1))
-            shapes["completion_tokens"].append(int(inputs["completion_mask"].sum()))
-
-        def note_teacher(current, student, input_ids, attention_mask, keep):
-            shapes["teacher_tokens"].append(input_ids.size(1))
-            last_teacher_input[:] = [input_ids, attention_mask, keep]
-
-        timer.wrap(trainer, "training_step", "training_step")
-        timer.wrap(trainer, "_prepare_inputs", "prepare_inputs")
-        timer.wrap(trainer, "_generate_and_score_completions", "generate_and_score")
-        timer.wrap(trainer, "_generate", "generate")
-        timer.wrap(trainer, "_calculate_rewards", "score")
-        timer.wrap(trainer, "_compute_loss", "compute_loss", on_call=note_student)
-        teacher = getattr(trainer, "teacher", None)
-        if teacher is not None:
-            for method in ("logits", "hidden_states"):  # the full-logits path or the hidden-state path
-                if hasattr(teacher, method):
-                    timer.wrap(teacher, method, "teacher_forward", on_call=note_teacher)
-            timer.wrap(teacher, "update", "teacher_update")
-            for name in LOSS_FUNCTIONS:  # the trainer calls them as `sdpo_loss.<name>`, so patch the module
-                if hasattr(sdpo_loss, name):
-                    timer.wrap(sdpo_loss, name, "token_stats" if name == "token_stats_from_hidden" else "loss_fn")
+        built = {v: _make_trainer(v, args, f"{out}/{v}") for v in VARIANTS}
 
         class StepClock(TrainerCallback):
             """Added last, so its `on_step_end` follows SDPO's teacher-update callback."""
 
+            def __init__(self, name: str, timer: SeamTimer) -> None:
+                self.name, self.timer = name, timer
+
             def on_step_begin(self, *a, **k):
-                timer.begin_step()
+                baton.wait_turn(self.name)
+                self.timer.begin_step()
 
             def on_step_end(self, *a, **k):
-                timer.end_step()
+                self.timer.end_step()
+                baton.pass_on()
 
-        trainer.add_callback(StepClock())
-        trainer.train()
-        floor = _full_teacher_forward(teacher, last_teacher_input) if last_teacher_input else None
-        active = [r.get("sdpo/reprompt_sample_fraction") for r in trainer.state.log_history]
-        active = [a for a in active if a is not None]
-    result = {
-        "variant": args.worker,
-        "steps": timer.steps[args.warmup:],
-        "mean_shapes": {k: statistics.fmean(v) for k, v in shapes.items()},
-        "reprompt_sample_fraction": statistics.fmean(active) if active else None,
-        "teacher_full_forward": floor,
-        "hidden_state_path": getattr(trainer, "_hidden_state_path", None),
-        "params": sum(p.numel() for p in model.parameters()),
-        "vocab": model.config.vocab_size,
-    }
-    Path(args.out).write_text(json.dumps(result))
+        errors: dict[str, BaseException] = {}
+
+        def train(name: str) -> None:
+            try:
+                built[name][0].train()
+            except BaseException as exc:
+                errors[name] = exc
+                baton.abort()
+
+        for name, (trainer, timer, _) in built.items():
+            trainer.add_callback(StepClock(name, timer))
+        threads = [threading.Thread(target=train, args=(name,), name=name) for name in VARIANTS]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise next(iter(errors.values()))
+        results = {}
+        for name, (trainer, timer, info) in built.items():
+            teacher = getattr(trainer, "teacher", None)
+            active = [r["sdpo/reprompt_sample_fraction"] for r in trainer.state.log_history
+                      if "sdpo/reprompt_sample_fraction" in r]
+            results[name] = {
+                "variant": name,
+                "steps": timer.steps[args.warmup:],
+                "mean_shapes": {k: statistics.fmean(v) for k, v in info["shapes"].items()},
+                "reprompt_sample_fraction": statistics.fmean(active) if active else None,
+                "teacher_full_forward": _full_teacher_forward(teacher, info["teacher_input"])
+                if info["teacher_input"] else None,
+                "hidden_state_path": getattr(trainer, "_hidden_state_path", None),
+                "params": sum(p.numel() for p in trainer.model.parameters()),
+                "vocab": trainer.model.config.vocab_size,
+            }
+    Path(args.out).write_text(json.dumps(results))
 
 
 # ------------------------------------------------------------------------------------------------ driver
-def _run_round(variant: str, args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+def _run_round(args: argparse.Namespace, argv: list[str]) -> dict[str, dict[str, Any]]:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
     try:
-        cmd = [sys.executable, __file__, *argv, "--worker", variant, "--out", out]
+        cmd = [sys.executable, __file__, *argv, "--worker", "--out", out]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if proc.returncode != 0:
-            raise RuntimeError(f"{variant} round failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+            raise RuntimeError(f"round failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
         return json.loads(Path(out).read_text())
     finally:
         Path(out).unlink(missing_ok=True)
@@ -326,8 +392,8 @@ def main() -> None:
     parser.add_argument("--completion-length", type=int, default=32)
     parser.add_argument("--difficulty", type=int, default=0, help="math problem difficulty (prompts)")
     parser.add_argument("--reward", choices=("synthetic", "math"), default="synthetic")
-    parser.add_argument("--rounds", type=int, default=4, help="rounds per variant (ABBA order)")
-    parser.add_argument("--steps", type=int, default=5, help="steps per round")
+    parser.add_argument("--rounds", type=int, default=3, help="fresh processes, each running both")
+    parser.add_argument("--steps", type=int, default=6, help="steps per variant and round")
     parser.add_argument("--warmup", type=int, default=2, help="steps dropped at the start of each round")
     parser.add_argument("--threads", type=int, help="torch threads; default 1 for the tiny model (small kernels and "
                         "spin-waiting threads collapse on a shared machine), else torch's default")
@@ -336,7 +402,7 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the results here")
-    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.tiny:
@@ -352,13 +418,11 @@ def main() -> None:
     results: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
     started = time.monotonic()
     for r in range(args.rounds):
-        order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]
-        for variant in order:
-            result = _run_round(variant, args, argv)
+        for variant, result in _run_round(args, argv).items():
             results[variant].append(result)
-            median_step = _median(result["steps"], "step")
-            print(f"round {r + 1}/{args.rounds} {variant}: median step {median_step * 1000:.0f} ms "
-                  f"({time.monotonic() - started:.0f} s elapsed)", flush=True)
+        medians = ", ".join(f"{v} {_median(results[v][-1]['steps'], 'step') * 1000:.0f} ms" for v in VARIANTS)
+        print(f"round {r + 1}/{args.rounds}: median step {medians} ({time.monotonic() - started:.0f} s elapsed)",
+              flush=True)
     summary = report(results, args)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "summary": summary, "rounds": results}, indent=1))
