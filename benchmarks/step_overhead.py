@@ -1,7 +1,7 @@
 """Step time of `SDPOTrainer` against TRL's `GRPOTrainer` on the same model, batch and generation settings.
 
     python benchmarks/step_overhead.py                  # tiny Llama (hidden 256, 4 layers), 3 rounds x 6 steps
-    python benchmarks/step_overhead.py --model demo     # SmolLM2-135M-Instruct (the demo model), ~15 min on 2 CPUs
+    python benchmarks/step_overhead.py --model demo --rounds 2 --steps 5 --warmup 1   # SmolLM2-135M, ~8 min
     python benchmarks/step_overhead.py --tiny --rounds 1 --steps 2 --warmup 1   # seconds; the smoke test
 
 Why steps interleave: the machine is shared and its load drifts by a factor of two within minutes, so the
@@ -35,7 +35,8 @@ logits over the vocabulary (materialised, or chunk by chunk from hidden states),
 
 The default reward is synthetic: half of every group succeeds and the others get a feedback line, so every
 row has a demonstration and the teacher runs on the whole batch (SDPO's worst case). `--reward math` uses the
-`math` environment instead (the realistic case; the teacher is skipped for rows without a signal).
+`math` environment instead (the realistic case; the teacher is skipped only when no row of a micro-batch
+has a signal).
 """
 
 from __future__ import annotations
@@ -395,8 +396,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="fresh processes, each running both")
     parser.add_argument("--steps", type=int, default=6, help="steps per variant and round")
     parser.add_argument("--warmup", type=int, default=2, help="steps dropped at the start of each round")
-    parser.add_argument("--threads", type=int, help="torch threads; default 1 for the tiny model (small kernels and "
-                        "spin-waiting threads collapse on a shared machine), else torch's default")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (0: torch's default); 1 because spin-waiting threads collapse when "
+                             "another process takes a core")
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="TRL's default; off by default here as in `sdpo train`")
     parser.add_argument("--bf16", action="store_true")
@@ -407,8 +409,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.tiny:
         args.hidden_size, args.num_layers = 64, 2
-    if args.threads is None:
-        args.threads = 1 if args.model == "tiny" else 0
     if args.warmup >= args.steps:
         parser.error("--warmup must be smaller than --steps")
     if args.worker:
