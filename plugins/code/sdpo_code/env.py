@@ -115,8 +115,10 @@ class CodeEnvironment(Environment):
         return f"CodeEnvironment(backend={self.sandbox.name!r}, reward={self.reward_mode!r})"
 
     # -------------------------------------------------------------------------------------- Environment
-    def prompt(self, task: Task) -> str:
-        """The task's ``prompt``, or one built from LiveCodeBench's ``question_content`` and starter code."""
+    def prompt(self, task: Task) -> Any:
+        """The task's ``prompt`` (text or chat messages), or one built from LiveCodeBench's ``question_content``."""
+        if isinstance(task.get("prompt"), list):
+            return task["prompt"]
         return build_prompt(task)
 
     def dataset(self, *, as_dataset: bool = True, chat: bool = True) -> Any:

@@ -156,3 +156,4 @@ def test_dataset_is_the_bundled_problems_in_chat_format(make_env):
     (result,) = env.evaluate([dataset[0]], ["no code here"])
     assert result.details["verdict"] == "No Code Found"
     assert isinstance(env.dataset(chat=False, as_dataset=False)[0]["prompt"], str)
+    assert env.reset(rows[0]) == rows[0]["prompt"]  # chat prompts pass through, e.g. for `sdpo eval`
