@@ -440,6 +440,7 @@ def run_training(script: TrainArguments, training_args: GRPOConfig, sdpo_config:
     from transformers.trainer_utils import get_last_checkpoint
 
     from sdpo_core.callbacks import InterruptCallback, ProgressBarCallback, RunFilesCallback
+    from sdpo_core.cpu_threads import CpuThreadFitter, CpuThreadsCallback, user_chose_threads
     from sdpo_core.evaluation import EvalResult
     from sdpo_core.models import resolve_model
     from sdpo_core.trainer import SDPOTrainer
@@ -482,6 +483,9 @@ def run_training(script: TrainArguments, training_args: GRPOConfig, sdpo_config:
         trainer.add_callback(ProgressBarCallback(label))
     for callback in (files, interrupt, *callbacks):
         trainer.add_callback(callback)
+    fitter = None if user_chose_threads() else CpuThreadFitter()
+    if fitter is not None and fitter.available:
+        trainer.add_callback(CpuThreadsCallback(fitter))
 
     sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
     if eval_rows and sharded:
@@ -645,8 +649,10 @@ def _report_errors(command: Any) -> Any:
     def run(args: argparse.Namespace) -> int:
         from transformers.utils import logging as hf_logging
 
+        from sdpo_core.cpu_threads import start_fitting
+
         hf_logging.disable_progress_bar()  # weight loading/saving bars would break up the training bar
-        _fit_cpu_threads()
+        start_fitting()  # threads for what runs before training (loading, evaluation); training keeps fitting
         try:
             return int(command(args))
         except CLIError as exc:
@@ -657,20 +663,6 @@ def _report_errors(command: Any) -> Any:
             return 130
 
     return run
-
-
-def _fit_cpu_threads() -> None:
-    """Use only the cores other processes leave idle (unless OMP_NUM_THREADS says otherwise).
-
-    PyTorch's CPU kernels spin-wait for all their threads; on a shared machine an oversubscribed core makes a
-    2-thread generation about 5 times slower than a 1-thread one (measured on a 2-core VM at load 6).
-    """
-    import torch
-
-    if "OMP_NUM_THREADS" in os.environ or torch.cuda.is_available() or not hasattr(os, "getloadavg"):
-        return
-    cores = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(cores, round(cores - os.getloadavg()[0]))))
 
 
 def _train_command(args: argparse.Namespace) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from datasets import Dataset
@@ -10,6 +12,7 @@ from trl import GRPOConfig
 from sdpo_core.testing import tiny_model, tiny_tokenizer
 
 torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # so `sdpo train` run in-process keeps it (sdpo_core.cpu_threads)
 
 
 @pytest.fixture(scope="session")

@@ -287,6 +287,34 @@ def test_sigint_finishes_the_step_and_saves(toy_env, tiny_argv, tmp_path):
     assert signal.getsignal(signal.SIGINT) is previous
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="threads are fitted from /proc")
+def test_training_refits_cpu_threads_every_step_unless_the_user_chose(toy_env, tiny_argv, monkeypatch):
+    import torch
+
+    from sdpo_core import cpu_threads
+
+    fitted: list[int] = []
+    original = cpu_threads.CpuThreadFitter.fit
+
+    def spy(self):
+        fitted.append(original(self))
+        return fitted[-1]
+
+    monkeypatch.setattr(cpu_threads.CpuThreadFitter, "fit", spy)
+    threads = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        train(tiny_argv("fitted", 2))
+        assert len(fitted) == 2
+        assert all(n is not None and 1 <= n <= (os.cpu_count() or 1) for n in fitted)
+        fitted.clear()
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        train(tiny_argv("chosen", 2))
+        assert fitted == []
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_eval_command(toy_env, model_dir, tmp_path, capsys):
     rows = write_rows(tmp_path / "rows.jsonl", n=6)
     code = cli.main(["eval", "--model", str(model_dir), "--env", "toy", "--dataset", str(rows), "--k", "1", "2",
