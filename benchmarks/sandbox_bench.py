@@ -4,10 +4,13 @@ What it measures, on a fixed set (the bundled problems, each with a correct, a w
 crashing solution):
 
 - tests/second: tests actually executed (tests skipped after a timeout are not counted) per wall second;
+  LCB stops at a submission's first failing test, sdpo-code only after a time or memory limit, so on wrong
+  answers it runs more tests: submissions/second (the same work for both) is the fairer throughput;
 - start-up latency: time from launching a sandbox to the harness saying ``ready`` (median and p90);
 - if ``livecodebench`` is importable (PyPI ``nvidia-livecodebench``, installed ``--no-deps`` for measuring
   only; never a dependency), the same solutions through ``livecodebench.evaluation.testing_util.run_test``
-  (one child process per solution, as LCB runs it): verdict agreement and the tests/second ratio.
+  (one child process per solution, as LCB runs it; 1 and 2 at a time): verdict agreement and the ratios at
+  equal workers.
 
 Usage: ``python benchmarks/sandbox_bench.py [--size quick|full] [--backends bwrap,process,docker]``.
 """
@@ -20,6 +23,7 @@ import logging
 import multiprocessing
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from sdpo_code import CodeEnvironment, SandboxUnavailable, get_sandbox, load_bundled, parse_task
@@ -121,7 +125,8 @@ def main() -> None:
     items = workload(args.size)
     print(f"workload: {len(items)} submissions ({args.size}: correct, wrong, TLE, RE per problem), "
           f"{sum(len(parse_task(r).tests) for r, _, _ in items)} tests, 1 s CPU limit")
-    print(f"{'backend':8} {'workers':>7} {'tests':>6} {'wall s':>7} {'tests/s':>8} {'start ms (med/p90)':>19}")
+    print(f"{'backend':8} {'workers':>7} {'tests':>6} {'wall s':>7} {'tests/s':>8} {'subm/s':>7} "
+          f"{'start ms (med/p90)':>19}")
     ours: dict[str, dict[str, Any]] = {}
     for name in args.backends.split(","):
         try:
@@ -133,17 +138,23 @@ def main() -> None:
             r = bench_backend(name, items, workers)
             ours[f"{name}/{workers}"] = r
             print(f"{name:8} {workers:>7} {r['tests']:>6} {r['wall']:>7.2f} {r['tests_per_s']:>8.1f} "
+                  f"{len(items) / r['wall']:>7.2f} "
                   f"{r['startup_median_ms']:>9.1f} / {r['startup_p90_ms']:>6.1f}")
     try:
         import livecodebench.evaluation.testing_util  # noqa: F401
     except ImportError:
         print("livecodebench not importable: skipping the comparison (pip install --no-deps nvidia-livecodebench)")
         return
-    start = time.monotonic()
-    lcb = [lcb_run(row, code) for row, _, code in items]
-    wall = time.monotonic() - start
-    lcb_tests = sum(n for _, n in lcb)
-    print(f"{'lcb':8} {1:>7} {lcb_tests:>6} {wall:>7.2f} {lcb_tests / wall:>8.1f}   (LCB stops at the first failure)")
+    lcb_rates: dict[int, tuple[float, float]] = {}  # workers -> (tests/s, submissions/s)
+    for workers in (1, 2):
+        start = time.monotonic()
+        with ThreadPoolExecutor(workers) as pool:  # each call forks its own child, as LCB's pool does
+            lcb = list(pool.map(lambda item: lcb_run(item[0], item[2]), items))
+        wall = time.monotonic() - start
+        lcb_tests = sum(n for _, n in lcb)
+        lcb_rates[workers] = (lcb_tests / wall, len(items) / wall)
+        print(f"{'lcb':8} {workers:>7} {lcb_tests:>6} {wall:>7.2f} {lcb_tests / wall:>8.1f} {len(items) / wall:>7.2f}"
+              "   (LCB stops at the first failure)")
     reference = next((r for key, r in ours.items() if key.endswith("/1")), None)
     if reference is None:
         return
@@ -152,8 +163,10 @@ def main() -> None:
     for (row, kind, _), ours_v, (lcb_v, _) in zip(items, reference["verdicts"], lcb, strict=True):
         if _verdict_class(ours_v) != lcb_v:
             print(f"  differs: {row['task_id']} {kind}: ours {ours_v!r}, LCB {lcb_v!r}")
-    print(f"tests/second ratio ours({reference['backend']}, 1 worker) / LCB: "
-          f"{reference['tests_per_s'] / (lcb_tests / wall):.2f}")
+    for key, r in ours.items():
+        tests_rate, submission_rate = lcb_rates[r["workers"]]
+        print(f"ours ({key} workers) / LCB ({r['workers']} workers): tests/s {r['tests_per_s'] / tests_rate:.2f}, "
+              f"submissions/s {len(items) / r['wall'] / submission_rate:.2f}")
 
 
 if __name__ == "__main__":
