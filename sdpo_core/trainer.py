@@ -390,26 +390,23 @@ class SDPOTrainer(GRPOTrainer):
         student_hidden = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep,
                                sdpo_hidden_states=True)[:, :-1, :]  # [B, T, H]
         student_head = lm_head(model)
-        student_token_logps, entropy = sdpo_loss.token_stats_from_hidden(
-            student_hidden, *student_head, completion_ids, temperature=self.temperature,
-            chunk_size=cfg.distillation_chunk_size,
-        )  # [B, T] each, no grad
         if not inputs["sd_mask"].any():
+            student_token_logps, entropy = sdpo_loss.token_stats_from_hidden(
+                student_hidden, *student_head, completion_ids, temperature=self.temperature,
+                chunk_size=cfg.distillation_chunk_size,
+            )  # [B, T] each, no grad
             zero = student_hidden.sum(-1) * 0.0 + student_head.weight.sum() * 0.0  # graph-connected
             return zero, student_token_logps, student_token_logps, entropy
         teacher_hidden, teacher_head = self.teacher.hidden_states(model, *self._inputs_for(inputs, "teacher_prompt"))
         teacher_hidden = teacher_hidden[:, :-1, :]  # [B, T, H]
-        per_token_loss = sdpo_loss.chunked_distillation_loss(
-            student_hidden, teacher_hidden, student_head.weight, teacher_head.weight, temperature=self.temperature,
-            alpha=cfg.alpha, topk=cfg.distillation_topk, add_tail=cfg.distillation_add_tail,
-            chunk_size=cfg.distillation_chunk_size, student_lm_head_bias=student_head.bias,
-            teacher_lm_head_bias=teacher_head.bias,
-        )  # [B, T]
-        teacher_token_logps, _ = sdpo_loss.token_stats_from_hidden(
-            teacher_hidden, *teacher_head, completion_ids, temperature=self.temperature,
-            chunk_size=cfg.distillation_chunk_size,
-        )
-        return per_token_loss, student_token_logps, teacher_token_logps, entropy
+        # the statistics come out of the loss's own chunk logits: no second pass through either LM head
+        per_token_loss, stats = sdpo_loss.chunked_distillation_loss_with_stats(
+            student_hidden, teacher_hidden, student_head.weight, teacher_head.weight, completion_ids,
+            temperature=self.temperature, alpha=cfg.alpha, topk=cfg.distillation_topk,
+            add_tail=cfg.distillation_add_tail, chunk_size=cfg.distillation_chunk_size,
+            student_lm_head_bias=student_head.bias, teacher_lm_head_bias=teacher_head.bias,
+        )  # [B, T] each
+        return per_token_loss, stats.student_token_logps, stats.teacher_token_logps, stats.entropy
 
     @torch.no_grad()
     def _log_loss_metrics(self, mode, loss, mask, student_token_logps, teacher_token_logps, entropy,

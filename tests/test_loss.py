@@ -499,3 +499,49 @@ def test_token_stats_from_hidden_match_the_logits_functions():
     token_logps, entropy = token_stats_from_hidden(hidden, weight, bias, ids, temperature=0.7, chunk_size=3)
     torch.testing.assert_close(token_logps, sampled_token_logps(logits, ids))
     torch.testing.assert_close(entropy, token_entropy(logits))
+
+
+@pytest.mark.parametrize("topk", [4, None])
+@pytest.mark.parametrize("chunk_size", [3, None])
+def test_loss_with_stats_gives_the_same_loss_and_float64_statistics(topk, chunk_size):
+    from sdpo_core.loss import chunked_distillation_loss_with_stats
+
+    generator = torch.Generator().manual_seed(1)
+    student_hidden = torch.randn(2, 5, 8, generator=generator)
+    teacher_hidden = torch.randn(2, 5, 8, generator=generator)
+    student_head, teacher_head = torch.randn(13, 8, generator=generator), torch.randn(13, 8, generator=generator)
+    bias = torch.randn(13, generator=generator)
+    ids = torch.randint(0, 13, (2, 5), generator=generator)
+    kwargs = {"temperature": 0.7, "alpha": 0.5, "topk": topk, "add_tail": True, "chunk_size": chunk_size,
+              "student_lm_head_bias": bias, "teacher_lm_head_bias": bias}
+
+    results = []
+    for with_stats in (False, True):
+        hidden, head = student_hidden.clone().requires_grad_(), student_head.clone().requires_grad_()
+        if with_stats:
+            loss, stats = chunked_distillation_loss_with_stats(hidden, teacher_hidden, head, teacher_head, ids,
+                                                               **kwargs)
+        else:
+            loss = sdpo_loss.chunked_distillation_loss(hidden, teacher_hidden, head, teacher_head, **kwargs)
+        results.append((loss.detach(), torch.autograd.grad(loss.sum(), (hidden, head))))
+    (plain, plain_grads), (value, grads) = results
+    torch.testing.assert_close(value, plain, rtol=0, atol=0)
+    for grad, plain_grad in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(grad, plain_grad, rtol=0, atol=0)
+
+    # float64 references: log-softmax at the sampled token, and -sum p log p
+    student_logps = torch.log_softmax((student_hidden.double() @ student_head.double().T + bias.double()) / 0.7, -1)
+    teacher_logps = torch.log_softmax((teacher_hidden.double() @ teacher_head.double().T + bias.double()) / 0.7, -1)
+    close(stats.student_token_logps, student_logps.gather(-1, ids.unsqueeze(-1)).squeeze(-1).float())
+    close(stats.teacher_token_logps, teacher_logps.gather(-1, ids.unsqueeze(-1)).squeeze(-1).float())
+    close(stats.entropy, -(student_logps.exp() * student_logps).sum(-1).float())
+    assert not any(t.requires_grad for t in stats)
+
+
+def test_loss_with_stats_rejects_token_ids_of_another_shape():
+    from sdpo_core.loss import chunked_distillation_loss_with_stats
+
+    hidden, head = torch.randn(2, 5, 8), torch.randn(13, 8)
+    with pytest.raises(ValueError, match="token ids"):
+        chunked_distillation_loss_with_stats(hidden, hidden, head, head, torch.zeros(2, 4, dtype=torch.long),
+                                             temperature=1.0, alpha=0.5, topk=4, add_tail=True)

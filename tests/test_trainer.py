@@ -422,12 +422,14 @@ def test_hidden_state_path_matches_logits_path(tokenizer, chat_dataset, make_arg
         loss = trainer._compute_loss(trainer.model, batch)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-        results[hidden] = (loss.detach(), grads, trainer._metrics["train"]["sdpo/teacher_student_kl"][-1])
+        metrics = trainer._metrics["train"]
+        results[hidden] = (loss.detach(), grads, metrics["sdpo/teacher_student_kl"][-1], metrics["entropy"][-1])
     torch.testing.assert_close(results[True][0], results[False][0])
     assert results[True][1].keys() == results[False][1].keys()
     for name, grad in results[False][1].items():
         torch.testing.assert_close(results[True][1][name], grad, msg=name, rtol=1e-4, atol=1e-6)
-    assert results[True][2] == pytest.approx(results[False][2], rel=1e-4, abs=1e-6)
+    assert results[True][2] == pytest.approx(results[False][2], rel=1e-4, abs=1e-6)  # statistics from the loss's
+    assert results[True][3] == pytest.approx(results[False][3], rel=1e-4, abs=1e-6)  # chunks match a separate pass
 
 
 def test_lora_ema_checkpoint_restores_teacher_adapter(tokenizer, chat_dataset, make_args, feedback_reward, tmp_path):
