@@ -67,6 +67,11 @@ TEACHER_META_FILE = "sdpo_teacher.json"
 _FLAT_REWARD_WARN_AFTER = 5
 
 
+def _scatter_rows(rows: torch.Tensor, num_rows: int, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`[b, T]` tensors of the selected `rows` back to `[num_rows, T]`, zeros elsewhere (differentiable)."""
+    return tuple(value.new_zeros(num_rows, *value.shape[1:]).index_add(0, rows, value) for value in values)
+
+
 class _TeacherUpdateCallback(TrainerCallback):
     """Calls the trainer's teacher update after each optimizer step; the trainer decides when it is due."""
 
@@ -155,6 +160,9 @@ class SDPOTrainer(GRPOTrainer):
         self._finite_step_in_generation = False
         self._flat_generations = 0
         self._stash: dict[str, Any] = {}
+        # ZeRO-3/FSDP gather parameters with collectives inside forward: every rank must run the same teacher
+        # forwards, so no rank may skip rows (or a whole micro-batch) that have no teacher signal.
+        self._teacher_on_all_rows = self.is_deepspeed_enabled or self.is_fsdp_enabled
         if cfg.enabled:
             if copies_model and teacher_copy is None:
                 teacher_copy = self._teacher_from_path(quantization_config)
@@ -359,6 +367,13 @@ class SDPOTrainer(GRPOTrainer):
         attention_mask = torch.cat([prompt_mask, inputs["completion_mask"]], dim=1)
         return input_ids, attention_mask, inputs["completion_ids"].size(1) + 1
 
+    def _teacher_rows(self, sd_mask: torch.Tensor) -> torch.Tensor | None:
+        """Indices of the rows with a teacher signal when only those should go through the teacher and the loss;
+        `None` for every row (all active, or sharded parameters: see `_teacher_on_all_rows`)."""
+        if self._teacher_on_all_rows or bool(sd_mask.all()):
+            return None
+        return sd_mask.nonzero(as_tuple=True)[0]
+
     def _distillation_from_logits(self, model, inputs):
         """Per-token loss from full `[B, T, V]` logits (token-level and trust-region modes need them)."""
         cfg = self.sdpo_config
@@ -368,18 +383,29 @@ class SDPOTrainer(GRPOTrainer):
                                use_cache=False).logits[:, :-1, :] / self.temperature  # [B, T, V]
         student_token_logps = sdpo_loss.sampled_token_logps(student_logits, completion_ids)  # [B, T]
         entropy = sdpo_loss.token_entropy(student_logits)  # [B, T]
-        if not inputs["sd_mask"].any():
+        if not inputs["sd_mask"].any() and not self._teacher_on_all_rows:
             return student_token_logps * 0.0, student_token_logps, student_token_logps.detach(), entropy
-        teacher_logits = self.teacher.logits(model, *self._inputs_for(inputs, "teacher_prompt"))
-        teacher_logits = teacher_logits[:, :-1, :] / self.temperature  # [B, T, V]
-        teacher_token_logps = sdpo_loss.sampled_token_logps(teacher_logits, completion_ids)  # [B, T]
+        rows = self._teacher_rows(inputs["sd_mask"])
+        teacher_ids, teacher_mask, keep = self._inputs_for(inputs, "teacher_prompt")
+        if rows is not None:  # rows without a signal are masked out of the loss: skip their teacher forward
+            teacher_ids, teacher_mask = teacher_ids[rows], teacher_mask[rows]
+            student_logits, student_rows_logps = student_logits[rows], student_token_logps[rows]
+            completion_ids = completion_ids[rows]
+        else:
+            student_rows_logps = student_token_logps
+        teacher_logits = self.teacher.logits(model, teacher_ids, teacher_mask, keep)
+        teacher_logits = teacher_logits[:, :-1, :] / self.temperature  # [b, T, V]
+        teacher_token_logps = sdpo_loss.sampled_token_logps(teacher_logits, completion_ids)  # [b, T]
         if cfg.full_logit_distillation:
             per_token_loss = sdpo_loss.chunked_per_token_distillation_loss(
                 student_logits, teacher_logits, alpha=cfg.alpha, topk=cfg.distillation_topk,
                 add_tail=cfg.distillation_add_tail, chunk_size=cfg.distillation_chunk_size,
-            )
+            )  # [b, T]
         else:
-            per_token_loss = sdpo_loss.token_level_reverse_kl(student_token_logps, teacher_token_logps)
+            per_token_loss = sdpo_loss.token_level_reverse_kl(student_rows_logps, teacher_token_logps)
+        if rows is not None:
+            per_token_loss, teacher_token_logps = _scatter_rows(rows, student_token_logps.size(0),
+                                                                per_token_loss, teacher_token_logps)
         return per_token_loss, student_token_logps, teacher_token_logps, entropy
 
     def _distillation_from_hidden(self, model, inputs):
@@ -397,16 +423,29 @@ class SDPOTrainer(GRPOTrainer):
             )  # [B, T] each, no grad
             zero = student_hidden.sum(-1) * 0.0 + student_head.weight.sum() * 0.0  # graph-connected
             return zero, student_token_logps, student_token_logps, entropy
-        teacher_hidden, teacher_head = self.teacher.hidden_states(model, *self._inputs_for(inputs, "teacher_prompt"))
-        teacher_hidden = teacher_hidden[:, :-1, :]  # [B, T, H]
+        rows = self._teacher_rows(inputs["sd_mask"])
+        teacher_ids, teacher_mask, keep = self._inputs_for(inputs, "teacher_prompt")
+        active_hidden, active_ids = student_hidden, completion_ids
+        if rows is not None:  # rows without a signal are masked out of the loss: skip their teacher forward
+            teacher_ids, teacher_mask = teacher_ids[rows], teacher_mask[rows]
+            active_hidden, active_ids = student_hidden[rows], completion_ids[rows]
+        teacher_hidden, teacher_head = self.teacher.hidden_states(model, teacher_ids, teacher_mask, keep)
+        teacher_hidden = teacher_hidden[:, :-1, :]  # [b, T, H]
         # the statistics come out of the loss's own chunk logits: no second pass through either LM head
         per_token_loss, stats = sdpo_loss.chunked_distillation_loss_with_stats(
-            student_hidden, teacher_hidden, student_head.weight, teacher_head.weight, completion_ids,
+            active_hidden, teacher_hidden, student_head.weight, teacher_head.weight, active_ids,
             temperature=self.temperature, alpha=cfg.alpha, topk=cfg.distillation_topk,
             add_tail=cfg.distillation_add_tail, chunk_size=cfg.distillation_chunk_size,
             student_lm_head_bias=student_head.bias, teacher_lm_head_bias=teacher_head.bias,
-        )  # [B, T] each
-        return per_token_loss, stats.student_token_logps, stats.teacher_token_logps, stats.entropy
+        )  # [b, T] each
+        if rows is None:
+            return per_token_loss, stats.student_token_logps, stats.teacher_token_logps, stats.entropy
+        # Rows without a signal get a zero loss (kept in the student's graph, as DDP needs every parameter used)
+        # and zero statistics; the loss mask and the logged metrics exclude them.
+        zero = student_hidden.sum(-1) * 0.0  # [B, T]
+        per_token_loss = zero.index_add(0, rows, per_token_loss)
+        return (per_token_loss, *_scatter_rows(rows, zero.size(0), stats.student_token_logps,
+                                               stats.teacher_token_logps, stats.entropy))
 
     @torch.no_grad()
     def _log_loss_metrics(self, mode, loss, mask, student_token_logps, teacher_token_logps, entropy,

@@ -432,6 +432,65 @@ def test_hidden_state_path_matches_logits_path(tokenizer, chat_dataset, make_arg
     assert results[True][3] == pytest.approx(results[False][3], rel=1e-4, abs=1e-6)  # chunks match a separate pass
 
 
+@pytest.mark.parametrize("hidden", [True, False])
+def test_teacher_runs_only_on_rows_with_a_signal(tokenizer, chat_dataset, make_args, feedback_reward, hidden):
+    """Rows without a teacher signal skip the teacher forward; loss and gradients equal the all-rows computation."""
+    trainer = SDPOTrainer(model=tiny_model(tokenizer), reward_funcs=[feedback_reward()], args=make_args(),
+                          train_dataset=chat_dataset, processing_class=tokenizer,
+                          sdpo_config=SDPOConfig(distillation_topk=7))
+    trainer._hidden_state_path = hidden
+    batch = trainer._generate_and_score_completions([chat_dataset[i] for i in range(4)])
+    batch["sd_mask"] = torch.tensor([True, False, True, False])
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    method = "hidden_states" if hidden else "logits"
+    forward = getattr(trainer.teacher, method)
+    rows_seen: list[int] = []
+
+    def spy(student, input_ids, *args):
+        rows_seen.append(input_ids.size(0))
+        return forward(student, input_ids, *args)
+
+    setattr(trainer.teacher, method, spy)
+    results = {}
+    for all_rows in (False, True):
+        trainer._teacher_on_all_rows = all_rows
+        trainer.model.zero_grad()
+        loss = trainer._compute_loss(trainer.model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        results[all_rows] = (loss.detach(), grads, trainer._metrics["train"]["sdpo/teacher_student_kl"][-1])
+    assert rows_seen == [2, 4]
+    torch.testing.assert_close(results[False][0], results[True][0])
+    assert results[False][1].keys() == results[True][1].keys()
+    for name, grad in results[True][1].items():
+        torch.testing.assert_close(results[False][1][name], grad, msg=name)
+    assert results[False][2] == pytest.approx(results[True][2], rel=1e-5, abs=1e-7)
+
+
+def test_sharded_training_runs_the_teacher_even_without_a_signal(tokenizer, chat_dataset, make_args,
+                                                                   feedback_reward):
+    """Under ZeRO-3/FSDP a rank that skipped its teacher forward would leave the others waiting in a collective."""
+    trainer = SDPOTrainer(model=tiny_model(tokenizer), reward_funcs=[feedback_reward()], args=make_args(),
+                          train_dataset=chat_dataset, processing_class=tokenizer,
+                          sdpo_config=SDPOConfig(distillation_topk=7))
+    trainer._hidden_state_path = False  # what sharded runs use
+    batch = trainer._generate_and_score_completions([chat_dataset[i] for i in range(4)])
+    batch["sd_mask"] = torch.zeros(4, dtype=torch.bool)
+    calls: list[int] = []
+    forward = trainer.teacher.logits
+    trainer.teacher.logits = lambda student, input_ids, *args: calls.append(input_ids.size(0)) or forward(
+        student, input_ids, *args)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    trainer._teacher_on_all_rows = False
+    assert trainer._compute_loss(trainer.model, batch).item() == 0.0
+    assert calls == []
+    trainer._teacher_on_all_rows = True
+    assert trainer._compute_loss(trainer.model, batch).item() == 0.0
+    assert calls == [4]
+
+
 def test_lora_ema_checkpoint_restores_teacher_adapter(tokenizer, chat_dataset, make_args, feedback_reward, tmp_path):
     from peft import LoraConfig
 
