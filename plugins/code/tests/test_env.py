@@ -52,6 +52,20 @@ def test_accepted_stdin_and_functional(make_env):
         assert (fb.reward, fb.text, fb.success, fb.details["verdict"]) == (1.0, "", True, "Accepted")
 
 
+def test_what_site_provides_still_works_without_it(make_env):
+    """The harness runs with -S: `exit()`/`quit()` and third-party packages must behave as with `site`."""
+    env = make_env()
+    ok_exit, bad_quit, third_party = env.evaluate(
+        [ADD] * 3,
+        [py("a, b = map(int, input().split())\nprint(a + b)\nexit()"),
+         py("a, b = map(int, input().split())\nprint(a + b)\nquit(3)"),
+         py("import yaml\na, b = map(int, input().split())\nprint(yaml.safe_load(str(a + b)))")])
+    assert ok_exit.details["verdict"] == "Accepted"
+    assert bad_quit.details["verdict"] == "Runtime Error"
+    assert "exit code 3" in bad_quit.text
+    assert third_party.details["verdict"] == "Accepted", third_party.text
+
+
 def test_wrong_answer_shows_the_visible_case_only(make_env):
     fb = make_env().score(ADD, py("a, b = map(int, input().split())\nprint(a * b)"))
     assert fb.reward == 0.0

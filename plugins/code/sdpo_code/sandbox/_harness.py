@@ -1,6 +1,6 @@
 # mypy: ignore-errors
 # (a standalone script for whatever interpreter the sandbox has: kept untyped and stdlib-only on purpose)
-"""The program that runs inside every sandbox (passed as ``python -I -c <this source>``).
+"""The program that runs inside every sandbox (``python -I -S -c <this source>``: no `site`, see `_site_setup`).
 
 Why a separate, stdlib-only script: it must run on whatever interpreter the sandbox has (a Docker image, the
 system Python) and must not import sdpo_code. It is trusted code that shares a process with untrusted code, so
@@ -390,12 +390,23 @@ def _worker(p):
     send({"ev": "done"})
 
 
+def _site_setup(site_paths):
+    """What `site` would have given the program (we run with -S): site-packages, and `exit`/`quit`."""
+    sys.path.extend(x for x in site_paths if x not in sys.path)
+    if not hasattr(builtins, "exit"):
+        def _exit(code=None):
+            raise SystemExit(code)
+
+        builtins.exit = builtins.quit = _exit
+
+
 def main():
     global _proto_fd
     size = int(sys.stdin.buffer.readline())  # length-framed: Docker's attach stream has no clean EOF over TLS
     raw = sys.stdin.buffer.read(size)
     p = json.loads(raw)
     del raw
+    _site_setup(p.get("site_paths") or ())
     _proto_fd = os.dup(1)
     os.set_inheritable(_proto_fd, True)
     null = os.open(os.devnull, os.O_RDWR)

@@ -131,6 +131,11 @@ def kill_uid(uid: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------- interpreter
+# The harness's interpreter flags: isolated mode, and no `site` (it imports every .pth file's hooks, e.g. the
+# editable-install finders, which took 30-40 ms of a ~55 ms sandbox start-up); the harness puts the
+# interpreter's site-packages on sys.path itself and restores `exit`/`quit`.
+HARNESS_FLAGS = ("-I", "-S")
+
 @dataclass(frozen=True)
 class Interpreter:
     """A Python the sandbox runs, with the directories it needs to read."""
@@ -138,6 +143,7 @@ class Interpreter:
     path: str
     version: tuple[int, int, int]
     prefixes: tuple[str, ...]
+    site_paths: tuple[str, ...] = ()  # its site-packages, put on sys.path by the harness (it runs with -S)
 
     @property
     def version_text(self) -> str:
@@ -146,7 +152,8 @@ class Interpreter:
 
 _PROBE = (
     "import sys, json, os; print(json.dumps({'v': list(sys.version_info[:3]), 'p': sorted({os.path.realpath(x) "
-    "for x in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)} | {sys.prefix})}))"
+    "for x in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)} | {sys.prefix}), "
+    "'s': [x for x in sys.path if os.path.basename(x) in ('site-packages', 'dist-packages')]}))"
 )
 
 
@@ -167,7 +174,8 @@ def probe_interpreter(path: str, uid: int | None) -> Interpreter | None:
         return None
     real = os.path.realpath(path)
     prefixes = set(info["p"]) | {os.path.dirname(os.path.dirname(real))}
-    return Interpreter(path=path, version=(version[0], version[1], version[2]), prefixes=tuple(sorted(prefixes)))
+    return Interpreter(path=path, version=(version[0], version[1], version[2]), prefixes=tuple(sorted(prefixes)),
+                       site_paths=tuple(info.get("s", ())))
 
 
 def find_interpreter(preferred: str | None, uid: int | None) -> Interpreter:

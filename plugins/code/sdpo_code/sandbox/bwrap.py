@@ -121,11 +121,11 @@ class BwrapSandbox:
 
     def run(self, request: ExecutionRequest) -> ExecutionResult:
         with _system.sandbox_uid(self.switch_uid) as uid:
-            argv = self.argv([self.interpreter.path, "-I", "-c", HARNESS_SOURCE])
+            argv = self.argv([self.interpreter.path, *_system.HARNESS_FLAGS, "-c", HARNESS_SOURCE])
             nproc = request.nproc
             if uid is None:
                 nproc += len(_system.uid_processes(os.getuid()))
-            payload = request.payload(nproc=nproc)
+            payload = request.payload(nproc=nproc, site_paths=list(self.interpreter.site_paths))
             ids: dict[str, Any] = {"user": uid, "group": uid, "extra_groups": []} if uid is not None else {}
             try:
                 proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,

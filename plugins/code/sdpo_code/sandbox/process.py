@@ -129,7 +129,7 @@ class ProcessSandbox:
 
     def run(self, request: ExecutionRequest) -> ExecutionResult:
         with _system.sandbox_uid(self.switch_uid) as uid, _workdir(uid) as workdir:
-            argv = [self.interpreter.path, "-I", "-c", HARNESS_SOURCE]
+            argv = [self.interpreter.path, *_system.HARNESS_FLAGS, "-c", HARNESS_SOURCE]
             if self.unshare:
                 argv = [self.unshare, *_UNSHARE, *argv]
             extra: dict[str, Any] = {}
@@ -139,7 +139,7 @@ class ProcessSandbox:
             nproc = request.nproc
             if uid is None:  # NPROC counts all our processes: allow the current ones plus the budget
                 nproc += len(_system.uid_processes(os.getuid()))
-            payload = request.payload(nproc=nproc, **extra)
+            payload = request.payload(nproc=nproc, site_paths=list(self.interpreter.site_paths), **extra)
             env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
                    "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
             ids: dict[str, Any] = {"user": uid, "group": uid, "extra_groups": []} if uid is not None else {}
