@@ -107,26 +107,8 @@ def _evaluate(model, tokenizer, env, tasks, args: argparse.Namespace) -> dict[st
             "seconds": round(time.monotonic() - start, 2)}
 
 
-def _idle_cores(window: float = 1.0) -> float:
-    """Cores the other processes leave idle now (Linux `/proc/stat` over `window` s); else the CPU count."""
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            ticks = [int(x) for x in f.readline().split()[1:]]
-        return ticks[3] + ticks[4], sum(ticks)  # idle + iowait, all
-
-    cores = os.cpu_count() or 1
-    try:
-        idle0, total0 = sample()
-        time.sleep(window)
-        idle1, total1 = sample()
-    except (OSError, ValueError, IndexError):
-        return float(cores)
-    return cores * (idle1 - idle0) / max(1, total1 - total0)
-
-
 def _worker(args: argparse.Namespace) -> None:
     """One run (or, for `--worker baseline`, the untrained model's evaluation); writes JSON to `--out`."""
-    idle = _idle_cores() if args.threads == 0 else None  # before this process gets busy
     import torch
     from transformers import TrainerCallback, set_seed
     from trl import GRPOConfig
@@ -135,8 +117,10 @@ def _worker(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    elif idle is not None and not torch.cuda.is_available():
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), round(idle))))
+    else:  # the cores other processes leave idle now (before this process gets busy)
+        from sdpo_core.cpu_threads import start_fitting
+
+        start_fitting()
     set_seed(args.seed)
     model, tokenizer = _load_model(args)
     env, train_rows, held_out = _task(args)
