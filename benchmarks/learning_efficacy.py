@@ -14,8 +14,9 @@ Variants, all with the same steps, generations, batch, learning rate and seed se
 
 Why subprocesses: each run is its own process, so runs cannot leak state (teacher copies, RNG, caches)
 into each other, and a crash or time-out of one run is recorded in the results instead of ending the
-benchmark. Runs go seed-major (every variant of seed 0, then seed 1, ...) and the JSON and plot are
-rewritten after every run, so a benchmark cut short still compares the variants on the seeds it finished.
+benchmark. Runs start seed-major (every variant of seed 0, then seed 1, ...), `--jobs` at a time (by default
+one per idle core, each on one torch thread), and the JSON and plot are rewritten after every run, so a
+benchmark cut short still compares the variants on the seeds it finished.
 
 Evaluation is greedy on a fixed held-out set (problems whose prompts never appear in training), every
 `--eval-every` steps; the untrained model is scored once (step 0 is the same for every run). A sample is
@@ -39,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -335,6 +337,8 @@ def main() -> None:
                         help="torch CPU threads per run (default 1: torch's threads spin-wait, so when other "
                              "processes take a core, 2 threads are several times slower than 1); 0: as many as "
                              "cores are idle when the run starts (a dedicated machine or a GPU)")
+    parser.add_argument("--jobs", type=int, default=0,
+                        help="runs at once (default: with --threads 1, one per core idle at the start; else 1)")
     parser.add_argument("--run-timeout", type=float, default=1800, help="seconds before a run is killed")
     parser.add_argument("--out-dir", default=None, help="default: /tmp/sdpo_learning_efficacy_<task>")
     parser.add_argument("--resume", action="store_true",
@@ -374,19 +378,30 @@ def main() -> None:
               f"problems ({baseline['train_rows']} training rows)", flush=True)
     runs: list[dict[str, Any]] = []
     order = [(seed, v) for seed in range(args.seeds) for v in variants]
-    for seed, variant in order:
-        run = _run(variant, seed, args, out_dir)
-        runs.append(run)
-        status = "FAILED" if "error" in run else f"final accuracy {run['evals'][-1]['accuracy']:.3f}"
-        took = "resumed" if run.get("resumed") else f"{run['wall_seconds']:.0f} s"
-        print(f"[{time.monotonic() - started:6.0f} s] {variant} seed {seed}: {status} ({took})", flush=True)
-        finished = [r for r in runs if "error" not in r]
-        summary = aggregate(finished, baseline)
-        results = {"args": {k: v for k, v in vars(args).items() if k not in ("worker", "out", "seed")},
-                   "baseline": baseline, "summary": summary, "runs": runs}
-        (out_dir / "learning_efficacy.json").write_text(json.dumps(results, indent=1))
-        if summary:
-            plot(summary, finished, out_dir / "learning_efficacy.png", title)
+    if args.jobs:
+        jobs = args.jobs
+    else:
+        from sdpo_core.cpu_threads import idle_cores
+
+        jobs = (idle_cores() or 1) if args.threads == 1 else 1
+    print(f"{jobs} run(s) at a time, {args.threads or 'all idle'} thread(s) each", flush=True)
+    with ThreadPoolExecutor(jobs) as pool:  # each run is its own process; threads only wait for them
+        pending = [pool.submit(_run, variant, seed, args, out_dir) for seed, variant in order]
+        for future in as_completed(pending):
+            run = future.result()
+            runs.append(run)
+            runs.sort(key=lambda r: order.index((r["seed"], r["variant"])))
+            status = "FAILED" if "error" in run else f"final accuracy {run['evals'][-1]['accuracy']:.3f}"
+            took = "resumed" if run.get("resumed") else f"{run['wall_seconds']:.0f} s"
+            print(f"[{time.monotonic() - started:6.0f} s] {run['variant']} seed {run['seed']}: {status} ({took})",
+                  flush=True)
+            finished = [r for r in runs if "error" not in r]
+            summary = aggregate(finished, baseline)
+            results = {"args": {k: v for k, v in vars(args).items() if k not in ("worker", "out", "seed")},
+                       "baseline": baseline, "summary": summary, "runs": runs}
+            (out_dir / "learning_efficacy.json").write_text(json.dumps(results, indent=1))
+            if summary:
+                plot(summary, finished, out_dir / "learning_efficacy.png", title)
     print_table(aggregate([r for r in runs if "error" not in r], baseline), [r for r in runs if "error" in r])
     print(f"\nwrote {out_dir / 'learning_efficacy.json'} and {out_dir / 'learning_efficacy.png'} "
           f"({time.monotonic() - started:.0f} s)")

@@ -73,6 +73,17 @@ def read_cpu_times(root: Path = Path("/proc")) -> CpuTimes | None:
     return CpuTimes(busy, total, own)
 
 
+def idle_cores(cores: int | None = None, window: float = 0.5) -> int | None:
+    """How many of `cores` (default: all CPUs) other processes leave idle over the next `window` seconds."""
+    cores = cores or os.cpu_count() or 1
+    before = read_cpu_times()
+    time.sleep(window)
+    after = read_cpu_times()
+    if before is None or after is None:
+        return None
+    return threads_for(cores, other_busy_cores(before, after, cores))
+
+
 def user_chose_threads() -> bool:
     import torch
 

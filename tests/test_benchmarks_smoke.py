@@ -41,7 +41,8 @@ def test_step_overhead_prints_its_table(tmp_path):
 def test_learning_efficacy_writes_results_and_plot(tmp_path):
     out_dir = tmp_path / "results"
     stdout = _run("learning_efficacy.py", "--tiny", "--steps", "2", "--seeds", "1", "--eval-every", "1",
-                  "--eval-size", "4", "--completion-length", "8", "--out-dir", str(out_dir), cwd=tmp_path)
+                  "--eval-size", "4", "--completion-length", "8", "--jobs", "2", "--out-dir", str(out_dir),
+                  cwd=tmp_path)
     assert "held-out accuracy" in stdout
     assert "FAILED" not in stdout
     results = json.loads((out_dir / "learning_efficacy.json").read_text())

@@ -105,3 +105,11 @@ def test_fitter_follows_other_processes(monkeypatch: pytest.MonkeyPatch) -> None
 def test_start_fitting_leaves_a_user_choice_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert cpu_threads.start_fitting() is None
+
+
+def test_idle_cores_from_two_snapshots(monkeypatch: pytest.MonkeyPatch) -> None:
+    snapshots = iter([CpuTimes(0, 0, 0), CpuTimes(100, 200, 0)])  # others kept 1 of 2 cores busy
+    monkeypatch.setattr(cpu_threads, "read_cpu_times", lambda: next(snapshots))
+    assert cpu_threads.idle_cores(cores=2, window=0.0) == 1
+    monkeypatch.setattr(cpu_threads, "read_cpu_times", lambda: None)
+    assert cpu_threads.idle_cores(cores=2, window=0.0) is None
