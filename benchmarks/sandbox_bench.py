@@ -73,6 +73,7 @@ def bench_backend(name: str, items: list[tuple[dict[str, Any], str, str]], worke
         "tests_per_s": executed / wall, "startup_median_ms": 1000 * statistics.median(startups),
         "startup_p90_ms": 1000 * startups[int(0.9 * (len(startups) - 1))],
         "verdicts": [r.details.get("verdict") for r in results],
+        "seconds": [float(r.details.get("seconds", 0.0)) for r in results],
     }
 
 
@@ -111,6 +112,11 @@ def lcb_run(row: dict[str, Any], code: str, timeout: int = 1) -> tuple[str, int]
     return verdict, len(results)
 
 
+def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
+    start = time.monotonic()
+    return fn(*args), time.monotonic() - start
+
+
 def _verdict_class(verdict: str) -> str:
     return {"Memory Limit Exceeded": "Runtime Error", "Output Limit Exceeded": "Runtime Error",
             "Syntax Error": "Runtime Error"}.get(verdict, verdict)
@@ -146,11 +152,15 @@ def main() -> None:
         print("livecodebench not importable: skipping the comparison (pip install --no-deps nvidia-livecodebench)")
         return
     lcb_rates: dict[int, tuple[float, float]] = {}  # workers -> (tests/s, submissions/s)
+    lcb_seconds: list[float] = []
     for workers in (1, 2):
         start = time.monotonic()
         with ThreadPoolExecutor(workers) as pool:  # each call forks its own child, as LCB's pool does
-            lcb = list(pool.map(lambda item: lcb_run(item[0], item[2]), items))
+            timed = list(pool.map(lambda item: _timed(lcb_run, item[0], item[2]), items))
         wall = time.monotonic() - start
+        lcb = [result for result, _ in timed]
+        if workers == 1:
+            lcb_seconds = [seconds for _, seconds in timed]
         lcb_tests = sum(n for _, n in lcb)
         lcb_rates[workers] = (lcb_tests / wall, len(items) / wall)
         print(f"{'lcb':8} {workers:>7} {lcb_tests:>6} {wall:>7.2f} {lcb_tests / wall:>8.1f} {len(items) / wall:>7.2f}"
@@ -163,6 +173,15 @@ def main() -> None:
     for (row, kind, _), ours_v, (lcb_v, _) in zip(items, reference["verdicts"], lcb, strict=True):
         if _verdict_class(ours_v) != lcb_v:
             print(f"  differs: {row['task_id']} {kind}: ours {ours_v!r}, LCB {lcb_v!r}")
+    print(f"\nmean seconds per submission, 1 worker ({reference['backend']} / LCB), and where the wall time goes:")
+    for kind in dict.fromkeys(k for _, k, _ in items):
+        mine = [t for (_, k, _), t in zip(items, reference["seconds"], strict=True) if k == kind]
+        theirs = [t for (_, k, _), t in zip(items, lcb_seconds, strict=True) if k == kind]
+        print(f"  {kind:8} {statistics.mean(mine):6.3f} / {statistics.mean(theirs):6.3f}   "
+              f"share of LCB's wall {sum(theirs) / sum(lcb_seconds):4.0%}")
+    tle = sum(t for (_, k, _), t in zip(items, lcb_seconds, strict=True) if k == "tle")
+    print(f"  bound: with the same 1 s limit, even a sandbox costing nothing outside its time-outs is at most "
+          f"{sum(lcb_seconds) / tle:.2f}x LCB here (LCB's whole wall / its time-outs' wall)")
     for key, r in ours.items():
         tests_rate, submission_rate = lcb_rates[r["workers"]]
         print(f"ours ({key} workers) / LCB ({r['workers']} workers): tests/s {r['tests_per_s'] / tests_rate:.2f}, "
