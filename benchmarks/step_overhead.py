@@ -21,8 +21,8 @@ The split comes from timers the worker wraps around the trainers' seams (instanc
 | batch prep (other) | `_generate_and_score_completions` minus the two above (SDPO: teacher prompts) |
 | teacher forward | `teacher.logits` or `teacher.hidden_states` (no grad, teacher prompt + completion) |
 | student fwd (+ misc) | `_compute_loss` minus the teacher forward and the two rows below |
-| token stats (no grad) | `token_stats_from_hidden`: sampled-token log-probs and entropy (hidden-state path) |
-| distillation loss fn | `chunked_distillation_loss` / `chunked_per_token_distillation_loss`, forward only |
+| token stats (no grad) | `token_stats_from_hidden` (hidden-state path, micro-batches without a teacher signal) |
+| distillation loss fn | `chunked_distillation_loss_with_stats` / `chunked_per_token_distillation_loss`, forward only |
 | backward | `training_step` minus `_prepare_inputs` and `_compute_loss` |
 | teacher update | `teacher.update` (EMA, once per generation batch) |
 | optimizer, callbacks | `on_step_begin` to the last `on_step_end`, minus `training_step` and teacher update |
@@ -55,7 +55,8 @@ from pathlib import Path
 from typing import Any
 
 VARIANTS = ("GRPO", "SDPO")
-LOSS_FUNCTIONS = ("chunked_distillation_loss", "chunked_per_token_distillation_loss", "token_stats_from_hidden")
+LOSS_FUNCTIONS = ("chunked_distillation_loss", "chunked_distillation_loss_with_stats",
+                  "chunked_per_token_distillation_loss", "token_stats_from_hidden")
 ROWS = (
     ("generation", "generate"),
     ("scoring", "score"),
