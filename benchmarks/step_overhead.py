@@ -55,8 +55,8 @@ from pathlib import Path
 from typing import Any
 
 VARIANTS = ("GRPO", "SDPO")
-LOSS_FUNCTIONS = ("chunked_distillation_loss", "chunked_distillation_loss_with_stats",
-                  "chunked_per_token_distillation_loss", "token_stats_from_hidden")
+LOSS_FUNCTIONS = ("chunked_distillation_loss_with_stats", "chunked_per_token_distillation_loss",
+                  "token_stats_from_hidden")  # what the trainer calls
 ROWS = (
     ("generation", "generate"),
     ("scoring", "score"),

@@ -238,10 +238,11 @@ class _ChunkedDistillation(torch.autograd.Function):
             rows = slice(start, start + spec.chunk_size)
             student_logits = _project_logits(student_x[rows], student_weight, student_bias, spec.temperature)
             teacher_logits = _project_logits(teacher_x[rows], teacher_weight, teacher_bias, spec.temperature)
-            if token_ids is not None:
-                ids = token_ids[rows].unsqueeze(-1)  # [n, 1]
+            if workspace is not None:  # top-K mode and the statistics both need the logsumexps
                 student_lse = _logsumexp_into(student_logits, workspace)  # [n, 1]
                 teacher_lse = _logsumexp_into(teacher_logits, workspace)  # [n, 1]
+            if token_ids is not None:
+                ids = token_ids[rows].unsqueeze(-1)  # [n, 1]
                 student_token_logps[rows] = (student_logits.gather(-1, ids) - student_lse).squeeze(-1)
                 teacher_token_logps[rows] = (teacher_logits.gather(-1, ids) - teacher_lse).squeeze(-1)
                 entropy[rows] = _entropy_into(student_logits, student_lse, workspace)
@@ -251,14 +252,9 @@ class _ChunkedDistillation(torch.autograd.Function):
                 )  # [n]
                 continue
             chunk_indices = student_logits.topk(k, dim=-1).indices  # [n, K]
-            if token_ids is not None:
-                chunk_logsumexp = student_lse
-            else:
-                chunk_logsumexp = _logsumexp_into(student_logits, workspace)  # [n, 1]
-                teacher_lse = _logsumexp_into(teacher_logits, workspace)  # [n, 1]
             teacher_topk_logps = teacher_logits.gather(-1, chunk_indices) - teacher_lse
             teacher_logps = _topk_support(teacher_topk_logps, spec.add_tail)  # [n, K+1]
-            student_topk_logps = student_logits.gather(-1, chunk_indices) - chunk_logsumexp  # [n, K]
+            student_topk_logps = student_logits.gather(-1, chunk_indices) - student_lse  # [n, K]
             if spec.needs_grad:
                 with torch.enable_grad():
                     student_topk_logps.requires_grad_()
@@ -270,7 +266,7 @@ class _ChunkedDistillation(torch.autograd.Function):
                 chunk_loss = _divergence(_topk_support(student_topk_logps, spec.add_tail), teacher_logps, spec.alpha)
             per_token_loss[rows] = chunk_loss
             topk_indices[rows] = chunk_indices
-            student_logsumexp[rows] = chunk_logsumexp
+            student_logsumexp[rows] = student_lse
             del student_logits, teacher_logits
         ctx.spec = spec  # type: ignore[attr-defined]
         # save_for_backward accepts None entries (absent weights/biases); typed as Any for that reason

@@ -374,6 +374,13 @@ class SDPOTrainer(GRPOTrainer):
             return None
         return sd_mask.nonzero(as_tuple=True)[0]
 
+    def _teacher_inputs(self, inputs, rows: torch.Tensor | None):
+        """Teacher prompt + completion ids and mask, only the `rows` that go through the teacher (all for `None`)."""
+        teacher_ids, teacher_mask, keep = self._inputs_for(inputs, "teacher_prompt")
+        if rows is None:
+            return teacher_ids, teacher_mask, keep
+        return teacher_ids[rows], teacher_mask[rows], keep
+
     def _distillation_from_logits(self, model, inputs):
         """Per-token loss from full `[B, T, V]` logits (token-level and trust-region modes need them)."""
         cfg = self.sdpo_config
@@ -386,14 +393,11 @@ class SDPOTrainer(GRPOTrainer):
         if not inputs["sd_mask"].any() and not self._teacher_on_all_rows:
             return student_token_logps * 0.0, student_token_logps, student_token_logps.detach(), entropy
         rows = self._teacher_rows(inputs["sd_mask"])
-        teacher_ids, teacher_mask, keep = self._inputs_for(inputs, "teacher_prompt")
+        student_rows_logps = student_token_logps
         if rows is not None:  # rows without a signal are masked out of the loss: skip their teacher forward
-            teacher_ids, teacher_mask = teacher_ids[rows], teacher_mask[rows]
             student_logits, student_rows_logps = student_logits[rows], student_token_logps[rows]
             completion_ids = completion_ids[rows]
-        else:
-            student_rows_logps = student_token_logps
-        teacher_logits = self.teacher.logits(model, teacher_ids, teacher_mask, keep)
+        teacher_logits = self.teacher.logits(model, *self._teacher_inputs(inputs, rows))
         teacher_logits = teacher_logits[:, :-1, :] / self.temperature  # [b, T, V]
         teacher_token_logps = sdpo_loss.sampled_token_logps(teacher_logits, completion_ids)  # [b, T]
         if cfg.full_logit_distillation:
@@ -424,12 +428,10 @@ class SDPOTrainer(GRPOTrainer):
             zero = student_hidden.sum(-1) * 0.0 + student_head.weight.sum() * 0.0  # graph-connected
             return zero, student_token_logps, student_token_logps, entropy
         rows = self._teacher_rows(inputs["sd_mask"])
-        teacher_ids, teacher_mask, keep = self._inputs_for(inputs, "teacher_prompt")
         active_hidden, active_ids = student_hidden, completion_ids
         if rows is not None:  # rows without a signal are masked out of the loss: skip their teacher forward
-            teacher_ids, teacher_mask = teacher_ids[rows], teacher_mask[rows]
             active_hidden, active_ids = student_hidden[rows], completion_ids[rows]
-        teacher_hidden, teacher_head = self.teacher.hidden_states(model, teacher_ids, teacher_mask, keep)
+        teacher_hidden, teacher_head = self.teacher.hidden_states(model, *self._teacher_inputs(inputs, rows))
         teacher_hidden = teacher_hidden[:, :-1, :]  # [b, T, H]
         # the statistics come out of the loss's own chunk logits: no second pass through either LM head
         per_token_loss, stats = sdpo_loss.chunked_distillation_loss_with_stats(
@@ -438,14 +440,12 @@ class SDPOTrainer(GRPOTrainer):
             add_tail=cfg.distillation_add_tail, chunk_size=cfg.distillation_chunk_size,
             student_lm_head_bias=student_head.bias, teacher_lm_head_bias=teacher_head.bias,
         )  # [b, T] each
+        terms = (per_token_loss, stats.student_token_logps, stats.teacher_token_logps, stats.entropy)
         if rows is None:
-            return per_token_loss, stats.student_token_logps, stats.teacher_token_logps, stats.entropy
-        # Rows without a signal get a zero loss (kept in the student's graph, as DDP needs every parameter used)
-        # and zero statistics; the loss mask and the logged metrics exclude them.
-        zero = student_hidden.sum(-1) * 0.0  # [B, T]
-        per_token_loss = zero.index_add(0, rows, per_token_loss)
-        return (per_token_loss, *_scatter_rows(rows, zero.size(0), stats.student_token_logps,
-                                               stats.teacher_token_logps, stats.entropy))
+            return terms
+        # Rows without a signal get zeros; the loss mask and the logged metrics exclude them. Every parameter
+        # still reaches the loss through the active rows, as DDP needs.
+        return _scatter_rows(rows, student_hidden.size(0), *terms)
 
     @torch.no_grad()
     def _log_loss_metrics(self, mode, loss, mask, student_token_logps, teacher_token_logps, entropy,

@@ -398,6 +398,16 @@ def test_overridden_grpo_seams_exist():
     assert list(init) == [p for p in sdpo_init if p != "sdpo_config"]
 
 
+def _loss_grads_and_metrics(trainer, batch):
+    """One training-mode loss and backward on `batch`: (loss, gradients by name, logged KL, logged entropy)."""
+    trainer.model.zero_grad()
+    loss = trainer._compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    metrics = trainer._metrics["train"]
+    return loss.detach(), grads, metrics["sdpo/teacher_student_kl"][-1], metrics["entropy"][-1]
+
+
 @pytest.mark.parametrize("teacher_mode", ["ema", "lora_ema"])
 def test_hidden_state_path_matches_logits_path(tokenizer, chat_dataset, make_args, feedback_reward, teacher_mode):
     """The memory-lean path (no [B, T, V] logits) gives the logits path's loss and gradients."""
@@ -418,12 +428,7 @@ def test_hidden_state_path_matches_logits_path(tokenizer, chat_dataset, make_arg
     results = {}
     for hidden in (True, False):
         trainer._hidden_state_path = hidden
-        trainer.model.zero_grad()
-        loss = trainer._compute_loss(trainer.model, batch)
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-        metrics = trainer._metrics["train"]
-        results[hidden] = (loss.detach(), grads, metrics["sdpo/teacher_student_kl"][-1], metrics["entropy"][-1])
+        results[hidden] = _loss_grads_and_metrics(trainer, batch)
     torch.testing.assert_close(results[True][0], results[False][0])
     assert results[True][1].keys() == results[False][1].keys()
     for name, grad in results[False][1].items():
@@ -455,11 +460,7 @@ def test_teacher_runs_only_on_rows_with_a_signal(tokenizer, chat_dataset, make_a
     results = {}
     for all_rows in (False, True):
         trainer._teacher_on_all_rows = all_rows
-        trainer.model.zero_grad()
-        loss = trainer._compute_loss(trainer.model, batch)
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-        results[all_rows] = (loss.detach(), grads, trainer._metrics["train"]["sdpo/teacher_student_kl"][-1])
+        results[all_rows] = _loss_grads_and_metrics(trainer, batch)
     assert rows_seen == [2, 4]
     torch.testing.assert_close(results[False][0], results[True][0])
     assert results[False][1].keys() == results[True][1].keys()
