@@ -12,7 +12,11 @@ crashing solution):
   (one child process per solution, as LCB runs it; 1 and 2 at a time): verdict agreement and the ratios at
   equal workers.
 
-Usage: ``python benchmarks/sandbox_bench.py [--size quick|full] [--backends bwrap,process,docker]``.
+Backends: ``bwrap`` (the default: sandboxes reused across solutions, one per worker, started inside the
+measured time), ``bwrap-fresh`` (a new sandbox per solution), ``process``, ``docker``. Mixes: ``all`` (every kind)
+and ``no-tle`` (without the endless loops, whose 1 s limit every grader must wait out).
+
+Usage: ``python benchmarks/sandbox_bench.py [--size quick|full] [--backends ...] [--mixes all,no-tle]``.
 """
 
 from __future__ import annotations
@@ -58,8 +62,13 @@ def workload(size: str) -> list[tuple[dict[str, Any], str, str]]:
     return [(rows[i], kind, code) for i in ids for kind, code in _variants(i, SOLUTIONS[i]).items()]
 
 
+# bench names that are a backend with options
+_BACKENDS: dict[str, tuple[str, dict[str, Any]]] = {"bwrap-fresh": ("bwrap", {"reuse": False})}
+
+
 def bench_backend(name: str, items: list[tuple[dict[str, Any], str, str]], workers: int) -> dict[str, Any]:
-    sandbox = get_sandbox(name)
+    backend, options = _BACKENDS.get(name, (name, {}))
+    sandbox = get_sandbox(backend, **options)
     env = CodeEnvironment(backend=sandbox, time_limit=1.0, max_workers=workers)
     tasks = [row for row, _, _ in items]
     completions = [f"```python\n{code}\n```" for _, _, code in items]
@@ -122,70 +131,95 @@ def _verdict_class(verdict: str) -> str:
             "Syntax Error": "Runtime Error"}.get(verdict, verdict)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=["quick", "full"], default="quick")
-    parser.add_argument("--backends", default="bwrap,process,docker")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    items = workload(args.size)
-    print(f"workload: {len(items)} submissions ({args.size}: correct, wrong, TLE, RE per problem), "
-          f"{sum(len(parse_task(r).tests) for r, _, _ in items)} tests, 1 s CPU limit")
-    print(f"{'backend':8} {'workers':>7} {'tests':>6} {'wall s':>7} {'tests/s':>8} {'subm/s':>7} "
-          f"{'start ms (med/p90)':>19}")
+def bench_ours(backends: list[str], items: list[tuple[dict[str, Any], str, str]]) -> dict[str, dict[str, Any]]:
+    """Every available backend at 1 and 2 workers, printed as a table row each."""
     ours: dict[str, dict[str, Any]] = {}
-    for name in args.backends.split(","):
+    for name in backends:
+        backend, options = _BACKENDS.get(name, (name, {}))
         try:
-            get_sandbox(name)
+            get_sandbox(backend, **options)
         except (SandboxUnavailable, RuntimeError) as exc:
-            print(f"{name:8} unavailable: {exc}")
+            print(f"{name:12} unavailable: {exc}")
             continue
         for workers in (1, 2):
             r = bench_backend(name, items, workers)
             ours[f"{name}/{workers}"] = r
-            print(f"{name:8} {workers:>7} {r['tests']:>6} {r['wall']:>7.2f} {r['tests_per_s']:>8.1f} "
+            print(f"{name:12} {workers:>7} {r['tests']:>6} {r['wall']:>7.2f} {r['tests_per_s']:>8.1f} "
                   f"{len(items) / r['wall']:>7.2f} "
                   f"{r['startup_median_ms']:>9.1f} / {r['startup_p90_ms']:>6.1f}")
-    try:
-        import livecodebench.evaluation.testing_util  # noqa: F401
-    except ImportError:
-        print("livecodebench not importable: skipping the comparison (pip install --no-deps nvidia-livecodebench)")
-        return
-    lcb_rates: dict[int, tuple[float, float]] = {}  # workers -> (tests/s, submissions/s)
-    lcb_seconds: list[float] = []
+    return ours
+
+
+def bench_lcb(items: list[tuple[dict[str, Any], str, str]]) -> dict[int, dict[str, Any]]:
+    """LiveCodeBench's grader at 1 and 2 workers: rates, verdicts and per-submission seconds."""
+    out: dict[int, dict[str, Any]] = {}
     for workers in (1, 2):
         start = time.monotonic()
         with ThreadPoolExecutor(workers) as pool:  # each call forks its own child, as LCB's pool does
             timed = list(pool.map(lambda item: _timed(lcb_run, item[0], item[2]), items))
         wall = time.monotonic() - start
-        lcb = [result for result, _ in timed]
-        if workers == 1:
-            lcb_seconds = [seconds for _, seconds in timed]
-        lcb_tests = sum(n for _, n in lcb)
-        lcb_rates[workers] = (lcb_tests / wall, len(items) / wall)
-        print(f"{'lcb':8} {workers:>7} {lcb_tests:>6} {wall:>7.2f} {lcb_tests / wall:>8.1f} {len(items) / wall:>7.2f}"
+        tests = sum(n for (_, n), _ in timed)
+        out[workers] = {"tests_per_s": tests / wall, "submissions_per_s": len(items) / wall,
+                        "verdicts": [v for (v, _), _ in timed], "seconds": [t for _, t in timed]}
+        print(f"{'lcb':12} {workers:>7} {tests:>6} {wall:>7.2f} {tests / wall:>8.1f} {len(items) / wall:>7.2f}"
               "   (LCB stops at the first failure)")
+    return out
+
+
+def compare(items: list[tuple[dict[str, Any], str, str]], ours: dict[str, dict[str, Any]],
+            lcb: dict[int, dict[str, Any]]) -> None:
+    """Verdict agreement, where the time goes, and the throughput ratios at equal workers."""
     reference = next((r for key, r in ours.items() if key.endswith("/1")), None)
     if reference is None:
         return
-    agree = sum(_verdict_class(v) == lv for v, (lv, _) in zip(reference["verdicts"], lcb, strict=True))
+    lcb_verdicts, lcb_seconds = lcb[1]["verdicts"], lcb[1]["seconds"]
+    agree = sum(_verdict_class(v) == lv for v, lv in zip(reference["verdicts"], lcb_verdicts, strict=True))
     print(f"verdict agreement with LCB ({reference['backend']}): {agree}/{len(items)}")
-    for (row, kind, _), ours_v, (lcb_v, _) in zip(items, reference["verdicts"], lcb, strict=True):
+    for (row, kind, _), ours_v, lcb_v in zip(items, reference["verdicts"], lcb_verdicts, strict=True):
         if _verdict_class(ours_v) != lcb_v:
             print(f"  differs: {row['task_id']} {kind}: ours {ours_v!r}, LCB {lcb_v!r}")
-    print(f"\nmean seconds per submission, 1 worker ({reference['backend']} / LCB), and where the wall time goes:")
+    print(f"mean seconds per submission, 1 worker ({reference['backend']} / LCB), and where LCB's wall time goes:")
     for kind in dict.fromkeys(k for _, k, _ in items):
         mine = [t for (_, k, _), t in zip(items, reference["seconds"], strict=True) if k == kind]
         theirs = [t for (_, k, _), t in zip(items, lcb_seconds, strict=True) if k == kind]
         print(f"  {kind:8} {statistics.mean(mine):6.3f} / {statistics.mean(theirs):6.3f}   "
               f"share of LCB's wall {sum(theirs) / sum(lcb_seconds):4.0%}")
     tle = sum(t for (_, k, _), t in zip(items, lcb_seconds, strict=True) if k == "tle")
-    print(f"  bound: with the same 1 s limit, even a sandbox costing nothing outside its time-outs is at most "
-          f"{sum(lcb_seconds) / tle:.2f}x LCB here (LCB's whole wall / its time-outs' wall)")
+    if tle:
+        print(f"  bound: with the same 1 s limit, even a sandbox costing nothing outside its time-outs is at most "
+              f"{sum(lcb_seconds) / tle:.2f}x LCB here (LCB's whole wall / its time-outs' wall)")
     for key, r in ours.items():
-        tests_rate, submission_rate = lcb_rates[r["workers"]]
-        print(f"ours ({key} workers) / LCB ({r['workers']} workers): tests/s {r['tests_per_s'] / tests_rate:.2f}, "
-              f"submissions/s {len(items) / r['wall'] / submission_rate:.2f}")
+        theirs = lcb[r["workers"]]
+        print(f"ours ({key} workers) / LCB ({r['workers']} workers): tests/s "
+              f"{r['tests_per_s'] / theirs['tests_per_s']:.2f}, submissions/s "
+              f"{len(items) / r['wall'] / theirs['submissions_per_s']:.2f}")
+
+
+MIXES = {"all": ("correct", "wrong", "tle", "re"), "no-tle": ("correct", "wrong", "re")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=["quick", "full"], default="quick")
+    parser.add_argument("--backends", default="bwrap,bwrap-fresh,process,docker")
+    parser.add_argument("--mixes", default="all,no-tle", help="comma-separated subset of " + ", ".join(MIXES))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        import livecodebench.evaluation.testing_util  # noqa: F401
+        have_lcb = True
+    except ImportError:
+        print("livecodebench not importable: no comparison (pip install --no-deps nvidia-livecodebench)")
+        have_lcb = False
+    for mix in args.mixes.split(","):
+        items = [item for item in workload(args.size) if item[1] in MIXES[mix]]
+        print(f"\n== mix {mix!r}: {len(items)} submissions ({args.size}: {', '.join(MIXES[mix])} per problem), "
+              f"{sum(len(parse_task(r).tests) for r, _, _ in items)} tests, 1 s CPU limit")
+        print(f"{'backend':12} {'workers':>7} {'tests':>6} {'wall s':>7} {'tests/s':>8} {'subm/s':>7} "
+              f"{'start ms (med/p90)':>19}")
+        ours = bench_ours(args.backends.split(","), items)
+        if have_lcb:
+            compare(items, ours, bench_lcb(items))
 
 
 if __name__ == "__main__":

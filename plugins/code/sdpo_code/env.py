@@ -99,6 +99,7 @@ class CodeEnvironment(Environment):
         if wall_factor < 1:
             raise ValueError(f"wall_factor must be at least 1, got {wall_factor!r}")
         self.sandbox = get_sandbox(backend, **dict(sandbox_options or {}))
+        self._owns_sandbox = isinstance(backend, str)
         self.reward_mode: RewardMode = reward
         self.extract = extract
         self.allow_unfenced = allow_unfenced
@@ -113,6 +114,13 @@ class CodeEnvironment(Environment):
 
     def __repr__(self) -> str:
         return f"CodeEnvironment(backend={self.sandbox.name!r}, reward={self.reward_mode!r})"
+
+    def close(self) -> None:
+        """Also stop the sandboxes this environment started (a sandbox passed in is the caller's to close)."""
+        super().close()
+        close = getattr(self.sandbox, "close", None)
+        if self._owns_sandbox and callable(close):
+            close()
 
     # -------------------------------------------------------------------------------------- Environment
     def prompt(self, task: Task) -> Any:

@@ -14,15 +14,17 @@ from sdpo_code.sandbox._system import UID_BASE, UID_SLOTS
 
 from sdpo_envs.testing import registered_plugin
 
-LOCAL_BACKENDS = ("bwrap", "process")
+LOCAL_BACKENDS = ("bwrap", "bwrap-fresh", "process")
+_OPTIONS = {"bwrap-fresh": ("bwrap", {"reuse": False})}  # a new sandbox per solution instead of a reused one
 _built: dict[str, Sandbox | str] = {}
 
 
 def local_sandbox(name: str) -> Sandbox:
     """The named local backend, built once per session; skips (with the reason) where it cannot work."""
     if name not in _built:
+        backend, options = _OPTIONS.get(name, (name, {}))
         try:
-            _built[name] = get_sandbox(name)
+            _built[name] = get_sandbox(backend, **options)
         except SandboxUnavailable as exc:
             _built[name] = str(exc)
     built = _built[name]
@@ -44,17 +46,26 @@ def code_plugin() -> Iterator[str]:
 
 
 def sandbox_processes() -> list[tuple[int, str]]:
-    """Processes that belong to a sandbox: a sandbox uid (as root) or the harness in their command line."""
+    """Processes that belong to a sandbox: a sandbox uid (as root) or the harness in their command line.
+
+    An idle reused bwrap sandbox is not a leftover: its bwrap and its PID 1 (the harness in ``--serve`` mode)
+    wait for the next solution. Anything else in its namespace is.
+    """
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
             with open(f"/proc/{entry}/status", "rb") as f:
-                uid = next(int(line.split()[1]) for line in f if line.startswith(b"Uid:"))
+                status = f.read().splitlines()
             with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+                argv = f.read().split(b"\0")[:-1]
+            uid = next(int(line.split()[1]) for line in status if line.startswith(b"Uid:"))
+            nspid = next(line.split()[1:] for line in status if line.startswith(b"NSpid:"))
         except (OSError, StopIteration, ValueError):
+            continue
+        cmdline = b" ".join(argv).decode(errors="replace")
+        if argv[-1:] == [b"--serve"] and (nspid[-1] == b"1" or argv[0].endswith(b"bwrap")):
             continue
         if UID_BASE <= uid < UID_BASE + UID_SLOTS + 1 or "sdpo-code-harness" in cmdline:
             found.append((int(entry), cmdline[:80]))

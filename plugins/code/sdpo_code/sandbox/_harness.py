@@ -25,6 +25,7 @@ import io
 import json
 import math
 import os
+import random
 import resource
 import signal
 import sys
@@ -400,30 +401,63 @@ def _site_setup(site_paths):
         builtins.exit = builtins.quit = _exit
 
 
-def main():
-    global _proto_fd
-    size = int(sys.stdin.buffer.readline())  # length-framed: Docker's attach stream has no clean EOF over TLS
-    raw = sys.stdin.buffer.read(size)
-    p = json.loads(raw)
-    del raw
-    _site_setup(p.get("site_paths") or ())
-    _proto_fd = os.dup(1)
-    os.set_inheritable(_proto_fd, True)
+def _read_exact(fd, size):
+    """`size` bytes from a raw fd (no buffering: nothing after them may be consumed before the fork)."""
+    chunks, left = [], size
+    while left:
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _read_line(fd, cap=64):
+    line = b""
+    while not line.endswith(b"\n"):
+        ch = os.read(fd, 1)
+        if not ch or len(line) > cap:
+            return None
+        line += ch
+    return line
+
+
+def _read_request(fd):
+    """One length-framed JSON payload, or None at end of input (a length line: Docker's attach stream has no
+    clean EOF over TLS)."""
+    header = _read_line(fd)
+    if header is None:
+        return None
+    raw = _read_exact(fd, int(header))
+    return None if raw is None else json.loads(raw)
+
+
+def _redirect_std_to_null():
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
     os.close(null)
+
+
+def _start_worker(p, child_setup=None):
+    """Fork the worker that runs the tests of payload `p` (after `child_setup`, in the child); its pid."""
     pid = os.fork()
     if pid == 0:
         try:
+            if child_setup is not None:
+                child_setup()
+            _site_setup(p.get("site_paths") or ())
             _worker(p)
         except BaseException as exc:  # a harness fault before or between tests
             send({"ev": "harness_error", "reason": f"{type(exc).__name__}: {_safe_str(exc, 500)}"})
             os._exit(72)
         os._exit(0)
-    # Supervisor: never runs model code. Reap everything (we may be PID 1) until the worker is gone.
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
-        signal.signal(sig, signal.SIG_IGN)
+    return pid
+
+
+def _reap(pid):
+    """Reap children (we may be PID 1 and inherit orphans) until `pid` exits; its (status, rusage)."""
     while True:
         try:
             waited, status, usage = os.wait4(-1, 0)
@@ -432,19 +466,147 @@ def main():
         except InterruptedError:
             continue
         if waited == pid:
-            break
-    msg = {"ev": "exit", "cpu": round(usage.ru_utime + usage.ru_stime, 4), "maxrss_kb": usage.ru_maxrss}
+            return status, usage
+
+
+def _exit_event(status, usage, **extra):
+    msg = {"ev": "exit", "cpu": round(usage.ru_utime + usage.ru_stime, 4), "maxrss_kb": usage.ru_maxrss, **extra}
     if os.WIFSIGNALED(status):
         msg["signal"] = os.WTERMSIG(status)
     else:
         msg["code"] = os.WEXITSTATUS(status)
     os.write(_proto_fd, b"\n")  # ends any line the worker was killed in the middle of
     send(msg)
+
+
+def _ignore_signals():
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def main():
+    """One solution: read its payload, run it in a worker, report, exit (taking any leftovers down)."""
+    global _proto_fd
+    p = _read_request(0)
+    if p is None:
+        os._exit(74)
+    _proto_fd = os.dup(1)
+    _redirect_std_to_null()
+    pid = _start_worker(p)
+    # Supervisor: never runs model code.
+    _ignore_signals()
+    status, usage = _reap(pid)
+    _exit_event(status, usage)
     if os.getpid() != 1:
         with contextlib.suppress(OSError):
             os.killpg(0, signal.SIGKILL)  # leftovers of the worker in our process group, and us
     os._exit(0)
 
 
+# --------------------------------------------------------------------------------------- serve mode
+# ``--serve``: a long-lived PID 1 of its own sandbox that runs one solution after another, each in a worker
+# freshly forked from this never-touched process, and after each one puts the sandbox back as it found it.
+_WIPED_DIRS = ("/tmp", "/dev/shm", "/dev/mqueue")
+
+
+def _kill_everyone_else():
+    """SIGKILL every other process of the PID namespace (as its init, ``kill(-1)`` reaches all of them) and
+    reap them, until none is left: a process forked during one sweep is caught by the next."""
+    while True:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(-1, signal.SIGKILL)
+        try:
+            while os.wait4(-1, 0):
+                pass
+        except ChildProcessError:
+            pass
+        if not any(e.isdigit() and e != "1" for e in os.listdir("/proc")):
+            return
+
+
+def _wipe(top, mode):
+    """Empty a directory the worker could write and give it back its `mode`, whatever modes the worker left
+    on it and on what it made (iterative: a deep tree cannot exhaust our stack)."""
+    with contextlib.suppress(OSError):
+        os.chmod(top, mode)
+    stack, dirs = [top], []
+    while stack:
+        path = stack.pop()
+        with contextlib.suppress(OSError):
+            os.chmod(path, 0o700)
+        try:
+            entries = os.listdir(path)
+        except OSError:
+            continue
+        if path != top:
+            dirs.append(path)
+        for name in entries:
+            child = os.path.join(path, name)
+            if os.path.isdir(child) and not os.path.islink(child):
+                stack.append(child)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(child)
+    for path in reversed(dirs):
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+    with contextlib.suppress(OSError):
+        os.chmod(top, mode)
+
+
+def _remove_sysv_ipc(libc):
+    """Delete the System V shared memory, message queues and semaphores left in our IPC namespace."""
+    for kind, rm in (("shm", lambda i: libc.shmctl(i, 0, None)), ("msg", lambda i: libc.msgctl(i, 0, None)),
+                     ("sem", lambda i: libc.semctl(i, 0, 0))):
+        try:
+            with open(f"/proc/sysvipc/{kind}") as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 1 and fields[1].isdigit():
+                rm(int(fields[1]))
+
+
+def serve():
+    """Answer requests on fd 0 until it closes: payload, then (read only after the fork, so the worker never
+    sees it) a token line that the ``exit`` event echoes. The host trusts only an ``exit`` carrying the
+    token, so a program printing a fake ``exit`` on the protocol channel cannot end a run early or shift the
+    next run's events."""
+    global _proto_fd
+    if os.getpid() != 1:
+        sys.stderr.write("--serve needs to be PID 1 of a PID namespace\n")
+        os._exit(75)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: no ptrace of us and no /proc/1/{mem,fd} for the workers
+    requests = os.dup(0)
+    _proto_fd = os.dup(1)
+    _redirect_std_to_null()
+    _ignore_signals()
+    exec(compile(_PRELUDE, "<prelude>", "exec"), {})  # the modules solutions use, imported once for all
+    modes = {top: os.stat(top).st_mode & 0o7777 for top in _WIPED_DIRS if os.path.isdir(top)}
+    while True:
+        p = _read_request(requests)
+        if p is None:
+            os._exit(0)
+
+        def fresh_worker():
+            os.close(requests)
+            libc.prctl(4, 1, 0, 0, 0)  # the worker is an ordinary process again (its own /proc/self)
+            random.seed()  # each solution its own random state, as in a fresh interpreter
+
+        pid = _start_worker(p, fresh_worker)
+        token = _read_line(requests)
+        status, usage = _reap(pid)
+        _kill_everyone_else()
+        for top, mode in modes.items():
+            _wipe(top, mode)
+        _remove_sysv_ipc(libc)
+        if token is None:
+            os._exit(0)
+        _exit_event(status, usage, token=token.decode("ascii", "replace").strip())
+
+
 if __name__ == "__main__":
-    main()
+    serve() if sys.argv[1:] == ["--serve"] else main()

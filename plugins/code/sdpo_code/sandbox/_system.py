@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,11 +68,13 @@ def lease_uid() -> Iterator[UidLease]:
         except BlockingIOError:
             os.close(fd)
             continue
+        owner = os.getpid()
         try:
             kill_uid(uid)  # a previous holder that crashed may have left processes
             yield UidLease(uid, fd)
         finally:
-            kill_uid(uid)
+            if os.getpid() == owner:  # not in a forked copy of this process: the processes are the owner's
+                kill_uid(uid)
             os.close(fd)
         return
     raise RuntimeError(f"all {UID_SLOTS} sandbox uids are in use")
@@ -127,6 +130,7 @@ def kill_uid(uid: int) -> None:
         for pid in pids:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
+        time.sleep(0.01)  # a killed process stays listed until its parent reaps it
     logger.warning("processes of sandbox uid %d survived clean-up: %s", uid, uid_processes(uid))
 
 

@@ -27,6 +27,7 @@ import subprocess
 from typing import Any
 
 from sdpo_code.sandbox import _system
+from sdpo_code.sandbox._reuse import SandboxPool, ServedSandbox
 from sdpo_code.sandbox.base import HARNESS_SOURCE, ExecutionRequest, ExecutionResult, SandboxUnavailable
 from sdpo_code.sandbox.process import _drive_popen
 
@@ -57,6 +58,10 @@ class BwrapSandbox:
         python (`str`, *optional*): interpreter for the submitted code (see `ProcessSandbox`).
         tmpfs_mb (`int`, *optional*, defaults to 64): size of the writable /tmp work dir.
         drop_privileges (`bool`, *optional*, defaults to `True`): as root, run bwrap on a dedicated uid.
+        reuse (`bool`, *optional*, defaults to `True`): keep one sandbox per concurrent caller running and
+            judge each solution in a process forked inside it, wiped after each solution (see `_reuse`), instead
+            of building a sandbox per solution. Saves ~45 ms a solution; `False` for a fresh sandbox (and a
+            fresh interpreter) every time.
     """
 
     name = "bwrap"
@@ -68,6 +73,7 @@ class BwrapSandbox:
         python: str | None = None,
         tmpfs_mb: int = 64,
         drop_privileges: bool = True,
+        reuse: bool = True,
     ) -> None:
         self.bwrap = bwrap or find_bwrap()
         if self.bwrap is None:
@@ -78,15 +84,36 @@ class BwrapSandbox:
         self.interpreter = _system.find_interpreter(python, probe_uid)
         self.tmpfs_bytes = int(tmpfs_mb) << 20
         self._check(probe_uid)
+        self.reuse = reuse
+        self._pool = self._new_pool() if reuse else None
         self.isolation = (
             "bubblewrap: all namespaces (no network, private PID 1), read-only system and interpreter, "
             f"{tmpfs_mb} MiB tmpfs work dir, uid 65534, no capabilities, NO_NEW_PRIVS"
             + (", dedicated host uid per sandbox" if self.switch_uid else "")
-            + "; rlimits AS,CPU,FSIZE,NOFILE,NPROC,CORE. NOT isolated: kernel system calls"
+            + "; rlimits AS,CPU,FSIZE,NOFILE,NPROC,CORE"
+            + ("; reused across solutions (processes killed and /tmp, /dev/shm, IPC wiped after each)" if reuse
+               else "; a new sandbox per solution")
+            + ". NOT isolated: kernel system calls"
         )
 
     def __repr__(self) -> str:
-        return f"BwrapSandbox(bwrap={self.bwrap!r}, python={self.interpreter.path!r})"
+        return f"BwrapSandbox(bwrap={self.bwrap!r}, python={self.interpreter.path!r}, reuse={self.reuse})"
+
+    def close(self) -> None:
+        """Stop the idle reused sandboxes (they also stop with this process)."""
+        if self._pool is not None:
+            self._pool.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_pool": None}  # running sandboxes belong to this process
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._pool = self._new_pool() if self.reuse else None
+
+    def _new_pool(self) -> SandboxPool:
+        argv = self.argv([self.interpreter.path, *_system.HARNESS_FLAGS, "-c", HARNESS_SOURCE, "--serve"])
+        return SandboxPool(functools.partial(ServedSandbox, argv, self.switch_uid))  # no cycle back to self
 
     def _check(self, uid: int | None) -> None:
         """Fail now, with bwrap's own message, if it cannot build the sandbox here."""
@@ -109,8 +136,9 @@ class BwrapSandbox:
         for prefix in self.interpreter.prefixes:
             if not any(prefix == d or prefix.startswith(d + "/") for d in ("/usr", "/bin", "/lib", "/lib64")):
                 args += ["--ro-bind", prefix, prefix]
-        args += ["--dev", "/dev", "--proc", "/proc", "--size", str(self.tmpfs_bytes), "--tmpfs", "/tmp",
-                 "--size", str(self.tmpfs_bytes), "--tmpfs", "/dev/shm", "--chdir", "/tmp", "--clearenv",
+        args += ["--dev", "/dev", "--mqueue", "/dev/mqueue", "--proc", "/proc",
+                 "--size", str(self.tmpfs_bytes), "--tmpfs", "/tmp", "--size", str(self.tmpfs_bytes), "--tmpfs",
+                 "/dev/shm", "--chdir", "/tmp", "--clearenv",
                  "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp", "--setenv", "TMPDIR", "/tmp",
                  "--setenv", "LANG", "C.UTF-8", "--setenv", "PYTHONHASHSEED", "0",
                  "--setenv", "PYTHONDONTWRITEBYTECODE", "1"]
@@ -120,12 +148,11 @@ class BwrapSandbox:
         return [*self._base_args(), "--", *command]
 
     def run(self, request: ExecutionRequest) -> ExecutionResult:
+        if self._pool is not None:
+            return self._pool.run(request, self._payload(request, self.switch_uid))
         with _system.sandbox_uid(self.switch_uid) as uid:
             argv = self.argv([self.interpreter.path, *_system.HARNESS_FLAGS, "-c", HARNESS_SOURCE])
-            nproc = request.nproc
-            if uid is None:
-                nproc += len(_system.uid_processes(os.getuid()))
-            payload = request.payload(nproc=nproc, site_paths=list(self.interpreter.site_paths))
+            payload = self._payload(request, uid is not None)
             ids: dict[str, Any] = {"user": uid, "group": uid, "extra_groups": []} if uid is not None else {}
             try:
                 proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -134,6 +161,13 @@ class BwrapSandbox:
             except OSError as exc:
                 return ExecutionResult(ready=False, harness_error=f"could not start bwrap: {exc}")
             return _drive_popen(proc, request, payload)
+
+
+    def _payload(self, request: ExecutionRequest, own_uid: bool) -> bytes:
+        nproc = request.nproc
+        if not own_uid:  # NPROC counts all our processes: allow the current ones plus the budget
+            nproc += len(_system.uid_processes(os.getuid()))
+        return request.payload(nproc=nproc, site_paths=list(self.interpreter.site_paths))
 
 
 @functools.lru_cache(maxsize=8)
