@@ -16,7 +16,7 @@ Backends: ``bwrap`` (the default: sandboxes reused across solutions, one per wor
 measured time), ``bwrap-fresh`` (a new sandbox per solution), ``process``, ``docker``. Mixes: ``all`` (every kind)
 and ``no-tle`` (without the endless loops, whose 1 s limit every grader must wait out).
 
-Usage: ``python benchmarks/sandbox_bench.py [--size quick|full] [--backends ...] [--mixes all,no-tle]``.
+Usage: ``python benchmarks/sandbox_bench.py [--size quick|full] [--backends ...] [--mixes all,no-tle] [--repeat N]``.
 """
 
 from __future__ import annotations
@@ -203,6 +203,9 @@ def main() -> None:
     parser.add_argument("--size", choices=["quick", "full"], default="quick")
     parser.add_argument("--backends", default="bwrap,bwrap-fresh,process,docker")
     parser.add_argument("--mixes", default="all,no-tle", help="comma-separated subset of " + ", ".join(MIXES))
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="submit the workload this many times (without time-outs the quick set takes well under "
+                             "a second, too short to measure a rate; e.g. --mixes no-tle --repeat 10)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     try:
@@ -212,8 +215,9 @@ def main() -> None:
         print("livecodebench not importable: no comparison (pip install --no-deps nvidia-livecodebench)")
         have_lcb = False
     for mix in args.mixes.split(","):
-        items = [item for item in workload(args.size) if item[1] in MIXES[mix]]
-        print(f"\n== mix {mix!r}: {len(items)} submissions ({args.size}: {', '.join(MIXES[mix])} per problem), "
+        items = [item for item in workload(args.size) if item[1] in MIXES[mix]] * args.repeat
+        print(f"\n== mix {mix!r}: {len(items)} submissions ({args.size} x {args.repeat}: {', '.join(MIXES[mix])} "
+              "per problem), "
               f"{sum(len(parse_task(r).tests) for r, _, _ in items)} tests, 1 s CPU limit")
         print(f"{'backend':12} {'workers':>7} {'tests':>6} {'wall s':>7} {'tests/s':>8} {'subm/s':>7} "
               f"{'start ms (med/p90)':>19}")
