@@ -6,13 +6,17 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 
 import pytest
 from sdpo_code import CodeEnvironment
-from sdpo_code.sandbox.base import ExecutionRequest
+from sdpo_code.sandbox.base import HARNESS_SOURCE, ExecutionRequest
 from sdpo_code.sandbox.bwrap import BwrapSandbox
 
 ADD = {"prompt": "add", "tests": [{"input": "1 2\n", "output": "3\n", "testtype": "stdin"}]}
@@ -174,3 +178,17 @@ def test_the_environment_closes_the_sandbox_it_built(backend_by_name, no_leftove
     env.close()
     assert not env.sandbox._pool._idle
     no_leftovers()
+
+
+@pytest.mark.parametrize("launcher", [[], ["unshare", "--pid", "--fork", "--mount-proc"]], ids=["plain", "pid-ns"])
+def test_serve_mode_refuses_to_run_outside_a_sandbox(launcher):
+    """Serve mode empties /tmp after each solution: outside a sandbox of its own it must not start at all
+    (a bare PID namespace makes it PID 1, but /tmp is still the host's)."""
+    if launcher and (shutil.which(launcher[0]) is None or os.geteuid() != 0):
+        pytest.skip("needs root and unshare")
+    with tempfile.NamedTemporaryFile(prefix="sdpo-canary-") as canary:
+        out = subprocess.run([*launcher, sys.executable, "-I", "-S", "-c", HARNESS_SOURCE, "--serve"],
+                             input=b"", capture_output=True, timeout=60)
+        assert out.returncode == 75, out
+        assert b"--serve refuses to run" in out.stderr
+        assert os.path.exists(canary.name)

@@ -572,14 +572,37 @@ def _remove_sysv_ipc(libc):
                 rm(int(fields[1]))
 
 
+def _not_a_sandbox():
+    """Why this is not a sandbox whose /tmp, /dev/shm and /dev/mqueue we may empty, or "" when it is one.
+
+    Serve mode deletes everything in those directories after each solution: run by mistake outside a
+    sandbox (say under a bare ``unshare -p``) it would empty the host's. So it insists on being PID 1 of
+    its own PID namespace, in a user namespace of its own, with each of those directories its own mount.
+    """
+    if os.getpid() != 1:
+        return "not PID 1 of a PID namespace"
+    try:
+        with open("/proc/self/uid_map") as f:
+            uid_map = f.read().split()
+    except OSError:
+        return "cannot read /proc/self/uid_map"
+    if uid_map == ["0", "0", "4294967295"]:
+        return "in the host's user namespace"
+    shared = [top for top in _WIPED_DIRS if os.path.isdir(top) and not os.path.ismount(top)]
+    if shared:
+        return f"{', '.join(shared)} not mounted privately"
+    return ""
+
+
 def serve():
     """Answer requests on fd 0 until it closes: payload, then (read only after the fork, so the worker never
     sees it) a token line that the ``exit`` event echoes. The host trusts only an ``exit`` carrying the
     token, so a program printing a fake ``exit`` on the protocol channel cannot end a run early or shift the
     next run's events."""
     global _proto_fd
-    if os.getpid() != 1:
-        sys.stderr.write("--serve needs to be PID 1 of a PID namespace\n")
+    refusal = _not_a_sandbox()
+    if refusal:
+        sys.stderr.write(f"--serve refuses to run: {refusal}\n")
         os._exit(75)
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: no ptrace of us and no /proc/1/{mem,fd} for the workers
