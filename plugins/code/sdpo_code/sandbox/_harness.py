@@ -21,6 +21,7 @@ the worker; ``exit`` from the supervisor. Index -1 is the module set-up of funct
 import builtins
 import contextlib
 import ctypes
+import gc
 import io
 import json
 import math
@@ -612,6 +613,7 @@ def serve():
     _ignore_signals()
     exec(compile(_PRELUDE, "<prelude>", "exec"), {})  # the modules solutions use, imported once for all
     modes = {top: os.stat(top).st_mode & 0o7777 for top in _WIPED_DIRS if os.path.isdir(top)}
+    gc.freeze()  # our objects live for good: the workers' collector then never touches (and copies) their pages
     while True:
         p = _read_request(requests)
         if p is None:
