@@ -26,7 +26,6 @@ import io
 import json
 import math
 import os
-import random
 import resource
 import signal
 import sys
@@ -622,7 +621,6 @@ def serve():
         def fresh_worker():
             os.close(requests)
             libc.prctl(4, 1, 0, 0, 0)  # the worker is an ordinary process again (its own /proc/self)
-            random.seed()  # each solution its own random state, as in a fresh interpreter
 
         pid = _start_worker(p, fresh_worker)
         token = _read_line(requests)
