@@ -433,7 +433,12 @@ def _read_request(fd):
     return None if raw is None else json.loads(raw)
 
 
-def _redirect_std_to_null():
+def _take_protocol_channel():
+    """Keep stdout as the protocol channel (``_proto_fd``, inherited by the worker) and point fds 0-2 at
+    /dev/null, so nothing else lands on the channel by accident."""
+    global _proto_fd
+    _proto_fd = os.dup(1)
+    os.set_inheritable(_proto_fd, True)
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
@@ -486,12 +491,10 @@ def _ignore_signals():
 
 def main():
     """One solution: read its payload, run it in a worker, report, exit (taking any leftovers down)."""
-    global _proto_fd
     p = _read_request(0)
     if p is None:
         os._exit(74)
-    _proto_fd = os.dup(1)
-    _redirect_std_to_null()
+    _take_protocol_channel()
     pid = _start_worker(p)
     # Supervisor: never runs model code.
     _ignore_signals()
@@ -599,7 +602,6 @@ def serve():
     sees it) a token line that the ``exit`` event echoes. The host trusts only an ``exit`` carrying the
     token, so a program printing a fake ``exit`` on the protocol channel cannot end a run early or shift the
     next run's events."""
-    global _proto_fd
     refusal = _not_a_sandbox()
     if refusal:
         sys.stderr.write(f"--serve refuses to run: {refusal}\n")
@@ -607,8 +609,7 @@ def serve():
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: no ptrace of us and no /proc/1/{mem,fd} for the workers
     requests = os.dup(0)
-    _proto_fd = os.dup(1)
-    _redirect_std_to_null()
+    _take_protocol_channel()
     _ignore_signals()
     exec(compile(_PRELUDE, "<prelude>", "exec"), {})  # the modules solutions use, imported once for all
     modes = {top: os.stat(top).st_mode & 0o7777 for top in _WIPED_DIRS if os.path.isdir(top)}
