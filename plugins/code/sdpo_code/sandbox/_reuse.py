@@ -19,7 +19,6 @@ import fcntl
 import os
 import queue
 import secrets
-import signal
 import subprocess
 import threading
 import weakref
@@ -118,10 +117,7 @@ class ServedSandbox:
                 self.proc.stdin.close()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=2)
-        with contextlib.suppress(OSError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        with contextlib.suppress(OSError):
-            self.proc.kill()
+        _system.kill_session(self.proc)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=10)
         for stream in (self.proc.stdin, self.proc.stdout):
@@ -148,12 +144,13 @@ class SandboxPool:
         self._closed = False
         self._finalizer = weakref.finalize(self, _close_all, self._idle)
 
-    def _take(self) -> tuple[ServedSandbox, bool]:
+    def _take(self, idle_ok: bool = True) -> tuple[ServedSandbox, bool]:
+        """An idle sandbox (when `idle_ok`) or a new one, and whether it was reused."""
         with self._lock:
             if self._pid != os.getpid():  # a forked copy of the pool: those sandboxes belong to the parent
                 self._idle.clear()
                 self._pid = os.getpid()
-            while self._idle:
+            while idle_ok and self._idle:
                 box = self._idle.pop()
                 if box.proc.poll() is None:
                     return box, True
@@ -165,9 +162,7 @@ class SandboxPool:
         box, reused = self._take()
         result = box.run(request, payload)
         if reused and not result.ready and result.harness_error:  # it died while idle: not the solution's doing
-            with self._lock:
-                self.started += 1
-            box = self._make()
+            box, _ = self._take(idle_ok=False)
             result = box.run(request, payload)
         with self._lock:
             keep = box.healthy and not self._closed

@@ -134,6 +134,14 @@ def kill_uid(uid: int) -> None:
     logger.warning("processes of sandbox uid %d survived clean-up: %s", uid, uid_processes(uid))
 
 
+def kill_session(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a sandbox started with ``start_new_session``: its process group, and the process itself."""
+    with contextlib.suppress(OSError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        proc.kill()
+
+
 # ------------------------------------------------------------------------------------------- interpreter
 # The harness's interpreter flags: isolated mode, and no `site` (it imports every .pth file's hooks, e.g. the
 # editable-install finders, which took 30-40 ms of a ~55 ms sandbox start-up); the harness puts the

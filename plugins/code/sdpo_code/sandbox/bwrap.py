@@ -162,7 +162,6 @@ class BwrapSandbox:
                 return ExecutionResult(ready=False, harness_error=f"could not start bwrap: {exc}")
             return _drive_popen(proc, request, payload)
 
-
     def _payload(self, request: ExecutionRequest, own_uid: bool) -> bytes:
         nproc = request.nproc
         if not own_uid:  # NPROC counts all our processes: allow the current ones plus the budget

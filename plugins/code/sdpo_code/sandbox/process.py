@@ -31,7 +31,6 @@ import functools
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -166,10 +165,7 @@ def _drive_popen(proc: subprocess.Popen[bytes], request: ExecutionRequest, paylo
                 proc.stdin.close()
 
     def kill() -> None:
-        with contextlib.suppress(OSError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(OSError):
-            proc.kill()
+        _system.kill_session(proc)
 
     try:
         result = drive(request, payload, write, proc.stdout.fileno(), kill, lambda: proc.poll() is not None)
