@@ -71,35 +71,35 @@ def test_concurrent_callers_get_one_sandbox_each(reused):
     assert 1 <= reused._pool.started <= 2
 
 
+def _next_sees(sandbox: BwrapSandbox, leave: str, look: str) -> str:
+    """Run `leave` (accepted: it prints ``-``), then what `look` prints in the next solution."""
+    assert _env(sandbox).score(ECHO, py(leave)).reward == 1.0
+    return _printed(sandbox, look).strip()
+
+
 def test_files_do_not_survive_into_the_next_solution(reused):
-    env = _env(reused)
     leave = ("import os\nfor d in ('/tmp', '/dev/shm'):\n    os.makedirs(d + '/deep/er', exist_ok=True)\n"
              "    open(d + '/deep/er/f', 'w').write('x')\n    open(d + '/secret', 'w').write('x')\n"
              "    os.chmod(d + '/deep/er', 0)\n    os.chmod(d + '/deep', 0)\n"
              "open('/dev/mqueue/q', 'w').close()\nos.chmod('/tmp', 0o500)\nprint('-')")
-    assert env.score(ECHO, py(leave)).reward == 1.0
     look = ("import os\nprint(sorted(os.listdir('/tmp')), sorted(os.listdir('/dev/shm')), "
             "sorted(os.listdir('/dev/mqueue')), os.access('/tmp', os.W_OK))")
-    assert _printed(reused, look).strip() == "[] [] [] True"
+    assert _next_sees(reused, leave, look) == "[] [] [] True"
 
 
 def test_processes_do_not_survive_into_the_next_solution(reused):
-    env = _env(reused)
     daemon = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        time.sleep(60)\n"
               "    os._exit(0)\nprint('-')")
-    assert env.score(ECHO, py(daemon)).reward == 1.0
     others = "import os\nprint(sorted(int(p) for p in os.listdir('/proc') if p.isdigit() and int(p) != os.getpid()))"
-    assert _printed(reused, others).strip() == "[1]"  # only the sandbox's PID 1
+    assert _next_sees(reused, daemon, others) == "[1]"  # only the sandbox's PID 1
 
 
 def test_system_v_ipc_does_not_survive_into_the_next_solution(reused):
-    env = _env(reused)
     create = ("import ctypes\nlibc = ctypes.CDLL(None)\nassert libc.shmget(0, 4096, 0o1600) >= 0\n"
               "assert libc.msgget(0, 0o1600) >= 0\nassert libc.semget(0, 1, 0o1600) >= 0\nprint('-')")
-    assert env.score(ECHO, py(create)).reward == 1.0
     count = ("rows = [len(open('/proc/sysvipc/' + k).read().splitlines()) - 1 for k in ('shm', 'msg', 'sem')]\n"
              "print(rows)")
-    assert _printed(reused, count).strip() == "[0, 0, 0]"
+    assert _next_sees(reused, create, count) == "[0, 0, 0]"
 
 
 def test_each_solution_gets_its_own_random_state(reused):
