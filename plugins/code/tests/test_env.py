@@ -66,6 +66,20 @@ def test_what_site_provides_still_works_without_it(make_env):
     assert third_party.details["verdict"] == "Accepted", third_party.text
 
 
+def test_prelude_names_without_imports_and_a_fresh_module_per_test(make_env):
+    """LeetCode-style names resolve with no import, shadowing builtins as LCB's star imports do (math's `pow`);
+    a test's rebinding of one does not reach the next test; `__builtins__` is still a module."""
+    env = make_env()
+    (fb,) = env.evaluate([ADD], [py(
+        "a, b = map(int, input().split())\n"
+        "q = deque([a]); heappush(h := [], b); xs: List[int] = [q[0], h[0]]\n"
+        "assert gcd(12, 18) == 6 and isinstance(pow(2, 2), float) and sys.maxsize > 0\n"
+        "assert 'deque' not in dir() or deque is collections.deque\n"
+        "deque = None\n"
+        "__builtins__.print(sum(xs))")])
+    assert fb.details["verdict"] == "Accepted", fb.text
+
+
 def test_wrong_answer_shows_the_visible_case_only(make_env):
     fb = make_env().score(ADD, py("a, b = map(int, input().split())\nprint(a * b)"))
     assert fb.reward == 0.0

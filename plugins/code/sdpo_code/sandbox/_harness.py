@@ -21,6 +21,7 @@ the worker; ``exit`` from the supervisor. Index -1 is the module set-up of funct
 import builtins
 import contextlib
 import ctypes
+import functools
 import gc
 import io
 import json
@@ -31,6 +32,7 @@ import signal
 import sys
 import time
 import traceback
+import types
 
 SOLUTION_FILE = "Solution.py"
 PROMPT_FILE = "prompt.py"
@@ -49,12 +51,45 @@ _PRELUDE = (
     "import collections, heapq, bisect, itertools, functools, math, string, re, sys, random, operator\n"
 )
 
+
+def _exit(code=None):
+    raise SystemExit(code)
+
+
+@functools.cache
+def solution_builtins():
+    """The builtins module solutions run with: Python's own, `exit`/`quit` (which `site` would add), and the
+    prelude's names on top (shadowing as the star imports would, e.g. `math.pow` over `pow`).
+
+    Made once per process (serve mode makes it before the first fork): a test's namespace then starts empty
+    instead of executing the prelude (~60 us a test), and a worker touches, and so copies, only the pages of
+    the names it uses."""
+    module = types.ModuleType("builtins", builtins.__doc__)
+    module.__dict__.update(vars(builtins))
+    module.__dict__.setdefault("exit", _exit)
+    module.__dict__.setdefault("quit", _exit)
+    prelude = {}
+    exec(compile(_PRELUDE, "<prelude>", "exec"), prelude)
+    module.__dict__.update((name, value) for name, value in prelude.items() if not name.startswith("__"))
+    return module
+
+
 _proto_fd = -1
 
 
-def send(msg):
-    """Write one protocol line; a failure means the model closed our channel, so stop quietly."""
-    data = (json.dumps(msg, ensure_ascii=True) + "\n").encode()
+_held = []  # protocol lines waiting to share the next write
+
+
+def send(msg, hold=False):
+    """Write one protocol line; a failure means the model closed our channel, so stop quietly.
+
+    `hold` keeps the line for the next write: a test's result then travels with the next test's ``start``
+    (or ``done``), one wake-up of the trainer instead of two. Only harness code runs in between."""
+    _held.append((json.dumps(msg, ensure_ascii=True) + "\n").encode())
+    if hold:
+        return
+    data = b"".join(_held)
+    _held.clear()
     try:
         view = memoryview(data)
         while view:
@@ -162,10 +197,10 @@ def _read_capped(fd, cap):
     return data.decode("utf-8", errors="replace"), size
 
 
-def _frames(tb, code_lines):
+def _frames(summary, code_lines):
     """The submitted code's frames (not the harness's), innermost last, with its own line numbers."""
     out = []
-    for fs in traceback.extract_tb(tb):
+    for fs in summary:
         if fs.filename == SOLUTION_FILE:
             line = code_lines[fs.lineno - 1].strip() if fs.lineno and 0 < fs.lineno <= len(code_lines) else ""
             out.append([fs.lineno, fs.name, line])
@@ -173,10 +208,13 @@ def _frames(tb, code_lines):
 
 
 def _exc_info(exc, code_lines, test_lines):
-    tb = exc.__traceback__
-    last = traceback.extract_tb(tb)[-1] if tb is not None else None
+    # lookup_lines=False: the lines come from the code we hold; linecache would stat every sys.path entry
+    # looking for a file named Solution.py, for each frame of each failing test
+    summary = traceback.StackSummary.extract(traceback.walk_tb(exc.__traceback__), lookup_lines=False)
+    last = summary[-1] if summary else None
     in_test = last is not None and last.filename == TEST_FILE
-    info = {"type": type(exc).__name__, "msg": _safe_str(exc), "frames": _frames(tb, code_lines), "in_test": in_test}
+    info = {"type": type(exc).__name__, "msg": _safe_str(exc), "frames": _frames(summary, code_lines),
+            "in_test": in_test}
     if in_test and last.lineno and 0 < last.lineno <= len(test_lines):
         info["test_line"] = test_lines[last.lineno - 1].strip()
     return info
@@ -285,7 +323,7 @@ class Worker:
             msg["exit_code"] = exit_code
         if value is not None:
             msg.update(value)
-        send(msg)
+        send(msg, hold=True)
         return status
 
     # ------------------------------------------------------------------------------------- main loop
@@ -304,19 +342,17 @@ class Worker:
             send(err)
             return
         stop_on = set(p.get("stop_on", ()))
-        prelude = compile(_PRELUDE, "<prelude>", "exec")
+        module_builtins = solution_builtins()
         if mode == "stdin":
             for i, stdin_text in enumerate(p["inputs"]):
                 def body(compiled=compiled):
-                    namespace = {"__name__": "__main__", "__builtins__": builtins, "__file__": SOLUTION_FILE}
-                    exec(prelude, namespace)
+                    namespace = {"__name__": "__main__", "__builtins__": module_builtins, "__file__": SOLUTION_FILE}
                     exec(compiled, namespace)
                 status = self.run(i, stdin_text.encode("utf-8", errors="surrogateescape"), limits[i], walls[i], body)
                 if status in stop_on:
                     break
             return
-        namespace = {"__name__": "__main__", "__builtins__": builtins, "__file__": SOLUTION_FILE}
-        exec(prelude, namespace)
+        namespace = {"__name__": "__main__", "__builtins__": module_builtins, "__file__": SOLUTION_FILE}
 
         def setup():
             if p.get("prefix"):
@@ -392,12 +428,10 @@ def _worker(p):
 
 
 def _site_setup(site_paths):
-    """What `site` would have given the program (we run with -S): site-packages, and `exit`/`quit`."""
+    """What `site` would have given the program (we run with -S): site-packages, and `exit`/`quit` for the
+    modules it imports (its own code sees them in `solution_builtins`)."""
     sys.path.extend(x for x in site_paths if x not in sys.path)
     if not hasattr(builtins, "exit"):
-        def _exit(code=None):
-            raise SystemExit(code)
-
         builtins.exit = builtins.quit = _exit
 
 
@@ -480,7 +514,7 @@ def _exit_event(status, usage, **extra):
         msg["signal"] = os.WTERMSIG(status)
     else:
         msg["code"] = os.WEXITSTATUS(status)
-    os.write(_proto_fd, b"\n")  # ends any line the worker was killed in the middle of
+    _held.append(b"\n")  # ends any line the worker was killed in the middle of (one write with the event)
     send(msg)
 
 
@@ -611,7 +645,7 @@ def serve():
     requests = os.dup(0)
     _take_protocol_channel()
     _ignore_signals()
-    exec(compile(_PRELUDE, "<prelude>", "exec"), {})  # the modules solutions use, imported once for all
+    solution_builtins()  # the modules solutions use, imported once for all
     modes = {top: os.stat(top).st_mode & 0o7777 for top in _WIPED_DIRS if os.path.isdir(top)}
     gc.freeze()  # our objects live for good: the workers' collector then never touches (and copies) their pages
     while True:
