@@ -27,6 +27,7 @@ from typing import Any
 
 from sdpo_code.sandbox import _system
 from sdpo_code.sandbox._driver import drive
+from sdpo_code.sandbox._harness import TOKEN_LINE_BYTES
 from sdpo_code.sandbox.base import ExecutionRequest, ExecutionResult
 
 
@@ -86,7 +87,7 @@ class ServedSandbox:
         """Run one solution; on anything unusual the sandbox marks itself unhealthy (the pool drops it)."""
         assert self.proc.stdin is not None
         assert self.proc.stdout is not None
-        token = secrets.token_hex(16)
+        token = secrets.token_hex((TOKEN_LINE_BYTES - 1) // 2)  # PID 1 reads exactly one such line
         stdin = self.proc.stdin
 
         def write(data: bytes) -> None:
