@@ -14,7 +14,9 @@ crashing solution):
 
 Backends: ``bwrap`` (the default: sandboxes reused across solutions, one per worker, started inside the
 measured time), ``bwrap-fresh`` (a new sandbox per solution), ``process``, ``docker``. Mixes: ``all`` (every kind)
-and ``no-tle`` (without the endless loops, whose 1 s limit every grader must wait out).
+and ``no-tle`` (without the endless loops, whose 1 s limit every grader must wait out). With ``--repeat N`` the
+backends and LCB take turns, one pass each, N times: this VM's speed drifts by tens of percent within a minute,
+and alternating makes the drift hit every side alike.
 
 Usage: ``python benchmarks/sandbox_bench.py [--size quick|full] [--backends ...] [--mixes all,no-tle] [--repeat N]``.
 """
@@ -66,21 +68,23 @@ def workload(size: str) -> list[tuple[dict[str, Any], str, str]]:
 _BACKENDS: dict[str, tuple[str, dict[str, Any]]] = {"bwrap-fresh": ("bwrap", {"reuse": False})}
 
 
-def bench_backend(name: str, items: list[tuple[dict[str, Any], str, str]], workers: int) -> dict[str, Any]:
+def make_environment(name: str, workers: int) -> CodeEnvironment:
+    """The code environment on backend `name`, as a trainer would build it (sandboxes start on first use)."""
     backend, options = _BACKENDS.get(name, (name, {}))
-    sandbox = get_sandbox(backend, **options)
-    env = CodeEnvironment(backend=sandbox, time_limit=1.0, max_workers=workers)
+    return CodeEnvironment(backend=get_sandbox(backend, **options), time_limit=1.0, max_workers=workers)
+
+
+def ours_once(env: CodeEnvironment, items: list[tuple[dict[str, Any], str, str]], workers: int) -> dict[str, Any]:
+    """One pass of the workload through `env`: wall seconds, tests executed, verdicts and per-solution figures."""
     tasks = [row for row, _, _ in items]
     completions = [f"```python\n{code}\n```" for _, _, code in items]
     start = time.monotonic()
     results = env.evaluate(tasks, completions, max_workers=workers)
     wall = time.monotonic() - start
-    executed = sum(1 for r in results for t in r.details.get("tests", []) if t["verdict"] != "Not Run")
-    startups = sorted(r.details.get("startup_seconds", 0.0) for r in results)
     return {
-        "backend": name, "workers": workers, "submissions": len(items), "tests": executed, "wall": wall,
-        "tests_per_s": executed / wall, "startup_median_ms": 1000 * statistics.median(startups),
-        "startup_p90_ms": 1000 * startups[int(0.9 * (len(startups) - 1))],
+        "wall": wall,
+        "tests": sum(1 for r in results for t in r.details.get("tests", []) if t["verdict"] != "Not Run"),
+        "startups": [r.details.get("startup_seconds", 0.0) for r in results],
         "verdicts": [r.details.get("verdict") for r in results],
         "seconds": [float(r.details.get("seconds", 0.0)) for r in results],
     }
@@ -131,39 +135,62 @@ def _verdict_class(verdict: str) -> str:
             "Syntax Error": "Runtime Error"}.get(verdict, verdict)
 
 
-def bench_ours(backends: list[str], items: list[tuple[dict[str, Any], str, str]]) -> dict[str, dict[str, Any]]:
-    """Every available backend at 1 and 2 workers, printed as a table row each."""
-    ours: dict[str, dict[str, Any]] = {}
+def lcb_once(items: list[tuple[dict[str, Any], str, str]], workers: int) -> dict[str, Any]:
+    """One pass of the workload through LiveCodeBench's grader, `workers` solutions at a time."""
+    start = time.monotonic()
+    with ThreadPoolExecutor(workers) as pool:  # each call forks its own child, as LCB's pool does
+        timed = list(pool.map(lambda item: _timed(lcb_run, item[0], item[2]), items))
+    return {"wall": time.monotonic() - start, "tests": sum(n for (_, n), _ in timed),
+            "verdicts": [v for (v, _), _ in timed], "seconds": [t for _, t in timed]}
+
+
+def _merge(total: dict[str, Any] | None, one: dict[str, Any]) -> dict[str, Any]:
+    if total is None:
+        return dict(one)
+    return {key: total[key] + one[key] for key in one}
+
+
+def bench(backends: list[str], items: list[tuple[dict[str, Any], str, str]], rounds: int,
+          have_lcb: bool) -> tuple[dict[str, dict[str, Any]], dict[int, dict[str, Any]]]:
+    """Every available backend and LCB at 1 and 2 workers, taking turns pass by pass (this VM's speed drifts
+    by tens of percent over a minute; alternating makes the drift hit both sides alike); a row each."""
+    available = []
     for name in backends:
-        backend, options = _BACKENDS.get(name, (name, {}))
         try:
-            get_sandbox(backend, **options)
+            make_environment(name, 1)
         except (SandboxUnavailable, RuntimeError) as exc:
             print(f"{name:12} unavailable: {exc}")
             continue
-        for workers in (1, 2):
-            r = bench_backend(name, items, workers)
+        available.append(name)
+    ours: dict[str, dict[str, Any]] = {}
+    lcb: dict[int, dict[str, Any]] = {}
+    for workers in (1, 2):
+        envs = {name: make_environment(name, workers) for name in available}  # start-up is inside the timing
+        totals: dict[str, dict[str, Any] | None] = dict.fromkeys([*envs, "lcb"] if have_lcb else envs)
+        for _ in range(rounds):
+            for name, env in envs.items():
+                totals[name] = _merge(totals[name], ours_once(env, items, workers))
+            if have_lcb:
+                totals["lcb"] = _merge(totals["lcb"], lcb_once(items, workers))
+        for name in envs:
+            r = totals[name]
+            assert r is not None
+            startups = sorted(r.pop("startups"))
+            r.update(backend=name, workers=workers, tests_per_s=r["tests"] / r["wall"],
+                     startup_median_ms=1000 * statistics.median(startups),
+                     startup_p90_ms=1000 * startups[int(0.9 * (len(startups) - 1))])
             ours[f"{name}/{workers}"] = r
             print(f"{name:12} {workers:>7} {r['tests']:>6} {r['wall']:>7.2f} {r['tests_per_s']:>8.1f} "
-                  f"{len(items) / r['wall']:>7.2f} "
+                  f"{rounds * len(items) / r['wall']:>7.2f} "
                   f"{r['startup_median_ms']:>9.1f} / {r['startup_p90_ms']:>6.1f}")
-    return ours
-
-
-def bench_lcb(items: list[tuple[dict[str, Any], str, str]]) -> dict[int, dict[str, Any]]:
-    """LiveCodeBench's grader at 1 and 2 workers: rates, verdicts and per-submission seconds."""
-    out: dict[int, dict[str, Any]] = {}
-    for workers in (1, 2):
-        start = time.monotonic()
-        with ThreadPoolExecutor(workers) as pool:  # each call forks its own child, as LCB's pool does
-            timed = list(pool.map(lambda item: _timed(lcb_run, item[0], item[2]), items))
-        wall = time.monotonic() - start
-        tests = sum(n for (_, n), _ in timed)
-        out[workers] = {"tests_per_s": tests / wall, "submissions_per_s": len(items) / wall,
-                        "verdicts": [v for (v, _), _ in timed], "seconds": [t for _, t in timed]}
-        print(f"{'lcb':12} {workers:>7} {tests:>6} {wall:>7.2f} {tests / wall:>8.1f} {len(items) / wall:>7.2f}"
-              "   (LCB stops at the first failure)")
-    return out
+        if have_lcb:
+            r = totals["lcb"]
+            assert r is not None
+            r.update(tests_per_s=r["tests"] / r["wall"], submissions_per_s=rounds * len(items) / r["wall"])
+            lcb[workers] = r
+            print(f"{'lcb':12} {workers:>7} {r['tests']:>6} {r['wall']:>7.2f} {r['tests_per_s']:>8.1f} "
+                  f"{r['submissions_per_s']:>7.2f}   (LCB stops at the first failure)")
+    return ours, lcb
 
 
 def compare(items: list[tuple[dict[str, Any], str, str]], ours: dict[str, dict[str, Any]],
@@ -204,8 +231,8 @@ def main() -> None:
     parser.add_argument("--backends", default="bwrap,bwrap-fresh,process,docker")
     parser.add_argument("--mixes", default="all,no-tle", help="comma-separated subset of " + ", ".join(MIXES))
     parser.add_argument("--repeat", type=int, default=1,
-                        help="submit the workload this many times (without time-outs the quick set takes well under "
-                             "a second, too short to measure a rate; e.g. --mixes no-tle --repeat 10)")
+                        help="passes over the workload, ours and LCB's taking turns (without time-outs the quick "
+                             "set takes well under a second, too short to time; e.g. --mixes no-tle --repeat 10)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     try:
@@ -215,15 +242,15 @@ def main() -> None:
         print("livecodebench not importable: no comparison (pip install --no-deps nvidia-livecodebench)")
         have_lcb = False
     for mix in args.mixes.split(","):
-        items = [item for item in workload(args.size) if item[1] in MIXES[mix]] * args.repeat
-        print(f"\n== mix {mix!r}: {len(items)} submissions ({args.size} x {args.repeat}: {', '.join(MIXES[mix])} "
-              "per problem), "
-              f"{sum(len(parse_task(r).tests) for r, _, _ in items)} tests, 1 s CPU limit")
+        items = [item for item in workload(args.size) if item[1] in MIXES[mix]]
+        print(f"\n== mix {mix!r}: {len(items) * args.repeat} submissions ({args.size} x {args.repeat}: "
+              f"{', '.join(MIXES[mix])} per problem), "
+              f"{args.repeat * sum(len(parse_task(r).tests) for r, _, _ in items)} tests, 1 s CPU limit")
         print(f"{'backend':12} {'workers':>7} {'tests':>6} {'wall s':>7} {'tests/s':>8} {'subm/s':>7} "
               f"{'start ms (med/p90)':>19}")
-        ours = bench_ours(args.backends.split(","), items)
+        ours, lcb = bench(args.backends.split(","), items, args.repeat, have_lcb)
         if have_lcb:
-            compare(items, ours, bench_lcb(items))
+            compare(items * args.repeat, ours, lcb)
 
 
 if __name__ == "__main__":
