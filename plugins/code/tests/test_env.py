@@ -67,13 +67,15 @@ def test_what_site_provides_still_works_without_it(make_env):
 
 
 def test_prelude_names_without_imports_and_a_fresh_module_per_test(make_env):
-    """LeetCode-style names resolve with no import, shadowing builtins as LCB's star imports do (math's `pow`);
-    a test's rebinding of one does not reach the next test; `__builtins__` is still a module."""
+    """What LCB's grader star-imports resolves with no import, in its order (`pow` keeps its modulus); bare
+    `stdin` reads this test's input; a test's rebinding of a name does not reach the next test; `__builtins__`
+    is still a module."""
     env = make_env()
     (fb,) = env.evaluate([ADD], [py(
-        "a, b = map(int, input().split())\n"
-        "q = deque([a]); heappush(h := [], b); xs: List[int] = [q[0], h[0]]\n"
-        "assert gcd(12, 18) == 6 and isinstance(pow(2, 2), float) and sys.maxsize > 0\n"
+        "a, b = map(int, stdin.readline().split())\n"
+        "q = deque([a]); heappush(h := [], b); xs: List[int] = deepcopy([q[0], h[0]])\n"
+        "assert gcd(12, 18) == 6 and pow(2, 10, 7) == 2 and ascii_lowercase[0] == 'a' and mean([1, 3]) == 2\n"
+        "assert isinstance(inf, float) and datetime.date(2026, 1, 1).year == 2026 and sys.maxsize > 0\n"
         "assert 'deque' not in dir() or deque is collections.deque\n"
         "deque = None\n"
         "__builtins__.print(sum(xs))")])

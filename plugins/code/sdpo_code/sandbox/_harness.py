@@ -40,17 +40,15 @@ TEST_FILE = "test.py"
 MARKER = "sdpo-code-harness"
 TOKEN_LINE_BYTES = 33  # serve mode: a request's token, 32 hex digits and a newline
 
-# Names LeetCode-style solutions use without importing them (`List[int]`, `deque`, `heapq`...).
-_PRELUDE = (
-    "from typing import *\n"
-    "from collections import *\n"
-    "from heapq import *\n"
-    "from bisect import *\n"
-    "from itertools import *\n"
-    "from functools import *\n"
-    "from math import *\n"
-    "import collections, heapq, bisect, itertools, functools, math, string, re, sys, random, operator\n"
-)
+# What a solution may use without importing it: the star imports of LiveCodeBench's grader, in its order (so
+# `from builtins import *` undoes the shadowing by `math.pow` and `operator.abs`: `pow(a, e, m)` works), then
+# the modules themselves. Verdicts then agree with LCB's on solutions that lean on them (`deepcopy`, `inf`...).
+_STAR_IMPORTED = ("string", "re", "datetime", "collections", "heapq", "bisect", "copy", "math", "random",
+                  "statistics", "itertools", "functools", "operator", "io", "sys", "json", "builtins", "typing")
+_PRELUDE = "".join(f"from {name} import *\n" for name in _STAR_IMPORTED) + "import " + ", ".join(
+    name for name in _STAR_IMPORTED if name not in ("builtins", "typing")) + "\n"
+_STREAMS = ("stdin", "stdout", "stderr")  # `from sys import *` names bound per test, see `_module_namespace`
+RECURSION_LIMIT = 50000  # LCB's
 
 
 def _exit(code=None):
@@ -59,20 +57,29 @@ def _exit(code=None):
 
 @functools.cache
 def solution_builtins():
-    """The builtins module solutions run with: Python's own, `exit`/`quit` (which `site` would add), and the
-    prelude's names on top (shadowing as the star imports would, e.g. `math.pow` over `pow`).
+    """The builtins module solutions run with: the prelude's names (over Python's builtins exactly as its star
+    imports leave them), and `quit` (`site` would add it; `exit` is `sys.exit` from the prelude).
 
     Made once per process (serve mode makes it before the first fork): a test's namespace then starts empty
     instead of executing the prelude (~60 us a test), and a worker touches, and so copies, only the pages of
     the names it uses."""
     module = types.ModuleType("builtins", builtins.__doc__)
     module.__dict__.update(vars(builtins))
-    module.__dict__.setdefault("exit", _exit)
-    module.__dict__.setdefault("quit", _exit)
     prelude = {}
     exec(compile(_PRELUDE, "<prelude>", "exec"), prelude)
-    module.__dict__.update((name, value) for name, value in prelude.items() if not name.startswith("__"))
+    module.__dict__.update((name, value) for name, value in prelude.items()
+                           if not name.startswith("__") and name not in _STREAMS)
+    module.__dict__.setdefault("exit", _exit)
+    module.__dict__.setdefault("quit", _exit)
     return module
+
+
+def _module_namespace():
+    """A fresh ``__main__`` namespace for the solution, with the `stdin`, `stdout` and `stderr` that
+    `from sys import *` gives bound to the current test's streams (not to those the prelude was made with)."""
+    namespace = {"__name__": "__main__", "__builtins__": solution_builtins(), "__file__": SOLUTION_FILE}
+    namespace.update((name, getattr(sys, name)) for name in _STREAMS)
+    return namespace
 
 
 _proto_fd = -1
@@ -343,19 +350,18 @@ class Worker:
             send(err)
             return
         stop_on = set(p.get("stop_on", ()))
-        module_builtins = solution_builtins()
         if mode == "stdin":
             for i, stdin_text in enumerate(p["inputs"]):
                 def body(compiled=compiled):
-                    namespace = {"__name__": "__main__", "__builtins__": module_builtins, "__file__": SOLUTION_FILE}
-                    exec(compiled, namespace)
+                    exec(compiled, _module_namespace())
                 status = self.run(i, stdin_text.encode("utf-8", errors="surrogateescape"), limits[i], walls[i], body)
                 if status in stop_on:
                     break
             return
-        namespace = {"__name__": "__main__", "__builtins__": module_builtins, "__file__": SOLUTION_FILE}
+        namespace = {}
 
         def setup():
+            namespace.update(_module_namespace())
             if p.get("prefix"):
                 exec(compile(p["prefix"], PROMPT_FILE, "exec", dont_inherit=True), namespace)
             exec(compiled, namespace)
@@ -422,7 +428,7 @@ def _worker(p):
     if ll and not abi and ll.get("required"):
         send({"ev": "setup_failed", "reason": "landlock unavailable"})
         os._exit(71)
-    sys.setrecursionlimit(max(sys.getrecursionlimit(), int(p.get("recursion_limit", 10000))))
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), int(p.get("recursion_limit", RECURSION_LIMIT))))
     send({"ev": "ready", "pid": os.getpid(), "uid": os.getuid(), "landlock": abi, "python": sys.version.split()[0]})
     Worker(p).main()
     send({"ev": "done"})
