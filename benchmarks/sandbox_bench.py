@@ -14,9 +14,10 @@ crashing solution):
 
 Backends: ``bwrap`` (the default: sandboxes reused across solutions, one per worker, started inside the
 measured time), ``bwrap-fresh`` (a new sandbox per solution), ``process``, ``docker``. Mixes: ``all`` (every kind)
-and ``no-tle`` (without the endless loops, whose 1 s limit every grader must wait out). With ``--repeat N`` the
-backends and LCB take turns, one pass each, N times: this VM's speed drifts by tens of percent within a minute,
-and alternating makes the drift hit every side alike.
+and ``no-tle`` (without the endless loops, whose 1 s limit every grader must wait out). The backends and LCB take
+turns, one pass each, ``--repeat`` times (default 1 with the loops, 10 without: one pass of those takes well
+under a second): this VM's speed drifts by tens of percent within a minute, and alternating makes the drift
+hit every side alike.
 
 Usage: ``python benchmarks/sandbox_bench.py [--size quick|full] [--backends ...] [--mixes all,no-tle] [--repeat N]``.
 """
@@ -223,6 +224,7 @@ def compare(items: list[tuple[dict[str, Any], str, str]], ours: dict[str, dict[s
 
 
 MIXES = {"all": ("correct", "wrong", "tle", "re"), "no-tle": ("correct", "wrong", "re")}
+DEFAULT_PASSES = {"all": 1, "no-tle": 10}
 
 
 def main() -> None:
@@ -230,9 +232,9 @@ def main() -> None:
     parser.add_argument("--size", choices=["quick", "full"], default="quick")
     parser.add_argument("--backends", default="bwrap,bwrap-fresh,process,docker")
     parser.add_argument("--mixes", default="all,no-tle", help="comma-separated subset of " + ", ".join(MIXES))
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="passes over the workload, ours and LCB's taking turns (without time-outs the quick "
-                             "set takes well under a second, too short to time; e.g. --mixes no-tle --repeat 10)")
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="passes over the workload, ours and LCB's taking turns (default: 1 for 'all', 10 for "
+                             "'no-tle', whose single pass takes well under a second, too short to time)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     try:
@@ -242,15 +244,16 @@ def main() -> None:
         print("livecodebench not importable: no comparison (pip install --no-deps nvidia-livecodebench)")
         have_lcb = False
     for mix in args.mixes.split(","):
+        passes = args.repeat or DEFAULT_PASSES[mix]
         items = [item for item in workload(args.size) if item[1] in MIXES[mix]]
-        print(f"\n== mix {mix!r}: {len(items) * args.repeat} submissions ({args.size} x {args.repeat}: "
+        print(f"\n== mix {mix!r}: {len(items) * passes} submissions ({args.size} x {passes}: "
               f"{', '.join(MIXES[mix])} per problem), "
-              f"{args.repeat * sum(len(parse_task(r).tests) for r, _, _ in items)} tests, 1 s CPU limit")
+              f"{passes * sum(len(parse_task(r).tests) for r, _, _ in items)} tests, 1 s CPU limit")
         print(f"{'backend':12} {'workers':>7} {'tests':>6} {'wall s':>7} {'tests/s':>8} {'subm/s':>7} "
               f"{'start ms (med/p90)':>19}")
-        ours, lcb = bench(args.backends.split(","), items, args.repeat, have_lcb)
+        ours, lcb = bench(args.backends.split(","), items, passes, have_lcb)
         if have_lcb:
-            compare(items * args.repeat, ours, lcb)
+            compare(items * passes, ours, lcb)
 
 
 if __name__ == "__main__":
