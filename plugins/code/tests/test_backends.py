@@ -51,6 +51,18 @@ def test_auto_picks_bwrap_and_logs_it(caplog, backend_by_name):
     assert "sandbox backend 'bwrap'" in caplog.text  # the backend and its isolation, once per environment
 
 
+def test_auto_without_bwrap_drops_bwrap_options_with_a_warning(caplog, monkeypatch):
+    """`reuse` means nothing to the process backend: falling back logs it as ignored instead of crashing."""
+    import sdpo_code.sandbox.bwrap
+
+    monkeypatch.setattr(sdpo_code.sandbox.bwrap, "find_bwrap", lambda *args, **kwargs: None)
+    with caplog.at_level(logging.INFO, logger="sdpo_code"):
+        sandbox = get_sandbox("auto", reuse=False, drop_privileges=False)
+    assert sandbox.name == "process"
+    assert "no option 'reuse'; ignored" in caplog.text
+    assert not sandbox.switch_uid  # the options it does take still reach it
+
+
 def test_missing_bwrap_binary_is_a_clear_error():
     with pytest.raises(SandboxUnavailable, match=r"cannot create a sandbox|no bwrap"):
         get_sandbox("bwrap", bwrap="/nonexistent/bwrap")

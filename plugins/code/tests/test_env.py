@@ -68,8 +68,8 @@ def test_what_site_provides_still_works_without_it(make_env):
 
 def test_prelude_names_without_imports_and_a_fresh_module_per_test(make_env):
     """What LCB's grader star-imports resolves with no import, in its order (`pow` keeps its modulus); bare
-    `stdin` and `stdout` are this test's (LCB's grader loses output written to bare `stdout`); a test's rebinding of a name does not reach the next test; `__builtins__`
-    is still a module."""
+    `stdin` and `stdout` are this test's (LCB's grader loses output written to a bare `stdout`); a test's
+    rebinding of a name does not reach the next test; `__builtins__` is still a module."""
     env = make_env()
     (fb,) = env.evaluate([ADD], [py(
         "a, b = map(int, stdin.readline().split())\n"

@@ -10,6 +10,7 @@ backend that cannot work here raises `SandboxUnavailable`: there is no silent do
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -69,6 +70,19 @@ def available_sandboxes() -> list[str]:
     return sorted(_registered_names() | set(BUILTIN_SANDBOXES))
 
 
+def _options_for_process(options: dict[str, Any]) -> dict[str, Any]:
+    """`options` without those the process backend does not take (``auto`` was given them for bwrap, such as
+    ``reuse``), each dropped one logged: falling back must not turn a bwrap option into a crash."""
+    from sdpo_code.sandbox.process import ProcessSandbox
+
+    accepted = inspect.signature(ProcessSandbox).parameters
+    dropped = sorted(set(options) - set(accepted))
+    if dropped:
+        logger.warning("sdpo-code: backend='auto' uses 'process', which has no option %s; ignored",
+                       ", ".join(map(repr, dropped)))
+    return {name: value for name, value in options.items() if name in accepted}
+
+
 def get_sandbox(backend: str | Sandbox = "auto", **options: Any) -> Sandbox:
     """Build the backend named `backend` with `options`, or pass a ready `Sandbox` through.
 
@@ -92,7 +106,7 @@ def get_sandbox(backend: str | Sandbox = "auto", **options: Any) -> Sandbox:
                 return sandbox
         else:
             logger.info("sdpo-code: backend='auto': no bwrap binary; using the 'process' backend")
-        return get_sandbox("process", **options)
+        return get_sandbox("process", **_options_for_process(options))
     if backend in _registered_names():
         import sdpo_envs
 
