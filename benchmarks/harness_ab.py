@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import sdpo_code.sandbox.bwrap as bwrap
-from sandbox_bench import MIXES, ours_once, workload
-from sdpo_code import CodeEnvironment, get_sandbox
+from sandbox_bench import MIXES, make_environment, ours_once, workload
+from sdpo_code import CodeEnvironment
 
 HARNESS = Path(bwrap.__file__).with_name("_harness.py")
 
@@ -34,7 +34,7 @@ def harness_at(revision: str) -> str:
 def environment(source: str, workers: int) -> CodeEnvironment:
     """A bwrap code environment whose sandboxes run `source` (they start on first use and keep it)."""
     bwrap.HARNESS_SOURCE = source
-    return CodeEnvironment(backend=get_sandbox("bwrap"), time_limit=1.0, max_workers=workers)
+    return make_environment("bwrap", workers)
 
 
 def main() -> None:
@@ -56,6 +56,8 @@ def main() -> None:
                 one = ours_once(env, items, workers)
                 walls[name] += one["wall"]
                 verdicts[name] = one["verdicts"]
+        for env in envs.values():
+            env.close()
         base, new = (verdicts[name] for name in sources)
         assert base == new, f"verdicts differ: {base} != {new}"
         rates = {name: args.passes * len(items) / wall for name, wall in walls.items()}

@@ -158,7 +158,7 @@ def bench(backends: list[str], items: list[tuple[dict[str, Any], str, str]], rou
     available = []
     for name in backends:
         try:
-            make_environment(name, 1)
+            make_environment(name, 1).close()
         except (SandboxUnavailable, RuntimeError) as exc:
             print(f"{name:12} unavailable: {exc}")
             continue
@@ -173,16 +173,19 @@ def bench(backends: list[str], items: list[tuple[dict[str, Any], str, str]], rou
                 totals[name] = _merge(totals[name], ours_once(env, items, workers))
             if have_lcb:
                 totals["lcb"] = _merge(totals["lcb"], lcb_once(items, workers))
+        for env in envs.values():
+            env.close()
         for name in envs:
             r = totals[name]
             assert r is not None
             startups = sorted(r.pop("startups"))
             r.update(backend=name, workers=workers, tests_per_s=r["tests"] / r["wall"],
+                     submissions_per_s=rounds * len(items) / r["wall"],
                      startup_median_ms=1000 * statistics.median(startups),
                      startup_p90_ms=1000 * startups[int(0.9 * (len(startups) - 1))])
             ours[f"{name}/{workers}"] = r
             print(f"{name:12} {workers:>7} {r['tests']:>6} {r['wall']:>7.2f} {r['tests_per_s']:>8.1f} "
-                  f"{rounds * len(items) / r['wall']:>7.2f} "
+                  f"{r['submissions_per_s']:>7.2f} "
                   f"{r['startup_median_ms']:>9.1f} / {r['startup_p90_ms']:>6.1f}")
         if have_lcb:
             r = totals["lcb"]
@@ -220,7 +223,7 @@ def compare(items: list[tuple[dict[str, Any], str, str]], ours: dict[str, dict[s
         theirs = lcb[r["workers"]]
         print(f"ours ({key} workers) / LCB ({r['workers']} workers): tests/s "
               f"{r['tests_per_s'] / theirs['tests_per_s']:.2f}, submissions/s "
-              f"{len(items) / r['wall'] / theirs['submissions_per_s']:.2f}")
+              f"{r['submissions_per_s'] / theirs['submissions_per_s']:.2f}")
 
 
 MIXES = {"all": ("correct", "wrong", "tle", "re"), "no-tle": ("correct", "wrong", "re")}

@@ -69,7 +69,6 @@ def solution_builtins():
     exec(compile(_PRELUDE, "<prelude>", "exec"), prelude)
     module.__dict__.update((name, value) for name, value in prelude.items()
                            if not name.startswith("__") and name not in _STREAMS)
-    module.__dict__.setdefault("exit", _exit)
     module.__dict__.setdefault("quit", _exit)
     return module
 

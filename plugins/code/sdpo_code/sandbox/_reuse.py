@@ -72,11 +72,8 @@ class ServedSandbox:
         self._owner = os.getpid()
         self._leases = contextlib.ExitStack()
         self.uid: int | None = self._leases.enter_context(_system.sandbox_uid(switch_uid))
-        ids: dict[str, Any] = {"user": self.uid, "group": self.uid, "extra_groups": []} if self.uid is not None else {}
         try:
-            self.proc: subprocess.Popen[bytes] = _spawner.call(lambda: subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd="/", env={},
-                start_new_session=True, close_fds=True, **ids))
+            self.proc: subprocess.Popen[bytes] = _spawner.call(lambda: _system.start_session(argv, self.uid))
         except BaseException:
             self._leases.close()
             raise

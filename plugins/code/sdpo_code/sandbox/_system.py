@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,12 @@ def sandbox_uid(switch: bool) -> Iterator[int | None]:
         yield lease.uid
 
 
+def as_user(uid: int | None) -> dict[str, Any]:
+    """`subprocess` keyword arguments that run the child as `uid` (its own group, no supplementary groups);
+    none for `None` (stay who we are)."""
+    return {"user": uid, "group": uid, "extra_groups": []} if uid is not None else {}
+
+
 def uid_processes(uid: int) -> list[int]:
     """PIDs whose real uid is `uid` (from /proc)."""
     pids = []
@@ -120,9 +127,8 @@ def kill_uid(uid: int) -> None:
     kill = _kill_binary()
     if kill is not None:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
-            subprocess.run([kill, "-s", "KILL", "--", "-1"], user=uid, group=uid, extra_groups=[],
-                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           timeout=10, check=False)
+            subprocess.run([kill, "-s", "KILL", "--", "-1"], **as_user(uid), stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10, check=False)
     for _ in range(50):
         pids = uid_processes(uid)
         if not pids:
@@ -132,6 +138,15 @@ def kill_uid(uid: int) -> None:
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.01)  # a killed process stays listed until its parent reaps it
     logger.warning("processes of sandbox uid %d survived clean-up: %s", uid, uid_processes(uid))
+
+
+def start_session(argv: list[str], uid: int | None, cwd: str = "/",
+                  env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start a sandbox process as `uid`: pipes for the protocol, stderr discarded, no inherited fds, and a
+    session of its own, so that `kill_session` reaches everything it starts."""
+    return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            cwd=cwd, env={} if env is None else env, start_new_session=True, close_fds=True,
+                            **as_user(uid))
 
 
 def kill_session(proc: subprocess.Popen[bytes]) -> None:
@@ -172,12 +187,9 @@ _PROBE = (
 @functools.lru_cache(maxsize=16)
 def probe_interpreter(path: str, uid: int | None) -> Interpreter | None:
     """Run `path` (as `uid`) once; `None` if it cannot start or is older than 3.10."""
-    kwargs: dict[str, object] = {}
-    if uid is not None:
-        kwargs.update(user=uid, group=uid, extra_groups=[])
     try:
         out = subprocess.run([path, "-I", "-c", _PROBE], capture_output=True, timeout=20, check=True, cwd="/",
-                             env={"PATH": "/usr/bin:/bin"}, **kwargs)  # type: ignore[call-overload]
+                             env={"PATH": "/usr/bin:/bin"}, **as_user(uid))
         info = json.loads(out.stdout)
     except (OSError, subprocess.SubprocessError, ValueError):
         return None

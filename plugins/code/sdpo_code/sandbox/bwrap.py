@@ -153,11 +153,8 @@ class BwrapSandbox:
         with _system.sandbox_uid(self.switch_uid) as uid:
             argv = self.argv([self.interpreter.path, *_system.HARNESS_FLAGS, "-c", HARNESS_SOURCE])
             payload = self._payload(request, uid is not None)
-            ids: dict[str, Any] = {"user": uid, "group": uid, "extra_groups": []} if uid is not None else {}
             try:
-                proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=subprocess.DEVNULL, cwd="/", env={}, start_new_session=True,
-                                        close_fds=True, **ids)
+                proc = _system.start_session(argv, uid)
             except OSError as exc:
                 return ExecutionResult(ready=False, harness_error=f"could not start bwrap: {exc}")
             return _drive_popen(proc, request, payload)
@@ -171,12 +168,9 @@ class BwrapSandbox:
 
 @functools.lru_cache(maxsize=8)
 def _bwrap_works(base: tuple[str, ...], uid: int | None) -> tuple[bool, str]:
-    kwargs: dict[str, Any] = {}
-    if uid is not None:
-        kwargs.update(user=uid, group=uid, extra_groups=[])
     try:
         out = subprocess.run([*base, "--", "/bin/true"], capture_output=True, timeout=30, cwd="/", env={},
-                             **kwargs)
+                             **_system.as_user(uid))
     except (OSError, subprocess.SubprocessError) as exc:
         return False, str(exc)
     if out.returncode != 0:

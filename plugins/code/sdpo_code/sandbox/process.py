@@ -52,12 +52,9 @@ def _unshare_works(as_uid: int | None) -> str | None:
     unshare = shutil.which("unshare", path="/usr/bin:/bin:/usr/sbin:/sbin")
     if unshare is None:
         return None
-    kwargs: dict[str, Any] = {}
-    if as_uid is not None:
-        kwargs.update(user=as_uid, group=as_uid, extra_groups=[])
     try:
         subprocess.run([unshare, *_UNSHARE, "/bin/true"], check=True, timeout=20, capture_output=True, cwd="/",
-                       **kwargs)
+                       **_system.as_user(as_uid))
     except (OSError, subprocess.SubprocessError):
         return None
     return unshare
@@ -141,11 +138,8 @@ class ProcessSandbox:
             payload = request.payload(nproc=nproc, site_paths=list(self.interpreter.site_paths), **extra)
             env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
                    "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
-            ids: dict[str, Any] = {"user": uid, "group": uid, "extra_groups": []} if uid is not None else {}
             try:
-                proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=subprocess.DEVNULL, cwd=workdir, env=env, start_new_session=True,
-                                        close_fds=True, **ids)
+                proc = _system.start_session(argv, uid, cwd=workdir, env=env)
             except OSError as exc:
                 return ExecutionResult(ready=False, harness_error=f"could not start the sandbox: {exc}")
             return _drive_popen(proc, request, payload)
@@ -164,9 +158,7 @@ def _drive_popen(proc: subprocess.Popen[bytes], request: ExecutionRequest, paylo
             with contextlib.suppress(OSError):
                 proc.stdin.close()
 
-    def kill() -> None:
-        _system.kill_session(proc)
-
+    kill = functools.partial(_system.kill_session, proc)
     try:
         result = drive(request, payload, write, proc.stdout.fileno(), kill, lambda: proc.poll() is not None)
     finally:
