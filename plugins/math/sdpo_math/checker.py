@@ -10,11 +10,20 @@ an asyncio loop, or an `Environment.evaluate` thread pool, and always returns wi
 Why a fast path: most RL answers are plain numbers. Equal strings, and plain numbers compared
 exactly (`Fraction`), need no sympy; distinct integers are distinct for math-verify too. Decimals
 that differ go to math-verify, whose rounding tolerance (`float_rounding`) decides.
+
+Why a magnitude rule (`sdpo_math.magnitude`): a numeric answer like `10^{10^{10}}` or `(10^9)!` would
+make sympy build a number with billions of digits, uninterruptibly. Its size is bounded cheaply
+instead; when the sizes of answer and gold are far apart the answer is wrong at once, and when they
+are not but a side is too large for sympy, the check abstains at once instead of timing out.
+
+Time bounds: one check takes at most about `timeout` seconds once a worker is up; a check given a
+`deadline` (a batch's budget, see `MathEnvironment`) neither waits for a worker nor runs past it.
 """
 
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import logging
 import math
@@ -31,6 +40,8 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
+
+from sdpo_math.magnitude import Num, magnitude_verdict, parse_numeric
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +65,8 @@ class CheckResult:
     Args:
         outcome (`str`): `"equal"`, `"different"`, `"unparsable"` (the answer is not a math expression
             and differs from the gold as a string), `"timeout"` or `"error"` (the checker failed: abstain).
-        by (`str`): what decided: `"fast"` (string or exact number), `"math_verify"`, `"cache"`.
+        by (`str`): what decided: `"fast"` (string or exact number), `"magnitude"` (sizes alone),
+            `"math_verify"`, `"cache"`, or `"budget"` (the batch's time budget was used up first).
         seconds (`float`): time spent, including waiting for a worker.
         details (`dict`): parsed forms and free symbols of both sides (`gold_parsed`, `answer_parsed`,
             `gold_symbols`, `answer_symbols`, `gold_ok`), or `error`.
@@ -146,6 +158,41 @@ def fast_compare(gold: str, answer: str) -> Outcome | None:
     except (ValueError, ZeroDivisionError):  # huge decimals: let math-verify decide
         return None
     return None  # unequal decimals: math-verify's rounding tolerance decides
+
+
+@functools.lru_cache(maxsize=4096)
+def numeric_value(text: str) -> Num | None:
+    """The value or size bounds of a numeric answer (`1,000` and `7 dollars` as the fast path reads them)."""
+    plain = _plain_number(normalize(_drop_unit_words(text.strip())))
+    if plain is not None:
+        return parse_numeric(plain[0])
+    return parse_numeric(normalize(text))
+
+
+def _log10_range(value: Num | None) -> list[float | str] | str | None:
+    """Bounds on log10|value| for the details (JSON-safe: `"inf"`), `"zero"`, `"unknown"`, or `None` (not numeric)."""
+    if value is None:
+        return None
+    if not value.known:
+        return "unknown"
+    if value.is_zero:
+        return "zero"
+    return [bound if math.isfinite(bound) else str(bound) for bound in (value.lo, value.hi)]
+
+
+def magnitude_compare(gold: str, answer: str) -> CheckResult | None:
+    """A verdict from sizes alone when a side is too large to compute (see `sdpo_math.magnitude`), else `None`."""
+    started = time.perf_counter()
+    gold_value, answer_value = numeric_value(gold), numeric_value(answer)
+    verdict = magnitude_verdict(gold_value, answer_value)
+    if verdict is None:
+        return None
+    details: dict[str, Any] = {"gold_log10": _log10_range(gold_value), "answer_log10": _log10_range(answer_value)}
+    seconds = time.perf_counter() - started
+    if verdict == "different":
+        return CheckResult("different", "magnitude", seconds, details)
+    return CheckResult("timeout", "magnitude", seconds,
+                       {**details, "error": "a side is too large to evaluate and sizes alone do not decide"})
 
 
 # ------------------------------------------------------------------------------------ worker pool
@@ -275,10 +322,13 @@ class CheckerPool:
         self._discard(worker)  # died while idle (OOM killer, a stray signal)
         return None
 
-    def _acquire(self) -> _Worker:
-        """An idle worker, a new one while under `max_workers`, else wait for one to come back."""
+    def _acquire(self, deadline: float | None = None) -> _Worker | None:
+        """An idle worker, a new one while under `max_workers`, else wait for one to come back
+        (`None` if `deadline`, a `time.monotonic()` value, passes first)."""
         self._forked()
         while True:
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
             worker = self._take_idle(None)
             if worker is not None:
                 return worker
@@ -319,13 +369,18 @@ class CheckerPool:
         timeout: float,
         budget: float | None = None,
         options: dict[str, Any] | None = None,
+        deadline: float | None = None,
     ) -> dict[str, Any]:
         """One math-verify comparison in a worker; `{"timeout": True}` or `{"error": ...}` on failure.
 
         `budget` is the worker's own limit (default 80% of `timeout`), so a slow check usually ends
         inside the worker, which survives; past `timeout` the worker is killed and replaced.
+        `deadline` (`time.monotonic()`) bounds the wait for a free worker: `{"timeout": True,
+        "waited": True}` if none is free by then.
         """
-        worker = self._acquire()
+        worker = self._acquire(deadline)
+        if worker is None:
+            return {"timeout": True, "waited": True}
         try:
             worker.wait_ready()
             reply = worker.request(
@@ -353,7 +408,9 @@ class CheckerPool:
                 with self._lock:
                     if self._started >= self.max_workers:
                         break
-                started.append(self._acquire())
+                worker = self._acquire()
+                assert worker is not None  # no deadline: _acquire waits
+                started.append(worker)
             for worker in started:
                 worker.wait_ready()
         except Exception:
@@ -492,8 +549,13 @@ class MathChecker:
         self._cache = _LRU(state["_cache"])
         self._init_runtime()
 
-    def check(self, gold: str, answer: str) -> CheckResult:
-        """Compare two extracted answers (not whole completions)."""
+    def check(self, gold: str, answer: str, *, deadline: float | None = None) -> CheckResult:
+        """Compare two extracted answers (not whole completions).
+
+        `deadline` (a `time.monotonic()` value, e.g. the end of a batch's budget): a check that
+        math-verify would have to decide does not start, or wait for a worker, past it; it abstains
+        (`"timeout"`, by `"budget"`). It runs for at most `min(timeout, deadline - now)` seconds.
+        """
         started = time.perf_counter()
         if self.fast_path:
             outcome = fast_compare(gold, answer)
@@ -502,6 +564,9 @@ class MathChecker:
         if len(answer) > MAX_ANSWER_CHARS:
             return CheckResult("unparsable", "fast", time.perf_counter() - started,
                                {"note": f"answer too long to parse ({len(answer)} characters)"})
+        by_size = magnitude_compare(gold, answer)
+        if by_size is not None:
+            return by_size
         key = (gold, answer)
         cached = self._cache.get(key)
         if cached is not None:
@@ -512,30 +577,48 @@ class MathChecker:
             if flight is None:
                 flight = self._inflight[key] = _Flight()
         if not owner:
-            flight.done.wait()  # the owner always finishes: its check is bounded by the timeout
+            # The owner always finishes (its check is bounded by the timeout); we wait at most to our deadline.
+            if not flight.done.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
+                return self._over_budget(started)
             if flight.result is not None:  # the same verdict, timeouts included: retrying would time out too
                 shared = flight.result
                 return CheckResult(shared.outcome, "cache", time.perf_counter() - started, dict(shared.details))
-            return self._check_slow(gold, answer, key, started)  # the owner raised; try ourselves
+            return self._check_slow(gold, answer, key, started, deadline)  # the owner raised; try ourselves
         try:
-            flight.result = self._check_slow(gold, answer, key, started)
+            flight.result = self._check_slow(gold, answer, key, started, deadline)
             return flight.result
         finally:
             with self._inflight_lock:
                 del self._inflight[key]
             flight.done.set()
 
-    def _check_slow(self, gold: str, answer: str, key: tuple[str, str], started: float) -> CheckResult:
+    def _over_budget(self, started: float) -> CheckResult:
+        return CheckResult("timeout", "budget", time.perf_counter() - started,
+                           {"error": "the batch's checking budget was used up before this check could run"})
+
+    def _check_slow(
+        self, gold: str, answer: str, key: tuple[str, str], started: float, deadline: float | None
+    ) -> CheckResult:
+        timeout = self.timeout
+        if deadline is not None:
+            timeout = min(timeout, deadline - time.monotonic())
+            if timeout <= 0:
+                return self._over_budget(started)
         if self.mode == "inline":
             from sdpo_math._worker import run_with_budget
 
-            reply = run_with_budget(gold, answer, self.timeout, self.options)
+            reply = run_with_budget(gold, answer, timeout, self.options)
         else:
-            reply = self.pool.check(gold, answer, timeout=self.timeout, options=self.options)
+            reply = self.pool.check(gold, answer, timeout=timeout, options=self.options, deadline=deadline)
         seconds = time.perf_counter() - started
+        if reply.get("waited"):
+            return self._over_budget(started)
         if reply.get("timeout"):
+            cut = timeout < self.timeout
             return CheckResult(
-                "timeout", "math_verify", seconds, {"error": f"checker timed out after {self.timeout:g} s"}
+                "timeout", "budget" if cut else "math_verify", seconds,
+                {"error": f"checker timed out after {timeout:.3g} s"
+                          + (" (the rest of the batch's checking budget)" if cut else "")},
             )
         if "error" in reply:
             return CheckResult("error", "math_verify", seconds, {"error": reply["error"]})

@@ -10,7 +10,13 @@ Reward and verdict (`Feedback.details["verdict"]`):
 | `unparsable` | 0 | the answer is not a readable math expression (malformed LaTeX, prose) |
 | `no_answer` | 0 | no answer at all (empty completion, empty box, no number) |
 | `truncated` | 0 | the answer box was opened but the text ended first |
-| `checker_timeout` / `checker_error` | `None` | the checker failed: abstain, it is not the model's fault |
+| `checker_timeout` / `checker_error` | `None` | the checker failed or ran out of time: abstain |
+
+Time bounds: one check takes at most `timeout` seconds; a batch's checks share one budget,
+`batch_timeout`: a check that math-verify would have to decide and that cannot start (or finish)
+before it ends abstains as `checker_timeout`, with the reason in `details["error"]`. Numeric answers
+too large to compute (`10^{10^{10}}`, `(10^9)!`) are judged by their size without sympy
+(`sdpo_math.magnitude`): wrong at once when the size differs from the reference's.
 
 The feedback text is written for the SDPO teacher. It never contains the reference answer unless
 `reveal_answer=True` (that leaks the label; `algorithm.md` §5). A correct answer has empty text.
@@ -19,9 +25,12 @@ The feedback text is written for the SDPO teacher. It never contains the referen
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from sdpo_envs import Environment, Feedback, Task
+from sdpo_envs import Completion, Environment, Feedback, Task, completion_text
 from sdpo_math.checker import CheckerPool, CheckResult, MathChecker
 from sdpo_math.data import SYSTEM_PROMPTS, AnswerFormat, generate_problems, make_prompt
 from sdpo_math.extract import DEFAULT_ANSWER_PATTERN, Extraction, extract_answer, gold_answer
@@ -68,6 +77,10 @@ class MathEnvironment(Environment):
         chat (`bool`, *optional*, defaults to `True`): prompts as chat messages, else plain text.
         timeout (`float`, *optional*, defaults to `5.0`): seconds one math-verify check may take; past it
             the episode abstains (`checker_timeout`).
+        batch_timeout (`float`, *optional*, defaults to `30.0`): seconds all the checks of one batch
+            (`evaluate`, one trainer call) may take together; rows still undecided then abstain
+            (`checker_timeout`). `None`: no batch budget (a batch of N slow answers may cost N x
+            `timeout` / workers). Worker start-up is not counted.
         checker (`str`, *optional*, defaults to `"process"`): `"process"` (worker pool, bounded from any
             thread), `"inline"` (the calling thread; bounded only in a main thread), or a `MathChecker`.
         checker_workers (`int`, *optional*): size of a private worker pool; default: the shared pool.
@@ -96,6 +109,7 @@ class MathEnvironment(Environment):
         system_prompt: str | None = None,
         chat: bool = True,
         timeout: float = 5.0,
+        batch_timeout: float | None = 30.0,
         checker: Literal["process", "inline"] | MathChecker = "process",
         checker_workers: int | None = None,
         size: int = 1000,
@@ -107,6 +121,8 @@ class MathEnvironment(Environment):
             raise ValueError(f"answer_format must be one of {sorted(SYSTEM_PROMPTS)}, got {answer_format!r}")
         if not 0.0 <= unformatted_scale <= 1.0:
             raise ValueError(f"unformatted_scale must be in [0, 1], got {unformatted_scale!r}")
+        if batch_timeout is not None and not batch_timeout > 0:
+            raise ValueError(f"batch_timeout must be a positive number of seconds or None, got {batch_timeout!r}")
         if answer_pattern is not None:
             re.compile(answer_pattern)  # fail at construction, not on the first completion
         self.answer_format: AnswerFormat = answer_format
@@ -118,6 +134,7 @@ class MathEnvironment(Environment):
         self.question_field = question_field
         self.system_prompt = system_prompt
         self.chat = chat
+        self.batch_timeout = batch_timeout
         if isinstance(checker, MathChecker):
             self.checker = checker
         else:
@@ -148,6 +165,35 @@ class MathEnvironment(Environment):
 
     # ----------------------------------------------------------------------------------- scoring
     def score(self, task: Task, completion: str) -> Feedback:
+        return self._score(task, completion, None)
+
+    def score_batch(
+        self,
+        tasks: Sequence[Task],
+        completions: Sequence[Completion],
+        *,
+        extra: Mapping[str, Any],
+        max_workers: int | None,
+        timeout: float | None,
+    ) -> list[Feedback]:
+        """Score a batch under one time budget (`batch_timeout`), concurrently unless the checker is inline
+        (then in this thread, where its timeout can be enforced). `timeout` is not used: checks are bounded."""
+        deadline = None if self.batch_timeout is None else time.monotonic() + self.batch_timeout
+        texts = [completion_text(c) for c in completions]
+
+        def one(row: int) -> Feedback:
+            try:
+                return self._score(tasks[row], texts[row], deadline)
+            except Exception as exc:  # a malformed task must not stop the batch
+                return self.failed_feedback(f"{type(exc).__name__}: {exc}")
+
+        workers = min(len(tasks), max_workers or self.max_workers or 16)
+        if self.checker.mode == "inline" or workers <= 1:
+            return [one(row) for row in range(len(tasks))]
+        with ThreadPoolExecutor(workers, thread_name_prefix=f"sdpo-{self.label}") as executor:
+            return list(executor.map(one, range(len(tasks))))
+
+    def _score(self, task: Task, completion: str, deadline: float | None) -> Feedback:
         if self.answer_field not in task:
             raise KeyError(f"math: task has no {self.answer_field!r} field (fields: {sorted(task)})")
         expected = gold_answer(task[self.answer_field])
@@ -175,7 +221,7 @@ class MathEnvironment(Environment):
             )
         if not found.answer:
             return self._fail("no_answer", self._no_answer_text(found), details)
-        check = self.checker.check(expected, found.answer)
+        check = self.checker.check(expected, found.answer, deadline=deadline)
         details.update(check.details, checked_by=check.by, check_seconds=round(check.seconds, 6))
         return self._judge(found, check, details)
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from sdpo_math.checker import CheckerPool, MathChecker, fast_compare, normalize
 
-SLOW_ANSWER = "10^{10^{10}}"  # sympy evaluates this power for as long as it is allowed to
+SLOW_ANSWER = "(x+1)^{3000}"  # sympy expands this for as long as it is allowed to (huge numbers are judged by size)
 
 
 @pytest.fixture(scope="module")

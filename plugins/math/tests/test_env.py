@@ -15,7 +15,7 @@ from sdpo_math.checker import CheckerPool
 import sdpo_envs
 from sdpo_envs.testing import check_environment, registered_plugin
 
-SLOW_ANSWER = "10^{10^{10}}"
+SLOW_ANSWER = "(x+1)^{3000}"  # slow in sympy; huge numbers would be judged by size at once
 
 
 @pytest.fixture
