@@ -4,34 +4,21 @@ TRL wants `list[float | None]` back from a reward function, one per row. Feedbac
 the function's `last_feedback` list (the seed reference's protocol; `sdpo_envs.Environment` objects
 follow it too). The trainer resets it to `None` before each call, so a value left over from an earlier
 call can never be mistaken for this one's, and requires a fresh list of the right length after it.
+What a reward value may be (finite, or `None`) is `sdpo_envs.check_rewards`' rule, shared with the
+environments' reward bridge and the `reward` plugin.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from trl.trainer.utils import get_callable_name, is_async_callable
 
+from sdpo_envs import check_rewards
 
-def check_rewards(name: str, rewards: Any, expected: int) -> list[float | None]:
-    """`rewards` as a list of floats/None, or a `ValueError` naming the function and the bad row."""
-    if not isinstance(rewards, Sequence) or isinstance(rewards, (str, bytes)):
-        raise ValueError(f"reward function {name!r} returned {type(rewards).__name__}, expected a list of floats")
-    if len(rewards) != expected:
-        raise ValueError(f"reward function {name!r} returned {len(rewards)} rewards for {expected} completions")
-    checked: list[float | None] = []
-    for row, value in enumerate(rewards):
-        if value is None:
-            checked.append(None)
-            continue
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise ValueError(f"reward function {name!r} returned {value!r} ({type(value).__name__}) for row {row}; "
-                             "expected a float or None")
-        checked.append(float(value))
-    return checked
+__all__ = ["check_rewards", "combine_feedback", "read_feedback", "reset_feedback", "validated_reward_function"]
 
 
 def validated_reward_function(func: Callable[..., Any]) -> Callable[..., Any]:

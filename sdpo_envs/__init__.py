@@ -18,7 +18,7 @@ from sdpo_envs.registry import (
     make_sandbox,
     resolve_environment,
 )
-from sdpo_envs.reward import completion_text
+from sdpo_envs.reward import check_reward, check_rewards, completion_text
 from sdpo_envs.router import MultiEnvironment
 from sdpo_envs.sync import run_sync
 from sdpo_envs.types import (
@@ -49,6 +49,8 @@ __all__ = [
     "RegisteredFactory",
     "StepResult",
     "Task",
+    "check_reward",
+    "check_rewards",
     "completion_text",
     "get_factory",
     "get_plugins",

@@ -6,17 +6,52 @@ so it is kept on the function: `last_feedback` (one text per row, the protocol t
 documents; `""` when there is nothing to say) and `last_results` (the structured `Feedback` objects).
 Both are reset to `None` when a call starts. `SDPOTrainer` reads them; a plain `GRPOTrainer` ignores
 them and still gets the rewards.
+
+What a raw reward function may return is decided here, once (`check_reward`, `check_rewards`, used
+by `sdpo_core`'s trainer and the `reward` plugin): a finite real number, or `None` to abstain. `inf`
+and NaN are errors naming the function and the row: TRL would pass `inf` on into the advantages and
+read NaN as an abstention, so a bug in a reward function would look like an extremely good policy,
+or a grader that never answers. An environment's rewards come from `Feedback`, which holds the same
+rule (a `Feedback` with a NaN or infinite reward cannot be made).
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from sdpo_envs.types import Completion, Feedback, Task
+from sdpo_envs.types import Completion, Feedback, InvalidResultError, Task
 
 # Keyword arguments TRL adds to the dataset columns: per-batch context, not part of a task.
 TRAINER_KWARGS = frozenset({"trainer_state", "log_extra", "log_metric", "environments", "completion_ids"})
+
+
+def check_reward(value: Any, *, name: str, row: int) -> float | None:
+    """`value` as a finite float, `None` kept (abstain); `InvalidResultError` (a `ValueError`) naming the
+    reward function and the row for anything else, `inf` and NaN included."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidResultError(f"reward function {name!r} returned {value!r} ({type(value).__name__}) for row "
+                                 f"{row}; expected a float or None")
+    reward = float(value)
+    if not math.isfinite(reward):
+        raise InvalidResultError(f"reward function {name!r} returned {reward} for row {row}; rewards must be finite "
+                                 "(None abstains)")
+    return reward
+
+
+def check_rewards(name: str, rewards: Any, expected: int) -> list[float | None]:
+    """A reward function's output as `list[float | None]`, one per row, each checked by `check_reward`."""
+    if not isinstance(rewards, Sequence) or isinstance(rewards, (str, bytes)):
+        raise InvalidResultError(f"reward function {name!r} returned {type(rewards).__name__}, expected a list of "
+                                 "floats")
+    if len(rewards) != expected:
+        raise InvalidResultError(f"reward function {name!r} returned {len(rewards)} rewards for {expected} "
+                                 "completions")
+    return [check_reward(value, name=name, row=row) for row, value in enumerate(rewards)]
 
 
 def completion_text(completion: Completion) -> str:
@@ -90,4 +125,4 @@ class RewardFunctionMixin:
         results = self.evaluate(tasks, completions, extra=extra)
         self.last_results = results
         self.last_feedback = [r.text for r in results]
-        return [r.reward for r in results]
+        return [r.reward for r in results]  # Feedback holds only finite floats or None

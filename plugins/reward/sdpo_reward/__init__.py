@@ -18,7 +18,6 @@ import contextlib
 import functools
 import importlib
 import inspect
-import math
 import numbers
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -31,6 +30,7 @@ from sdpo_envs import (
     InvalidResultError,
     Register,
     Task,
+    check_reward,
     hookimpl,
     run_sync,
 )
@@ -206,18 +206,11 @@ class RewardEnvironment(Environment):
         return results
 
     def _number(self, value: Any, row: int) -> float | None:
-        if value is None:
-            return None
+        """A finite float or `None` (sdpo_envs' rule: `inf` and NaN are errors, `None` abstains)."""
         if hasattr(value, "item") and not isinstance(value, numbers.Real):  # 0-d tensors and arrays
             with contextlib.suppress(TypeError, ValueError, RuntimeError):  # not a scalar: reported below
                 value = value.item()
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise InvalidResultError(f"reward function {self.fn_name!r} returned {value!r} ({type(value).__name__}) "
-                                     f"for row {row}; expected a float, None, a (score, feedback) pair or a Feedback")
-        reward = float(value)
-        if math.isinf(reward):
-            raise InvalidResultError(f"reward function {self.fn_name!r} returned {reward} for row {row}")
-        return None if math.isnan(reward) else reward
+        return check_reward(value, name=self.fn_name, row=row)
 
 
 @hookimpl

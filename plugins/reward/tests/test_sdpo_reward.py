@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import sdpo_reward
+import torch
 from sdpo_reward import RewardEnvironment
 
 from sdpo_envs import Feedback, InvalidResultError, make
@@ -48,8 +49,6 @@ def pairs(completions, **kwargs):
             out.append(Feedback(reward=0.5, text="object", success=True, details={"k": 1}))
         elif c == "abstain":
             out.append(None)
-        elif c == "nan":
-            out.append(math.nan)
         else:
             out.append((0.0, f"wrong: {c}"))
     return out
@@ -146,13 +145,25 @@ def test_last_feedback_must_be_fresh_and_right_length():
         RewardEnvironment(NotText())(prompts=["p"], completions=["a"])
 
 
-def test_pairs_feedback_objects_none_and_nan():
+def test_pairs_feedback_objects_and_none():
     env = RewardEnvironment(pairs, success_threshold=0.9)
-    rewards = env(prompts=["p"] * 5, completions=["ok", "no", "feedback", "abstain", "nan"])
-    assert rewards == [1.0, 0.0, 0.5, None, None]
-    assert env.last_feedback == ["", "wrong: no", "object", "", ""]
+    rewards = env(prompts=["p"] * 4, completions=["ok", "no", "feedback", "abstain"])
+    assert rewards == [1.0, 0.0, 0.5, None]
+    assert env.last_feedback == ["", "wrong: no", "object", ""]
     assert env.last_results[2].details["k"] == 1
-    assert [r.success for r in env.last_results] == [True, False, True, False, False]
+    assert [r.success for r in env.last_results] == [True, False, True, False]
+    assert env.error_count == 0  # None is the function abstaining, not an error
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, (math.nan, "text"), torch.tensor(math.nan),
+                                 torch.tensor(-math.inf, dtype=torch.float64)])
+def test_non_finite_rewards_are_errors_naming_the_function_and_row(bad):
+    def flaky(completions):
+        return [1.0, bad]
+
+    with pytest.raises(InvalidResultError, match=r"reward function 'flaky' returned -?(nan|inf) for row 1; rewards "
+                                                 r"must be finite \(None abstains\)"):
+        RewardEnvironment(flaky)(prompts=["p", "q"], completions=["a", "b"])
 
 
 @pytest.mark.parametrize(("fn", "message"), [
