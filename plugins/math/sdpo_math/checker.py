@@ -13,8 +13,9 @@ that differ go to math-verify, whose rounding tolerance (`float_rounding`) decid
 
 Why a magnitude rule (`sdpo_math.magnitude`): a numeric answer like `10^{10^{10}}` or `(10^9)!` would
 make sympy build a number with billions of digits, uninterruptibly. Its size is bounded cheaply
-instead; when the sizes of answer and gold are far apart the answer is wrong at once, and when they
-are not but a side is too large for sympy, the check abstains at once instead of timing out.
+instead; when the sizes of answer and gold are far apart the answer is wrong at once; two exact
+powers (`10^{10^{10}}`, `100^{5 \\cdot 10^9}`) are compared as powers; and when neither decides but a
+side is too large for sympy, the check abstains at once instead of timing out.
 
 Time bounds: one check takes at most about `timeout` seconds once a worker is up; a check given a
 `deadline` (a batch's budget, see `MathEnvironment`) neither waits for a worker nor runs past it.
@@ -41,7 +42,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
-from sdpo_math.magnitude import Num, magnitude_verdict, parse_numeric
+from sdpo_math.magnitude import SYMPY_LOG10_LIMIT, Num, largest_part, magnitude_verdict, parse_numeric
 
 logger = logging.getLogger(__name__)
 
@@ -184,13 +185,19 @@ def magnitude_compare(gold: str, answer: str) -> CheckResult | None:
     """A verdict from sizes alone when a side is too large to compute (see `sdpo_math.magnitude`), else `None`."""
     started = time.perf_counter()
     gold_value, answer_value = numeric_value(gold), numeric_value(answer)
+    if answer_value is None:  # not a number: abstain only if sympy would have to build a huge one inside it
+        peak = largest_part(normalize(answer))
+        if peak <= SYMPY_LOG10_LIMIT:
+            return None
+        return CheckResult("timeout", "magnitude", time.perf_counter() - started,
+                           {"error": f"the answer holds a number too large to evaluate (about 10^{peak:.3g} or more)"})
     verdict = magnitude_verdict(gold_value, answer_value)
     if verdict is None:
         return None
     details: dict[str, Any] = {"gold_log10": _log10_range(gold_value), "answer_log10": _log10_range(answer_value)}
     seconds = time.perf_counter() - started
-    if verdict == "different":
-        return CheckResult("different", "magnitude", seconds, details)
+    if verdict in ("equal", "different"):
+        return CheckResult(verdict, "magnitude", seconds, details)
     return CheckResult("timeout", "magnitude", seconds,
                        {**details, "error": "a side is too large to evaluate and sizes alone do not decide"})
 

@@ -53,6 +53,8 @@ class Num:
         integer (`bool`): whether the value is certainly an integer.
         peak (`float`): the largest `|log10|` of any part of the expression, itself included (the
             size sympy would have to build: `\\frac{10^{10^{10}}}{10^{10^{10}}}` is 1 with a peak of 1e10).
+        power_of (`tuple`, *optional*): `(r, k)` when the value is exactly `r ** k`, `r >= 2` not itself a
+            perfect power (so the pair is unique): huge pure powers written two ways compare exactly.
     """
 
     exact: Fraction | None
@@ -62,6 +64,7 @@ class Num:
     known: bool = True
     integer: bool = False
     peak: float = 0.0
+    power_of: tuple[int, int] | None = None
 
     @property
     def huge(self) -> bool:
@@ -98,12 +101,48 @@ def exact(value: Fraction | int, *, peak: float = 0.0) -> Num:
     return Num(value, 1 if value > 0 else -1, lo, hi, integer=value.denominator == 1, peak=max(peak, -lo, hi))
 
 
-def bounded(sign: int | None, lo: float, hi: float, *, integer: bool = False, peak: float = 0.0) -> Num:
+def bounded(sign: int | None, lo: float, hi: float, *, integer: bool = False, peak: float = 0.0,
+            power_of: tuple[int, int] | None = None) -> Num:
     """A value known by bounds only (`peak`: of its parts); `UNKNOWN` if the bounds are not usable."""
     if math.isnan(lo) or math.isnan(hi) or lo > hi:
         return UNKNOWN
     lo, hi = _widen(lo, hi)
-    return Num(None, sign, lo, hi, integer=integer, peak=max(peak, -lo, hi))
+    return Num(None, sign, lo, hi, integer=integer, peak=max(peak, -lo, hi), power_of=power_of)
+
+
+_PERFECT_POWER_BITS = 1024
+
+
+def perfect_power(n: int) -> tuple[int, int]:
+    """`(r, k)` with `n == r ** k` and the largest such `k`, for `2 <= n < 2**_PERFECT_POWER_BITS`."""
+    if not 2 <= n < 1 << _PERFECT_POWER_BITS:
+        raise ValueError(f"perfect_power needs 2 <= n < 2**{_PERFECT_POWER_BITS}")
+    for k in range(n.bit_length(), 1, -1):  # the largest k first: then r is not a perfect power
+        r = integer_root(n, k)
+        if r >= 2 and r**k == n:
+            return r, k
+    return n, 1
+
+
+def integer_root(n: int, k: int) -> int:
+    """`floor(n ** (1/k))` for `n >= 0`, exactly (Newton's method on integers)."""
+    if n < 2:
+        return n
+    x = 1 << -(-n.bit_length() // k)  # 2**ceil(bits/k) >= the root
+    while True:
+        y = ((k - 1) * x + n // x ** (k - 1)) // k
+        if y >= x:
+            return x
+        x = y
+
+
+def _power_form(x: Num) -> tuple[int, int] | None:
+    """`x.power_of`, or that of a small exact integer."""
+    if x.power_of is not None:
+        return x.power_of
+    if x.exact is not None and x.exact.denominator == 1 and 2 <= x.exact < 1 << _PERFECT_POWER_BITS:
+        return perfect_power(int(x.exact))
+    return None
 
 
 def pow10(x: float) -> float:
@@ -159,7 +198,11 @@ def multiply(a: Num, b: Num) -> Num:
     if a.exact is not None and b.exact is not None and a.hi + b.hi <= EXACT_LOG10_LIMIT:
         return exact(a.exact * b.exact, peak=peak)
     sign = None if a.sign is None or b.sign is None else a.sign * b.sign
-    return bounded(sign, a.lo + b.lo, a.hi + b.hi, integer=a.integer and b.integer, peak=peak)
+    forms = _power_form(a), _power_form(b)
+    power_of = None
+    if forms[0] is not None and forms[1] is not None and forms[0][0] == forms[1][0]:
+        power_of = (forms[0][0], forms[0][1] + forms[1][1])  # r^j * r^k = r^(j+k)
+    return bounded(sign, a.lo + b.lo, a.hi + b.hi, integer=a.integer and b.integer, peak=peak, power_of=power_of)
 
 
 def divide(a: Num, b: Num) -> Num:
@@ -214,7 +257,11 @@ def power(base: Num, exponent: Num) -> Num:
     else:
         sign = 1 if base.sign == 1 else None  # a huge integer exponent's parity is not tracked
     integer = base.integer and exponent.integer and exponent.sign == 1
-    return bounded(sign, lo, hi, integer=integer, peak=peak)
+    form = _power_form(base)
+    power_of = None
+    if form is not None and exponent.exact is not None and exponent.integer and exponent.sign == 1:
+        power_of = (form[0], form[1] * int(exponent.exact))
+    return bounded(sign, lo, hi, integer=integer, peak=peak, power_of=power_of)
 
 
 def log10_factorial_bounds(n: float) -> tuple[float, float]:
@@ -409,13 +456,73 @@ def parse_numeric(text: str) -> Num | None:
         return None
 
 
+# ----------------------------------------------------------------------- parts of other answers
+_PAIRS = {"(": ")", "{": "}", "[": "]"}
+_NUMBER_BEFORE_RE = re.compile(r"\d+(?:\.\d+)?$")
+_NUMBER_AFTER_RE = re.compile(r"\d+(?:\.\d+)?")
+_SCAN_CHARS = 20_000
+"""Characters of candidate parts `largest_part` parses at most (a bound on its work for any text)."""
+
+
+def _matching_brackets(text: str) -> dict[int, int]:
+    """Index of each bracket to the index of its partner, both ways (unbalanced ones are left out)."""
+    partners: dict[int, int] = {}
+    stack: list[int] = []
+    for i, char in enumerate(text):
+        if char in _PAIRS:
+            stack.append(i)
+        elif char in _PAIRS.values():
+            if stack and _PAIRS[text[stack[-1]]] == char:
+                opening = stack.pop()
+                partners[opening], partners[i] = i, opening
+            else:
+                stack.clear()  # a stray closing bracket: nothing before it pairs across it
+    return partners
+
+
+def largest_part(text: str) -> float:
+    """The largest `peak` of the numeric powers and factorials inside any text (`x + 10^{10^{10}}`, `\\sin(9!)`).
+
+    For answers outside the grammar: sympy would still build these numbers while parsing. The base is
+    the number or bracketed group just before `^` or `!`, the exponent the number or braced group just
+    after `^`. Linear in the text, and at most `_SCAN_CHARS` characters of candidates are parsed.
+    """
+    partners = _matching_brackets(text)
+    largest, scanned = 0.0, 0
+    for m in re.finditer(r"[\^!]", text):
+        i = m.start()
+        if i == 0:
+            continue
+        if text[i - 1] in _PAIRS.values():
+            begin: int | None = partners.get(i - 1)
+        else:
+            number = _NUMBER_BEFORE_RE.search(text, max(0, i - 64), i)
+            begin = None if number is None else number.start()
+        if begin is None:
+            continue
+        end: int | None = i + 1
+        if text[i] == "^":
+            after = _NUMBER_AFTER_RE.match(text, i + 1)
+            end = partners[i + 1] + 1 if i + 1 in partners and text[i + 1] == "{" else after and after.end()
+        if end is None:
+            continue
+        scanned += end - begin
+        if scanned > _SCAN_CHARS:
+            break
+        value = parse_numeric(text[begin:end])
+        if value is not None:
+            largest = max(largest, value.peak)
+    return largest
+
+
 # -------------------------------------------------------------------------------------- verdicts
-MagnitudeVerdict = Literal["different", "too_large"]
+MagnitudeVerdict = Literal["equal", "different", "too_large"]
 
 
 def magnitude_verdict(gold: Num | None, answer: Num | None) -> MagnitudeVerdict | None:
     """Decide by size alone when one side is too large to compute exactly.
 
+    `"equal"` / `"different"`: both are exact powers `r ** k` (`power_of`) and the pairs are equal or not.
     `"different"`: the two values are certainly different, by a factor of at least 2 and by at least
     1/2 in absolute terms (so no rounding tolerance can make them equal), or by sign.
     `"too_large"`: undecided here, and one side is too large for sympy to build (abstain).
@@ -426,8 +533,12 @@ def magnitude_verdict(gold: Num | None, answer: Num | None) -> MagnitudeVerdict 
     sides = [x for x in (gold, answer) if x is not None]
     if not any(x.huge for x in sides):
         return None
-    if gold is not None and answer is not None and _certainly_apart(gold, answer):
-        return "different"
+    if gold is not None and answer is not None:
+        forms = _power_form(gold), _power_form(answer)
+        if forms[0] is not None and forms[1] is not None:
+            return "equal" if forms[0] == forms[1] else "different"
+        if _certainly_apart(gold, answer):
+            return "different"
     if any(x.peak > SYMPY_LOG10_LIMIT for x in sides):
         return "too_large"
     return None

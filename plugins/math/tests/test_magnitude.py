@@ -13,9 +13,12 @@ from sdpo_math.magnitude import (
     EXACT_LOG10_LIMIT,
     SYMPY_LOG10_LIMIT,
     Num,
+    integer_root,
+    largest_part,
     log10_factorial_bounds,
     magnitude_verdict,
     parse_numeric,
+    perfect_power,
 )
 
 
@@ -46,6 +49,41 @@ def test_factorial_bounds_past_floats() -> None:
     assert log10_factorial_bounds(math.inf) == (math.inf, math.inf)
     lo, _ = log10_factorial_bounds(1e300)
     assert lo > 1e302
+
+
+# ------------------------------------------------------------------------------ exact powers
+def test_integer_root_against_brute_force() -> None:
+    for n in range(2000):
+        for k in range(1, 12):
+            r = integer_root(n, k)
+            assert r**k <= n < (r + 1) ** k, (n, k)
+    assert integer_root(10**600 + 1, 3) == 10**200
+    assert integer_root(10**600 - 1, 3) == 10**200 - 1
+
+
+def test_perfect_power_against_brute_force() -> None:
+    best = {}
+    for r in range(2, 200):
+        k = 1
+        while r**k < 40000:
+            best[r**k] = max(best.get(r**k, (0, 0)), (k, r))
+            k += 1
+    for n in range(2, 40000):
+        k, r = best.get(n, (1, n))
+        assert perfect_power(n) == (r, k), n
+    assert perfect_power(3**500) == (3, 500)
+    assert perfect_power(12**40 * 1) == (12, 40)
+    assert perfect_power(2**1023) == (2, 1023)
+    with pytest.raises(ValueError, match="perfect_power"):
+        perfect_power(1)
+
+
+def test_huge_powers_keep_their_exact_form() -> None:
+    assert parse_numeric("100^{5 \\cdot 10^{9}}").power_of == (10, 10**10)
+    assert parse_numeric("8^{10^{3000}}").power_of == (2, 3 * 10**3000)
+    assert parse_numeric("8^{10^{5000}}").power_of is None  # only exponents small enough to hold exactly
+    assert parse_numeric("-10^{10^{10}}").power_of is None  # negative: not a power r^k with r >= 2
+    assert parse_numeric("(10^{10})!").power_of is None
 
 
 # ------------------------------------------------------------------------ brute force, small values
@@ -183,6 +221,34 @@ def test_deep_nesting_is_refused_quickly() -> None:
     assert time.perf_counter() - started < 1
 
 
+# --------------------------------------------------------------------- parts of non-numeric text
+@pytest.mark.parametrize(("text", "at_least"), [
+    ("x + 10^{10^{10}}", 1e10),
+    ("\\sin(10^{10^{10}})", 1e10),
+    ("x^{10^{10^{10}}}", 1e10),  # the exponent alone is huge
+    ("(10^{9})! y", 8.5e9),
+    ("\\{1, 10^{10^{10}}\\}", 1e10),
+    ("\\left(10^{10}\\right)! z", 9.5e10),
+    ("a_{10^{10^{10}}}", 1e10),
+])
+def test_largest_part_finds_huge_numbers_inside_other_text(text: str, at_least: float) -> None:
+    assert parse_numeric(text) is None
+    assert largest_part(text) >= at_least
+
+
+@pytest.mark.parametrize("text", ["x^2 + 1", "f(x)!", "2^{x}", "\\frac{a}{b}", "e^{i\\pi}", "(x+1)^{3000}"])
+def test_largest_part_of_ordinary_text_is_small(text: str) -> None:
+    assert largest_part(text) < 10
+
+
+@pytest.mark.parametrize("text", [")^1" * 1300, "2^{" * 1300 + "}" * 1300, "(" * 2000 + ")^1" * 600, "9!" * 2000,
+                                  "10^{10^{10}}" * 300])
+def test_largest_part_is_fast_on_any_text(text: str) -> None:
+    started = time.perf_counter()
+    largest_part(text)
+    assert time.perf_counter() - started < 0.5
+
+
 # -------------------------------------------------------------------------------------- verdicts
 @pytest.mark.parametrize(("gold", "answer", "expected"), [
     ("7", "10^{10^{10}}", "different"),
@@ -192,10 +258,15 @@ def test_deep_nesting_is_refused_quickly() -> None:
     ("7", "10^{10^{10^{10}}}", "different"),
     ("7", "10^{10^{10}} - 10^{10^{10}}", "too_large"),  # a real cancellation; sympy would hang on it
     ("7", "\\frac{10^{10^{10}}}{10^{10^{10}-1}}", "too_large"),  # 10, but the bounds cannot tell
-    ("10^{10^{10}}", "10^{10000000000}", "too_large"),  # equal sizes: not decided by size
+    ("10^{10^{10}}", "10^{10000000000}", "equal"),  # both exact powers: compared as powers
+    ("10^{10^{10}}", "100^{5 \\cdot 10^{9}}", "equal"),
+    ("10^{10^{10}}", "10 \\cdot 10^{10^{10}-1}", "equal"),
+    ("10^{10^{10}}", "10^{10^{10}+1}", "different"),
+    ("2^{20000}", "3^{10000}", "different"),
+    ("10^{10^{10}}", "2 \\cdot 5^{10^{10}} \\cdot 2^{10^{10}-1}", "too_large"),  # equal, but not as one power
     ("0", "10^{-10^{10}}", "too_large"),  # tiny: a rounding tolerance might call it 0
     ("2^{5000}", "4^{2500}", None),  # large but computable: math-verify decides (equal)
-    ("2^{20000}", "4^{10000}", None),
+    ("2^{20000}", "4^{10000}", "equal"),
     ("7", "2^{1000}", None),  # small: math-verify decides as before
     ("1000000", "10^{6}", None),
     ("3628800", "10!", None),
