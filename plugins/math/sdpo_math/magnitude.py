@@ -76,7 +76,9 @@ class Num:
         return self.exact is not None and self.exact == 0
 
 
-UNKNOWN = Num(None, None, -math.inf, math.inf, known=False, peak=math.inf)
+def unknown(peak: float) -> Num:
+    """A real value of which nothing is known (`10^{99!} - 10^{99!}` may be anything), its parts' `peak` kept."""
+    return Num(None, None, -math.inf, math.inf, known=False, peak=peak)
 
 
 def _widen(lo: float, hi: float) -> tuple[float, float]:
@@ -103,9 +105,9 @@ def exact(value: Fraction | int, *, peak: float = 0.0) -> Num:
 
 def bounded(sign: int | None, lo: float, hi: float, *, integer: bool = False, peak: float = 0.0,
             power_of: tuple[int, int] | None = None) -> Num:
-    """A value known by bounds only (`peak`: of its parts); `UNKNOWN` if the bounds are not usable."""
+    """A value known by bounds only (`peak`: of its parts); `unknown` if the bounds are not usable."""
     if math.isnan(lo) or math.isnan(hi) or lo > hi:
-        return UNKNOWN
+        return unknown(math.inf if math.isnan(lo) or math.isnan(hi) else max(peak, -lo, hi))
     lo, hi = _widen(lo, hi)
     return Num(None, sign, lo, hi, integer=integer, peak=max(peak, -lo, hi), power_of=power_of)
 
@@ -169,9 +171,9 @@ def negate(x: Num) -> Num:
 
 def add(a: Num, b: Num) -> Num:
     """`a + b`: exact when both are; else the dominant term's bounds, or the larger bound when signs agree."""
-    if not (a.known and b.known):
-        return UNKNOWN
     peak = max(a.peak, b.peak)
+    if not (a.known and b.known):
+        return unknown(peak)
     if a.exact is not None and b.exact is not None:
         return exact(a.exact + b.exact, peak=peak)
     if a.is_zero or b.is_zero:
@@ -185,16 +187,16 @@ def add(a: Num, b: Num) -> Num:
                        peak=peak)
     if a.sign is not None and a.sign == b.sign:
         return bounded(a.sign, max(a.lo, b.lo), max(a.hi, b.hi) + _LOG10_2, integer=integer, peak=peak)
-    return UNKNOWN  # comparable terms of opposite or unknown signs may cancel
+    return unknown(peak)  # comparable terms of opposite or unknown signs may cancel
 
 
 def multiply(a: Num, b: Num) -> Num:
     """`a * b`: exact when both are and the product is small enough."""
     if a.is_zero or b.is_zero:
         return exact(0, peak=max(a.peak, b.peak))
-    if not (a.known and b.known):
-        return UNKNOWN
     peak = max(a.peak, b.peak)
+    if not (a.known and b.known):
+        return unknown(peak)
     if a.exact is not None and b.exact is not None and a.hi + b.hi <= EXACT_LOG10_LIMIT:
         return exact(a.exact * b.exact, peak=peak)
     sign = None if a.sign is None or b.sign is None else a.sign * b.sign
@@ -210,9 +212,9 @@ def divide(a: Num, b: Num) -> Num:
         raise NotNumeric("division by zero")
     if a.is_zero:
         return exact(0, peak=max(a.peak, b.peak))
-    if not (a.known and b.known):
-        return UNKNOWN
     peak = max(a.peak, b.peak)
+    if not (a.known and b.known):
+        return unknown(peak)
     if a.exact is not None and b.exact is not None and a.hi - b.lo <= EXACT_LOG10_LIMIT:
         return exact(a.exact / b.exact, peak=peak)
     sign = None if a.sign is None or b.sign is None else a.sign * b.sign
@@ -238,7 +240,7 @@ def power(base: Num, exponent: Num) -> Num:
             return exact(0, peak=peak)
         raise NotNumeric("0 to a power that is not positive")
     if not (base.known and exponent.known) or exponent.sign is None:
-        return UNKNOWN
+        return unknown(peak)
     if base.sign != 1 and not exponent.integer:
         raise NotNumeric("a negative base (or one of unknown sign) to a power that may not be an integer")
     small = exponent.hi < 10 and float(abs(exponent.exact or 0)) * max(abs(base.lo), abs(base.hi)) <= EXACT_LOG10_LIMIT
@@ -246,7 +248,7 @@ def power(base: Num, exponent: Num) -> Num:
         return exact(base.exact ** int(exponent.exact), peak=peak)
     # log10|base**e| = e * log10|base|, with e and log10|base| both intervals.
     if base.lo <= 0 <= base.hi:
-        return UNKNOWN  # |base| may be 1: the result's size is not known
+        return unknown(peak)  # |base| may be 1: the result's size is not known
     e_lo, e_hi = _value_range(exponent)
     log_lo, log_hi = (base.lo, base.hi) if base.lo > 0 else (-base.hi, -base.lo)  # |log10|base||
     lo, hi = e_lo * log_lo, e_hi * log_hi
@@ -279,7 +281,7 @@ def factorial(n: Num) -> Num:
     if n.is_zero:
         return exact(1, peak=n.peak)
     if not n.known:
-        return UNKNOWN
+        return unknown(n.peak)
     if not n.integer or n.sign != 1:
         raise NotNumeric("factorial of a number that is not a non-negative integer")
     if n.exact is not None and n.exact <= EXACT_FACTORIAL_LIMIT:

@@ -75,6 +75,8 @@ def test_a_batch_of_huge_answers_costs_no_timeouts(env: MathEnvironment) -> None
     ("10^{10^{10}}", "10^{10000000000}"),  # huge exact powers written two ways: compared as powers, at once
     ("10^{10^{10}}", "100^{5 \\cdot 10^{9}}"),
     ("2^{10^{6}}", "4^{500000}"),
+    ("\\sqrt{2} - 1", "\\frac{1}{\\sqrt{2} + 1}"),  # small irrational terms that nearly cancel: math-verify
+    ("0", "2\\sqrt{2} - \\sqrt{8}"),
 ])
 def test_honest_answers_still_pass(env: MathEnvironment, gold: str, answer: str) -> None:
     feedback = env.score({"answer": gold}, f"\\boxed{{{answer}}}")
