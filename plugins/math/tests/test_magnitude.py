@@ -175,7 +175,7 @@ def test_irrational_and_latex_forms(text: str, truth: float) -> None:
 def test_huge_values_are_bounded_without_computing_them(text: str, log10: float) -> None:
     started = time.perf_counter()
     value = parse_numeric(text)
-    assert time.perf_counter() - started < 0.1
+    assert time.perf_counter() - started < 0.5
     assert value is not None
     assert value.known
     assert value.exact is None
@@ -218,7 +218,7 @@ def test_deep_nesting_is_refused_quickly() -> None:
     assert parse_numeric("(" * 5000 + "1" + ")" * 5000) is None
     assert parse_numeric("-" * 4000 + "10^{10^{10}}") is not None  # signs are a loop, not recursion
     assert parse_numeric("2^{" * 500 + "2" + "}" * 500) is None
-    assert time.perf_counter() - started < 1
+    assert time.perf_counter() - started < 2
 
 
 # --------------------------------------------------------------------- parts of non-numeric text
@@ -246,7 +246,7 @@ def test_largest_part_of_ordinary_text_is_small(text: str) -> None:
 def test_largest_part_is_fast_on_any_text(text: str) -> None:
     started = time.perf_counter()
     largest_part(text)
-    assert time.perf_counter() - started < 0.5
+    assert time.perf_counter() - started < 2  # about 0.1 s on an idle core; the point is: no blow-up
 
 
 # -------------------------------------------------------------------------------------- verdicts
