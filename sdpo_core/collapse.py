@@ -32,7 +32,7 @@ class CollapseThresholds:
     entropy_rise_fraction: float = 0.5
     early_steps: int = 5
     recent_steps: int = 5
-    clipped_level: float = 0.5
+    clipped_level: float = 0.9
     clipped_steps: int = 5
     reward_margin: float = 0.2
     reward_window: int = 5

@@ -42,7 +42,7 @@ def test_reward_fall_warns_once_per_episode(caplog):
 
 def test_entropy_and_length_signatures_read_their_metrics(caplog):
     logs = [{"entropy": e, "completions/clipped_ratio": c, "reward": 0.5}
-            for e, c in [(2.0, 0.0), (2.0, 0.6), (3.2, 0.9), (3.0, 0.2)]]
+            for e, c in [(2.0, 0.0), (2.0, 0.95), (3.2, 0.9), (3.0, 0.2)]]
     callback = CollapseWatchCallback(TIGHT)
     _feed(callback, logs, caplog)
     assert [(e.step, e.signature) for e in callback.episodes] == [(3, "lengths pinned at the cap"),
