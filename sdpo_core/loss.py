@@ -188,6 +188,7 @@ class TokenStats(NamedTuple):
     student_token_logps: Tensor  # log p_student(sampled token)
     entropy: Tensor  # entropy of the student's next-token distribution
     teacher_token_logps: Tensor  # log p_teacher(sampled token)
+    teacher_entropy: Tensor  # entropy of the teacher's next-token distribution
 
 
 class _ChunkedDistillation(torch.autograd.Function):
@@ -219,13 +220,13 @@ class _ChunkedDistillation(torch.autograd.Function):
         teacher_weight: Tensor | None,
         teacher_bias: Tensor | None,
         token_ids: Tensor | None,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         num_rows, device = student_x.size(0), student_x.device
         per_token_loss = torch.empty(num_rows, dtype=torch.float32, device=device)  # [N]
-        # By-products from the same chunk logits (no gradient): sampled-token log-probs and entropy
+        # By-products from the same chunk logits (no gradient): sampled-token log-probs and both entropies
         stats_rows = num_rows if token_ids is not None else 0
-        student_token_logps, entropy, teacher_token_logps = (
-            torch.empty(stats_rows, dtype=torch.float32, device=device) for _ in range(3))  # [N] each
+        student_token_logps, entropy, teacher_token_logps, teacher_entropy = (
+            torch.empty(stats_rows, dtype=torch.float32, device=device) for _ in range(4))  # [N] each
         k = spec.topk
         workspace = None
         if k is not None or token_ids is not None:
@@ -246,6 +247,7 @@ class _ChunkedDistillation(torch.autograd.Function):
                 student_token_logps[rows] = (student_logits.gather(-1, ids) - student_lse).squeeze(-1)
                 teacher_token_logps[rows] = (teacher_logits.gather(-1, ids) - teacher_lse).squeeze(-1)
                 entropy[rows] = _entropy_into(student_logits, student_lse, workspace)
+                teacher_entropy[rows] = _entropy_into(teacher_logits, teacher_lse, workspace)
             if k is None:
                 per_token_loss[rows] = _divergence(
                     _bucket_logps(student_logits, None, False), _bucket_logps(teacher_logits, None, False), spec.alpha
@@ -276,8 +278,8 @@ class _ChunkedDistillation(torch.autograd.Function):
         else:  # the teacher is recomputed in backward
             saved += (teacher_x, teacher_weight, teacher_bias)
         ctx.save_for_backward(*saved)
-        ctx.mark_non_differentiable(student_token_logps, entropy, teacher_token_logps)
-        return per_token_loss, student_token_logps, entropy, teacher_token_logps
+        ctx.mark_non_differentiable(student_token_logps, entropy, teacher_token_logps, teacher_entropy)
+        return per_token_loss, student_token_logps, entropy, teacher_token_logps, teacher_entropy
 
     @staticmethod
     @once_differentiable
@@ -376,11 +378,12 @@ def _run_chunked(
     if token_ids is not None and token_ids.shape != lead_shape:
         raise ValueError(f"token ids {tuple(token_ids.shape)} do not match the token shape {tuple(lead_shape)}")
     ids = None if token_ids is None else token_ids.reshape(-1)  # [N]
-    per_token_loss, student_token_logps, entropy, teacher_token_logps = _ChunkedDistillation.apply(
+    per_token_loss, student_token_logps, entropy, teacher_token_logps, teacher_entropy = _ChunkedDistillation.apply(
         spec, student_rows, student_weight, student_bias, teacher_rows, teacher_weight, teacher_bias, ids
     )  # [N] each (the statistics are empty without token ids)
     stats = None if token_ids is None else TokenStats(
-        student_token_logps.view(lead_shape), entropy.view(lead_shape), teacher_token_logps.view(lead_shape))
+        student_token_logps.view(lead_shape), entropy.view(lead_shape), teacher_token_logps.view(lead_shape),
+        teacher_entropy.view(lead_shape))
     return per_token_loss.view(lead_shape), stats
 
 
@@ -452,11 +455,11 @@ def chunked_distillation_loss_with_stats(
     student_lm_head_bias: Tensor | None = None,
     teacher_lm_head_bias: Tensor | None = None,
 ) -> tuple[Tensor, TokenStats]:
-    """`chunked_distillation_loss` plus the sampled tokens' log-probs and the student's entropy `[...]`.
+    """`chunked_distillation_loss` plus the sampled tokens' log-probs and both entropies `[...]` (`TokenStats`).
 
     The statistics come from the logits each chunk builds for the loss anyway, so the trainer needs no second
-    pass through the LM heads for its importance ratio and its logged KL and entropy (`token_stats_from_hidden`
-    gives the same values separately). They carry no gradient.
+    pass through the LM heads for its importance ratio and its logged KL and entropies (`token_stats_from_hidden`
+    gives the student's separately). They carry no gradient and leave the loss and its gradients unchanged.
     """
     per_token_loss, stats = _run_hidden(
         student_hidden, teacher_hidden, student_lm_head, teacher_lm_head, student_lm_head_bias, teacher_lm_head_bias,

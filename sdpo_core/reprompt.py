@@ -431,6 +431,18 @@ class TeacherBatch:
     truncated: list[bool]
     metrics: dict[str, float]
 
+    @property
+    def row_kinds(self) -> list[str]:
+        """Per row: `"demo"` (the teacher prompt holds a demonstration, maybe feedback too), `"feedback"`
+        (feedback only) or `"none"` (no teacher signal: masked out)."""
+        return [_row_kind(demo, feedback) for demo, feedback in zip(self.demo_index, self.uses_feedback, strict=True)]
+
+
+def _row_kind(demo: int | None, uses_feedback: bool) -> str:
+    if demo is not None:
+        return "demo"
+    return "feedback" if uses_feedback else "none"
+
 
 def build_teacher_batch(
     prompts: Sequence[Sequence[Mapping[str, Any]] | str],
@@ -457,7 +469,8 @@ def build_teacher_batch(
     `success_group_fraction` (of groups, with at least one success), `success_sample_fraction` (rows with a
     demonstration), `feedback_available_fraction` (non-blank feedback, whether or not it is used),
     `feedback_used_fraction`, `reprompt_sample_fraction` (rows in `sd_mask`) and
-    `reprompt_truncated_fraction`.
+    `reprompt_truncated_fraction`; and by kind of teacher prompt (`TeacherBatch.row_kinds`),
+    `demo_row_fraction` (equal to `success_sample_fraction`) and `feedback_row_fraction` (feedback only).
     """
     n = len(prompts)
     named = {"completions": completions, "rewards": rewards, "feedbacks": feedbacks}
@@ -520,5 +533,8 @@ def build_teacher_batch(
         "feedback_used_fraction": sum(uses_feedback) / rows,
         "reprompt_sample_fraction": sum(sd_mask) / rows,
         "reprompt_truncated_fraction": sum(truncated) / rows,
+        "demo_row_fraction": sum(demo is not None for demo in demo_index) / rows,
+        "feedback_row_fraction": sum(demo is None and used for demo, used in zip(demo_index, uses_feedback,
+                                                                               strict=True)) / rows,
     }
     return TeacherBatch(input_ids, sd_mask, demo_index, uses_feedback, truncated, metrics)

@@ -154,6 +154,11 @@ class TrainArguments:
                           "and plot both."},
     )
     resume: bool = field(default=False, metadata={"help": "Continue from the latest checkpoint in output_dir."})
+    stop_on_collapse: bool = field(
+        default=False,
+        metadata={"help": "Save a checkpoint and stop when a collapse signature appears (it is always warned "
+                          "about in the log)."},
+    )
 
     def __post_init__(self) -> None:
         kwargs: Any = self.environment_kwargs
@@ -440,6 +445,7 @@ def run_training(script: TrainArguments, training_args: GRPOConfig, sdpo_config:
     from transformers.trainer_utils import get_last_checkpoint
 
     from sdpo_core.callbacks import InterruptCallback, ProgressBarCallback, RunFilesCallback
+    from sdpo_core.collapse import CollapseWatchCallback
     from sdpo_core.cpu_threads import CpuThreadFitter, CpuThreadsCallback, user_chose_threads
     from sdpo_core.evaluation import EvalResult
     from sdpo_core.models import resolve_model
@@ -478,6 +484,8 @@ def run_training(script: TrainArguments, training_args: GRPOConfig, sdpo_config:
                           peft_config=lora_config(script), sdpo_config=sdpo_config)
     files = RunFilesCallback(output_dir, label=label, compare=compare)
     interrupt = InterruptCallback()
+    collapse = CollapseWatchCallback(stop=script.stop_on_collapse)
+    trainer.add_callback(collapse)
     if not training_args.disable_tqdm:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(ProgressBarCallback(label))
@@ -536,6 +544,12 @@ def run_training(script: TrainArguments, training_args: GRPOConfig, sdpo_config:
                 trainer._save_checkpoint(trainer.model, trial=None)  # SDPOTrainer's: the teacher goes with it
     interrupted = interrupted or interrupt.requested
     step = trainer.state.global_step
+    if collapse.episodes:
+        files.notes["collapse warnings"] = "; ".join(f"step {e.step}, {e.signature}: {e.reason}"
+                                                     for e in collapse.episodes)
+    if collapse.stopped_at is not None:
+        say(f"{label}: stopped at step {collapse.stopped_at} on a collapse signature (--stop_on_collapse); "
+            f"checkpoint-{collapse.stopped_at} saved in {output_dir}")
     result = RunResult(output_dir, label, step, interrupted, before=before)
     if interrupted:
         saved = f"checkpoint-{step}" if step else "nothing (no step finished)"

@@ -34,7 +34,7 @@ import math
 import os
 import random
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from accelerate.utils import gather_object, is_peft_model
@@ -45,10 +45,11 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.utils import create_model_from_path, get_config_model_id, pad
 
+from sdpo_core import diagnostics
 from sdpo_core import loss as sdpo_loss
 from sdpo_core.config import SDPOConfig
 from sdpo_core.modeling import add_hidden_states_forward, causal_lm, lm_head, supports_hidden_state_path
-from sdpo_core.reprompt import build_teacher_batch
+from sdpo_core.reprompt import build_teacher_batch, strip_thinking
 from sdpo_core.rewards import combine_feedback, read_feedback, reset_feedback, validated_reward_function
 from sdpo_core.teacher import (
     CopiedModelTeacher,
@@ -58,6 +59,7 @@ from sdpo_core.teacher import (
     TrustRegionTeacher,
     strip_patched_forward,
 )
+from sdpo_core.teacher_drift import TeacherDriftCallback, moving_teacher_parameters
 from sdpo_envs.reward import completion_text
 
 logger = logging.getLogger(__name__)
@@ -65,6 +67,28 @@ logger = logging.getLogger(__name__)
 TEACHER_STATE_FILE = "sdpo_teacher.pt"
 TEACHER_META_FILE = "sdpo_teacher.json"
 _FLAT_REWARD_WARN_AFTER = 5
+
+# Token means logged each step: (term of `_DistillationTerms` or derived, metric over all trained tokens, metric name
+# under `sdpo/demo/` and `sdpo/feedback/`, or None when only the overall mean is logged). docs/training.md lists them.
+_TOKEN_METRICS = (
+    ("teacher_entropy", "sdpo/teacher_entropy", "teacher_entropy"),
+    ("entropy", "sdpo/student_entropy_trained", "student_entropy"),
+    ("student_token_logps", "sdpo/student_logp_under_student", "student_logp_under_student"),
+    ("teacher_token_logps", "sdpo/student_logp_under_teacher", "student_logp_under_teacher"),
+    ("per_token_loss", "sdpo/divergence", "divergence"),
+    ("k1", "sdpo/teacher_student_kl", None),
+    ("is_ratio", "sdpo/is_ratio_mean", None),
+)
+
+
+class _DistillationTerms(NamedTuple):
+    """Per-token `[B, T]` terms of one micro-batch; rows without a teacher hold zeros in the teacher's terms."""
+
+    per_token_loss: torch.Tensor  # the divergence, before importance weighting
+    student_token_logps: torch.Tensor  # log p_student(sampled token), differentiable on the logits path
+    teacher_token_logps: torch.Tensor  # log p_teacher(sampled token)
+    entropy: torch.Tensor  # the student's entropy, on every row
+    teacher_entropy: torch.Tensor  # the teacher's entropy
 
 
 def _scatter_rows(rows: torch.Tensor, num_rows: int, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -168,6 +192,9 @@ class SDPOTrainer(GRPOTrainer):
                 teacher_copy = self._teacher_from_path(quantization_config)
             self.teacher = self._build_teacher(teacher_copy)
             self.add_callback(_TeacherUpdateCallback(self))
+            drifting = moving_teacher_parameters(self.teacher)
+            if drifting is not None and not (self.is_deepspeed_enabled or self.is_fsdp_enabled):  # not sharded
+                self.add_callback(TeacherDriftCallback(self, drifting))
             self._hidden_state_path = self._can_use_hidden_states()
             if self._hidden_state_path:
                 add_hidden_states_forward(causal_lm(self.model))
@@ -288,10 +315,14 @@ class SDPOTrainer(GRPOTrainer):
                                             padding_side="left").to(device)
         sd_mask = torch.tensor(batch.sd_mask[process_slice], dtype=torch.float32, device=device)
         output["sd_mask"] = sd_mask
+        output["sd_demo_mask"] = torch.tensor([kind == "demo" for kind in batch.row_kinds[process_slice]],
+                                              dtype=torch.float32, device=device)
         loss_mask = output["completion_mask"] * output.get("tool_mask", 1) * sd_mask.unsqueeze(1)
         output["sd_num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
         for key, value in batch.metrics.items():
             self._metrics[mode][f"sdpo/{key}"].append(value)
+        self._metrics[mode]["sdpo/demo_copy_overlap"].append(self._demo_copy_overlap(stash["completions"],
+                                                                                     batch.demo_index))
         self._warn_if_no_signal(batch.metrics.get("reprompt_sample_fraction", 0.0))
         return output
 
@@ -307,6 +338,14 @@ class SDPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         successes = (rewards >= self.sdpo_config.success_reward_threshold).float().mean().item()
         self._metrics[mode]["sdpo/success_fraction"].append(successes)
+
+    def _demo_copy_overlap(self, completions: Sequence[str], demo_index: Sequence[int | None]) -> float:
+        """Mean `copy_overlap` of each completion with its demonstration, over rows with one (NaN: none)."""
+        strip = self.sdpo_config.remove_thinking_from_demonstration
+        overlaps = [diagnostics.copy_overlap(completions[row], strip_thinking(completions[demo]) if strip
+                                             else completions[demo])
+                    for row, demo in enumerate(demo_index) if demo is not None]
+        return sum(overlaps) / len(overlaps) if overlaps else math.nan
 
     def _teacher_chat_template_kwargs(self) -> dict[str, Any]:
         """The student's template settings (tools, chat template, kwargs), then `apply_chat_template_kwargs`."""
@@ -335,7 +374,8 @@ class SDPOTrainer(GRPOTrainer):
         sd_mask = inputs["sd_mask"]  # [B]
         mask = inputs["completion_mask"] * inputs.get("tool_mask", 1) * sd_mask.unsqueeze(1)  # [B, T]
         terms_of = self._distillation_from_hidden if self._hidden_state_path else self._distillation_from_logits
-        per_token_loss, student_token_logps, teacher_token_logps, entropy = terms_of(model, inputs)
+        terms = terms_of(model, inputs)
+        per_token_loss, student_token_logps = terms.per_token_loss, terms.student_token_logps
         if not sd_mask.any():  # lasgroup/SDPO dp_actor.py:848: no teacher signal in this micro-batch
             self._metrics[mode]["sdpo/empty_target_batch"].append(1.0)
 
@@ -357,7 +397,7 @@ class SDPOTrainer(GRPOTrainer):
             loss = sdpo_loss.aggregate_loss(per_token_loss, mask, mode="token_mean", num_active_tokens=normalizer)
             reported = loss.detach()
 
-        self._log_loss_metrics(mode, reported, mask, student_token_logps, teacher_token_logps, entropy, is_ratio)
+        self._log_loss_metrics(mode, reported, inputs, mask, terms, is_ratio)
         return loss
 
     def _inputs_for(self, inputs, prompt_key: str):
@@ -391,7 +431,8 @@ class SDPOTrainer(GRPOTrainer):
         student_token_logps = sdpo_loss.sampled_token_logps(student_logits, completion_ids)  # [B, T]
         entropy = sdpo_loss.token_entropy(student_logits)  # [B, T]
         if not inputs["sd_mask"].any() and not self._teacher_on_all_rows:
-            return student_token_logps * 0.0, student_token_logps, student_token_logps.detach(), entropy
+            return _DistillationTerms(student_token_logps * 0.0, student_token_logps, student_token_logps.detach(),
+                                      entropy, torch.zeros_like(entropy))
         rows = self._teacher_rows(inputs["sd_mask"])
         student_rows_logps = student_token_logps
         if rows is not None:  # rows without a signal are masked out of the loss: skip their teacher forward
@@ -400,6 +441,7 @@ class SDPOTrainer(GRPOTrainer):
         teacher_logits = self.teacher.logits(model, *self._teacher_inputs(inputs, rows))
         teacher_logits = teacher_logits[:, :-1, :] / self.temperature  # [b, T, V]
         teacher_token_logps = sdpo_loss.sampled_token_logps(teacher_logits, completion_ids)  # [b, T]
+        teacher_entropy = sdpo_loss.token_entropy(teacher_logits)  # [b, T]
         if cfg.full_logit_distillation:
             per_token_loss = sdpo_loss.chunked_per_token_distillation_loss(
                 student_logits, teacher_logits, alpha=cfg.alpha, topk=cfg.distillation_topk,
@@ -408,9 +450,9 @@ class SDPOTrainer(GRPOTrainer):
         else:
             per_token_loss = sdpo_loss.token_level_reverse_kl(student_rows_logps, teacher_token_logps)
         if rows is not None:
-            per_token_loss, teacher_token_logps = _scatter_rows(rows, student_token_logps.size(0),
-                                                                per_token_loss, teacher_token_logps)
-        return per_token_loss, student_token_logps, teacher_token_logps, entropy
+            per_token_loss, teacher_token_logps, teacher_entropy = _scatter_rows(
+                rows, student_token_logps.size(0), per_token_loss, teacher_token_logps, teacher_entropy)
+        return _DistillationTerms(per_token_loss, student_token_logps, teacher_token_logps, entropy, teacher_entropy)
 
     def _distillation_from_hidden(self, model, inputs):
         """Per-token loss from final hidden states and the LM heads: `[B, T, V]` logits never exist."""
@@ -426,7 +468,8 @@ class SDPOTrainer(GRPOTrainer):
                 chunk_size=cfg.distillation_chunk_size,
             )  # [B, T] each, no grad
             zero = student_hidden.sum(-1) * 0.0 + student_head.weight.sum() * 0.0  # graph-connected
-            return zero, student_token_logps, student_token_logps, entropy
+            return _DistillationTerms(zero, student_token_logps, student_token_logps, entropy,
+                                      torch.zeros_like(entropy))
         rows = self._teacher_rows(inputs["sd_mask"])
         active_hidden, active_ids = student_hidden, completion_ids
         if rows is not None:  # rows without a signal are masked out of the loss: skip their teacher forward
@@ -440,30 +483,58 @@ class SDPOTrainer(GRPOTrainer):
             add_tail=cfg.distillation_add_tail, chunk_size=cfg.distillation_chunk_size,
             student_lm_head_bias=student_head.bias, teacher_lm_head_bias=teacher_head.bias,
         )  # [b, T] each
-        terms = (per_token_loss, stats.student_token_logps, stats.teacher_token_logps, stats.entropy)
+        terms = _DistillationTerms(per_token_loss, stats.student_token_logps, stats.teacher_token_logps,
+                                   stats.entropy, stats.teacher_entropy)
         if rows is None:
             return terms
-        # Rows without a signal get zeros; the loss mask and the logged metrics exclude them. Every parameter
-        # still reaches the loss through the active rows, as DDP needs.
-        return _scatter_rows(rows, student_hidden.size(0), *terms)
+        # Rows without a signal get zeros in the teacher's terms; the loss mask and the trained-token metrics
+        # exclude them. Every parameter still reaches the loss through the active rows, as DDP needs. The
+        # student's statistics of those rows (which never went through the loss) are computed alone, for the
+        # `entropy` metric over all completion tokens.
+        terms = _DistillationTerms(*_scatter_rows(rows, student_hidden.size(0), *terms))
+        skipped = (inputs["sd_mask"] == 0).nonzero(as_tuple=True)[0]
+        skipped_logps, skipped_entropy = sdpo_loss.token_stats_from_hidden(
+            student_hidden[skipped], *student_head, completion_ids[skipped], temperature=self.temperature,
+            chunk_size=cfg.distillation_chunk_size,
+        )  # [B - b, T] each, no grad
+        return terms._replace(student_token_logps=terms.student_token_logps.index_copy(0, skipped, skipped_logps),
+                              entropy=terms.entropy.index_copy(0, skipped, skipped_entropy))
 
     @torch.no_grad()
-    def _log_loss_metrics(self, mode, loss, mask, student_token_logps, teacher_token_logps, entropy,
-                          is_ratio) -> None:
+    def _log_loss_metrics(self, mode, loss, inputs, mask, terms: _DistillationTerms, is_ratio) -> None:
+        """This micro-batch's loss metrics, each a token mean over all processes (NaN when it has no token).
+
+        `entropy` is the student's over all completion tokens, exactly as GRPO logs it, so SDPO and GRPO runs
+        compare; the trained-token statistics are split by row kind (`diagnostics.kind_masks`).
+        """
         gather = self.accelerator.gather
-        active = mask.sum()
-        denominator = gather(active).sum().clamp(min=1.0)
-        # k1 estimate of KL(student || teacher) on the student's own samples
-        kl = ((student_token_logps - teacher_token_logps) * mask).sum()
-        ratio_max = torch.where(mask.bool(), is_ratio, torch.zeros_like(is_ratio)).max()
         metrics = self._metrics[mode]
+        completion_mask = inputs["completion_mask"] * inputs.get("tool_mask", 1)
+        entropy_totals = self.accelerator.reduce(diagnostics.masked_totals([terms.entropy], completion_mask),
+                                                 reduction="sum")
+        metrics["entropy"].append(diagnostics.totals_to_means(entropy_totals, ["entropy"])["entropy"])
+
+        values = {**terms._asdict(), "per_token_loss": terms.per_token_loss.detach(),
+                  "k1": terms.student_token_logps - terms.teacher_token_logps,  # estimates KL(student‖teacher)
+                  "is_ratio": is_ratio}
+        names = [name for name, _, _ in _TOKEN_METRICS]
+        kinds = diagnostics.kind_masks(mask, inputs["sd_demo_mask"])
+        totals = self.accelerator.reduce(
+            torch.stack([diagnostics.masked_totals([values[name] for name in names], kind_mask)
+                         for kind_mask in kinds.values()]), reduction="sum")  # [kinds, metrics + 1]
+        for kind, kind_totals in zip(kinds, totals, strict=True):
+            means = diagnostics.totals_to_means(kind_totals, names)
+            for name, overall, per_kind in _TOKEN_METRICS:
+                if kind == "trained":
+                    metrics[overall].append(means[name])
+                elif per_kind is not None:
+                    metrics[f"sdpo/{kind}/{per_kind}"].append(means[name])
+
+        ratio_max = torch.where(mask.bool(), is_ratio, torch.zeros_like(is_ratio)).max()
         metrics["sdpo/distillation_loss"].append(gather(loss).mean().item())
-        metrics["sdpo/teacher_student_kl"].append((gather(kl).sum() / denominator).item())
-        metrics["entropy"].append((gather((entropy * mask).sum()).sum() / denominator).item())
-        metrics["sdpo/is_ratio_mean"].append((gather((is_ratio * mask).sum()).sum() / denominator).item())
         metrics["sdpo/is_ratio_max"].append(gather(ratio_max).max().item())
         metrics["sdpo/active_token_fraction"].append(
-            (denominator / gather(torch.ones_like(mask).sum()).sum().clamp(min=1.0)).item()
+            (gather(mask.sum()).sum() / gather(torch.ones_like(mask).sum()).sum().clamp(min=1.0)).item()
         )
 
     # ---------------------------------------------------------------------------------- teacher update

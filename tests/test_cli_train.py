@@ -351,3 +351,18 @@ def test_two_process_cpu_run_through_accelerate_launch(model_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     assert json.loads((tmp_path / "run" / "checkpoint-2" / "sdpo_teacher.json").read_text())["updates"] == 2
     assert [r["step"] for r in read_metrics(tmp_path / "run" / METRICS_FILE) if "train_runtime" not in r] == [1, 2]
+
+
+def test_stop_on_collapse_checkpoints_stops_and_notes_it(toy_env, tiny_argv, tmp_path, monkeypatch, capsys):
+    import functools
+
+    from sdpo_core import collapse
+
+    # The tiny model fills its 6-token cap: with a 1-step window, pinned lengths hold from step 1.
+    monkeypatch.setattr(collapse, "CollapseThresholds",
+                        functools.partial(collapse.CollapseThresholds, clipped_level=0.5, clipped_steps=1))
+    (run,) = train(tiny_argv("run", 3, "--stop_on_collapse"))
+    assert run.global_step == 1
+    assert (tmp_path / "run" / "checkpoint-1" / "sdpo_teacher.json").is_file()
+    assert "collapse warnings: step 1, lengths pinned at the cap" in (tmp_path / "run" / SUMMARY_FILE).read_text()
+    assert "stopped at step 1 on a collapse signature" in capsys.readouterr().out

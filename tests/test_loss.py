@@ -504,6 +504,7 @@ def test_token_stats_from_hidden_match_the_logits_functions():
 @pytest.mark.parametrize("topk", [4, None])
 @pytest.mark.parametrize("chunk_size", [3, None])
 def test_loss_with_stats_gives_the_same_loss_and_float64_statistics(topk, chunk_size):
+    """The statistics (both entropies included) leave loss and gradients bit-identical and match float64."""
     from sdpo_core.loss import chunked_distillation_loss_with_stats
 
     generator = torch.Generator().manual_seed(1)
@@ -535,6 +536,7 @@ def test_loss_with_stats_gives_the_same_loss_and_float64_statistics(topk, chunk_
     close(stats.student_token_logps, student_logps.gather(-1, ids.unsqueeze(-1)).squeeze(-1).float())
     close(stats.teacher_token_logps, teacher_logps.gather(-1, ids.unsqueeze(-1)).squeeze(-1).float())
     close(stats.entropy, -(student_logps.exp() * student_logps).sum(-1).float())
+    close(stats.teacher_entropy, -(teacher_logps.exp() * teacher_logps).sum(-1).float())
     assert not any(t.requires_grad for t in stats)
 
 

@@ -518,13 +518,28 @@ def test_batch_metrics_on_a_hand_built_batch(tokenizer: Any) -> None:
             "feedback_used_fraction": 2 / 12,
             "reprompt_sample_fraction": 9 / 12,
             "reprompt_truncated_fraction": 0.0,
+            "demo_row_fraction": 7 / 12,
+            "feedback_row_fraction": 2 / 12,
         }
     )
+    assert batch.row_kinds == ["demo"] * 4 + ["feedback", "feedback", "none", "none", "none"] + ["demo"] * 3
     assert tokenizer.decode(batch.input_ids[0]) == chatml(
         ("system", SYSTEM),
         ("user", "Q0\nCorrect solution:\n\nc1\n\n\n\nCorrectly solve the original question.\n"),
     )
     assert tokenizer.decode(batch.input_ids[7]) == chatml(("system", SYSTEM), ("user", "Q1"))
+
+
+def test_row_with_demonstration_and_feedback_is_a_demo_row(tokenizer: Any) -> None:
+    config = SDPOConfig(environment_feedback_only_without_solution=False)
+    batch = build_teacher_batch(
+        [chat()] * 2, ["wrong", "right"], [0.0, 1.0], ["off by one", ""], group_size=2, config=config,
+        tokenizer=tokenizer,
+    )
+    assert batch.uses_feedback == [True, False]
+    assert batch.row_kinds == ["demo", "none"]
+    assert batch.metrics["demo_row_fraction"] == 0.5
+    assert batch.metrics["feedback_row_fraction"] == 0.0
 
 
 def test_batch_truncation_metric(tokenizer: Any) -> None:
