@@ -15,8 +15,11 @@ Seams overridden (everything else is GRPOTrainer 1.16's):
 - `_generate_and_score_completions`: builds teacher prompts on the global batch (groups may span
   processes), before GRPO shuffles it, and slices them back to this process.
 - `_compute_loss`: the distillation loss (`sdpo_core.loss`); `enabled=False` leaves GRPO's loss untouched.
+  The collapse guards `distillation_weight` < 1 and `route_by_success` add GRPO's policy-gradient term
+  (`sdpo_core.policy_loss`) from the same student forward; `distillation_weight=0` is GRPO's own loss.
 - `_get_grad_norm`, a callback's `on_step_end`: EMA once per generation batch, skipped when no step of the
-  batch had a finite gradient norm.
+  batch had a finite gradient norm; its rate follows `teacher_update_rate_schedule` and every
+  `teacher_reset_every`-th batch resets the teacher instead (`sdpo_core.teacher_schedule`).
 - `_save_checkpoint`, `_load_optimizer_and_scheduler`: teacher weights travel with checkpoints.
 
 Deviations from lasgroup/SDPO are deliberate and documented in docs/algorithm.md: the loss is micro-batch
