@@ -697,3 +697,29 @@ def test_guards_refuse_grpo_options_they_do_not_reproduce(model, tokenizer, chat
     weight0 = _trainer(model, tokenizer, chat_dataset, make_args(loss_type="sapo"), feedback_reward(),
                        distillation_weight=0.0)  # GRPO's own loss: every option works
     assert not weight0._policy_term
+
+
+def test_lora_ema_teacher_resets_to_its_initial_adapter(tokenizer, chat_dataset, make_args, feedback_reward):
+    from peft import LoraConfig
+
+    trainer = SDPOTrainer(model=tiny_model(tokenizer), reward_funcs=[feedback_reward()], args=make_args(),
+                          train_dataset=chat_dataset, processing_class=tokenizer,
+                          peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+                          sdpo_config=SDPOConfig(teacher_mode="lora_ema", teacher_update_rate=0.5,
+                                                 teacher_reset_every=2))
+    initial = {name: value.clone() for name, value in trainer.teacher.state_dict().items()}
+    assert initial
+    assert all(".sdpo_teacher." in name for name in trainer._teacher_initial_state)
+    moved = {}
+
+    class AfterFirstBatch(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                moved.update(trainer.teacher.state_dict())
+
+    trainer.add_callback(AfterFirstBatch())  # runs after the teacher's own update callback
+    trainer.train()
+    assert trainer.teacher.updates == 1  # the first batch's EMA step; the second batch reset instead
+    assert any(not torch.equal(moved[name], value) for name, value in initial.items())
+    for name, value in trainer.teacher.state_dict().items():
+        assert torch.equal(value, initial[name]), name
