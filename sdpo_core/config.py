@@ -2,7 +2,9 @@
 
 Field names and defaults are the seed reference's (sdpo-rl's `SDPOConfig`), which follows the
 lasgroup/SDPO dataclass; where those defaults differ from the paper's run scripts is listed in
-`docs/config.md` and the presets `reference_generalization` and `reference_lcb` set the run values.
+`docs/config.md` and the presets `reference_generalization` and `reference_lcb` set the run values. The
+collapse guards (`distillation_weight`, `route_by_success`, the teacher schedule and reset) are ours, off by
+default; the `guarded` preset turns on a starting recipe.
 Every check runs at construction and names the field it rejects.
 """
 
@@ -12,6 +14,8 @@ import json
 import string
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
+
+from sdpo_core.teacher_schedule import TEACHER_RATE_SCHEDULES
 
 TEACHER_MODES = ("ema", "frozen", "lora_ema", "trust_region")
 TRUNCATION_SIDES = ("left", "right", "error")
@@ -36,6 +40,12 @@ class SDPOConfig:
 
         enabled (`bool`, *optional*, defaults to `True`):
             SDPO's distillation loss replaces the GRPO loss. `False` trains with plain GRPO.
+        distillation_weight (`float`, *optional*, defaults to `1.0`):
+            λ of the blend `λ·SDPO + (1 − λ)·GRPO` (TRL's SDPO trainer's name). `1.0` is SDPO alone, `0.0`
+            GRPO's loss exactly; in between, GRPO's term comes from the same student forward.
+        route_by_success (`bool`, *optional*, defaults to `False`):
+            SRPO-style routing: failed rollouts with a teacher signal get SDPO's distillation, every other
+            rollout (successes, and failures without a signal) GRPO's policy gradient.
 
         > Divergence
 
@@ -67,6 +77,14 @@ class SDPOConfig:
         teacher_update_rate (`float`, *optional*, defaults to `0.05`):
             EMA rate `teacher = (1 - rate) * teacher + rate * student`, once per generation batch; the
             interpolation weight of the live student for `"trust_region"`.
+        teacher_update_rate_schedule (`str`, *optional*, defaults to `"constant"`):
+            `"constant"`, or `"linear"`/`"cosine"` from `teacher_update_rate` at the first generation batch to
+            `teacher_update_rate_final` at the last (EMA teachers only).
+        teacher_update_rate_final (`float` or `None`, *optional*, defaults to `None`):
+            The EMA rate the schedule ends at; required by, and only allowed with, a non-constant schedule.
+        teacher_reset_every (`int` or `None`, *optional*, defaults to `None`):
+            Reset the EMA teacher to its initial weights after every N-th generation batch (instead of that
+            batch's EMA update). `None` never resets.
 
         > Chat template
 
@@ -112,6 +130,13 @@ class SDPOConfig:
     """
 
     enabled: bool = field(default=True, metadata={"help": "SDPO loss replaces the GRPO loss; False is plain GRPO."})
+    distillation_weight: float = field(
+        default=1.0, metadata={"help": "Blend weight: loss = w*SDPO + (1-w)*GRPO; 1 is SDPO, 0 is GRPO's loss."}
+    )
+    route_by_success: bool = field(
+        default=False,
+        metadata={"help": "SRPO routing: distil failed rollouts that have a teacher signal, GRPO for the rest."},
+    )
     alpha: float = field(
         default=0.5,
         metadata={"help": "Generalized JSD weight: 0 forward KL(teacher||student), 1 reverse KL, else JSD."},
@@ -140,6 +165,16 @@ class SDPOConfig:
     )
     teacher_update_rate: float = field(
         default=0.05, metadata={"help": "EMA rate per generation batch (trust_region: student weight)."}
+    )
+    teacher_update_rate_schedule: str = field(
+        default="constant",
+        metadata={"help": "EMA rate over training: constant, or linear/cosine to teacher_update_rate_final."},
+    )
+    teacher_update_rate_final: float | None = field(
+        default=None, metadata={"help": "EMA rate at the last generation batch of a linear/cosine schedule."}
+    )
+    teacher_reset_every: int | None = field(
+        default=None, metadata={"help": "Reset the EMA teacher to its initial weights every N generation batches."}
     )
     apply_chat_template_kwargs: dict[str, Any] | str | None = field(
         default_factory=dict,
@@ -218,10 +253,54 @@ class SDPOConfig:
             raise ValueError(f"distillation_chunk_size must be >= 1, got {self.distillation_chunk_size}")
         for name, required in TEMPLATE_PLACEHOLDERS.items():
             _check_template(name, getattr(self, name), required)
+        self._check_guards()
+
+    def _check_guards(self) -> None:
+        """The collapse guards (docs/config.md#guards-against-collapse) must not contradict the rest."""
+        if not 0.0 <= self.distillation_weight <= 1.0:
+            raise ValueError(f"distillation_weight must be in [0, 1], got {self.distillation_weight}")
+        _check_choice("teacher_update_rate_schedule", self.teacher_update_rate_schedule, TEACHER_RATE_SCHEDULES)
+        if self.teacher_update_rate_final is not None and not 0.0 <= self.teacher_update_rate_final <= 1.0:
+            raise ValueError(f"teacher_update_rate_final must be in [0, 1], got {self.teacher_update_rate_final}")
+        if self.teacher_reset_every is not None and (
+            isinstance(self.teacher_reset_every, bool) or int(self.teacher_reset_every) != self.teacher_reset_every
+            or self.teacher_reset_every < 1
+        ):
+            raise ValueError(f"teacher_reset_every must be an integer >= 1 or None, got {self.teacher_reset_every}")
+        scheduled = self.teacher_update_rate_schedule != "constant"
+        if scheduled and self.teacher_update_rate_final is None:
+            raise ValueError(f"teacher_update_rate_schedule={self.teacher_update_rate_schedule!r} needs "
+                             "teacher_update_rate_final (the rate it ends at)")
+        if not scheduled and self.teacher_update_rate_final is not None:
+            raise ValueError("teacher_update_rate_final is only used by a linear or cosine "
+                             "teacher_update_rate_schedule; the schedule is 'constant'")
+        guards = [name for name, on in (
+            ("distillation_weight", self.distillation_weight != 1.0),
+            ("route_by_success", self.route_by_success),
+            ("teacher_update_rate_schedule", scheduled),
+            ("teacher_reset_every", self.teacher_reset_every is not None),
+        ) if on]
+        if guards and not self.enabled:
+            raise ValueError(f"enabled=False trains plain GRPO, which has no distillation to guard: "
+                             f"{', '.join(guards)} need(s) enabled=True")
+        if self.route_by_success and self.distillation_weight != 1.0:
+            raise ValueError("route_by_success gives each rollout one loss; it cannot be combined with "
+                             f"distillation_weight={self.distillation_weight} (a blend of both on every rollout)")
+        teacher_guards = [name for name in ("teacher_update_rate_schedule", "teacher_reset_every") if name in guards]
+        if teacher_guards and self.teacher_mode in ("frozen", "trust_region"):
+            why = ("never moves" if self.teacher_mode == "frozen"
+                   else "interpolates a frozen model with the live student: it has no EMA weights")
+            raise ValueError(f"{' and '.join(teacher_guards)} act(s) on an EMA teacher; teacher_mode="
+                             f"{self.teacher_mode!r} {why}")
+        ema_never_moves = self.teacher_update_rate == 0.0 and (
+            not scheduled or self.teacher_update_rate_final == 0.0)
+        if self.teacher_reset_every is not None and ema_never_moves:
+            raise ValueError("teacher_reset_every has nothing to reset: with teacher_update_rate 0 (and no schedule "
+                             "raising it) the teacher never moves")
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> SDPOConfig:
-        """A config with the settings of a lasgroup/SDPO run script (see `PRESETS`), then `overrides`."""
+        """A config with a preset's settings (a lasgroup/SDPO run script, or `guarded`), then `overrides`."""
         if name not in PRESETS:
             raise ValueError(f"unknown SDPO preset {name!r}; choose from {sorted(PRESETS)}")
         return replace(cls(), **{**PRESETS[name], **overrides})
@@ -274,5 +353,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "success_reward_threshold": 0.5,
         "include_environment_feedback": True,
         "environment_feedback_only_without_solution": True,
+    },
+    # Ours, not a paper run: the collapse guards' starting recipe (docs/config.md#guards-against-collapse).
+    # Half GRPO's policy gradient keeps the reward signal; a slow EMA keeps the teacher near the initial model.
+    "guarded": {
+        "distillation_weight": 0.5,
+        "teacher_update_rate": 0.01,
     },
 }

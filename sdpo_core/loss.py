@@ -43,6 +43,7 @@ __all__ = [
     "importance_weight",
     "per_token_distillation_loss",
     "sampled_token_logps",
+    "sampled_token_logps_from_hidden",
     "token_entropy",
     "token_level_reverse_kl",
     "token_stats_from_hidden",
@@ -552,6 +553,81 @@ def sampled_token_logps(logits: Tensor, token_ids: Tensor, *, chunk_size: int = 
     rows = logits.reshape(-1, logits.size(-1))  # [N, V]
     token_logps = _SampledTokenLogps.apply(rows, token_ids.reshape(-1), int(chunk_size))  # [N]
     return token_logps.view(lead_shape)
+
+
+class _HiddenSampledTokenLogps(torch.autograd.Function):
+    """log_softmax((h·Wᵀ + b)/τ)[y] in fp32, chunked; logits exist `chunk_size` rows at a time in both passes."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, hidden: Tensor, weight: Tensor, bias: Tensor | None, token_ids: Tensor,
+                temperature: float, chunk_size: int) -> Tensor:
+        token_logps = torch.empty(hidden.size(0), dtype=torch.float32, device=hidden.device)  # [N]
+        logsumexp = torch.empty_like(token_logps)  # [N]
+        for start in range(0, hidden.size(0), chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = _project_logits(hidden[rows], weight, bias, temperature)  # [n, V]
+            logsumexp[rows] = torch.logsumexp(logits, dim=-1)
+            token_logps[rows] = logits.gather(-1, token_ids[rows].unsqueeze(-1)).squeeze(-1) - logsumexp[rows]
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size  # type: ignore[attr-defined]
+        ctx.save_for_backward(hidden, weight, bias, token_ids, logsumexp)
+        return token_logps
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_logps: Tensor) -> tuple[Tensor | None, ...]:
+        hidden, weight, bias, token_ids, logsumexp = ctx.saved_tensors  # type: ignore[attr-defined]
+        temperature: float = ctx.temperature  # type: ignore[attr-defined]
+        chunk_size: int = ctx.chunk_size  # type: ignore[attr-defined]
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]  # type: ignore[attr-defined]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+        for start in range(0, hidden.size(0), chunk_size):
+            rows = slice(start, start + chunk_size)
+            scale = grad_logps[rows].float().unsqueeze(-1) / temperature  # [n, 1]; d(z/τ) = dz/τ
+            logits = _project_logits(hidden[rows], weight, bias, temperature)  # [n, V]
+            grad_logits = (logits - logsumexp[rows].unsqueeze(-1)).exp_().mul_(-scale)  # -g·softmax/τ
+            grad_logits.scatter_add_(-1, token_ids[rows].unsqueeze(-1), scale)  # + g·onehot(y)/τ
+            grad_out = grad_logits.to(weight.dtype)  # [n, V]
+            if need_hidden:
+                grad_hidden[rows] = grad_out @ weight  # type: ignore[index]
+            if need_weight:
+                grad_weight.add_(grad_out.T @ hidden[rows])  # type: ignore[union-attr]
+            if need_bias:
+                grad_bias.add_(grad_logits.sum(0))  # type: ignore[union-attr]
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def sampled_token_logps_from_hidden(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    token_ids: Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Tensor:
+    """Log-prob of each sampled token from hidden states `[..., H]`, with gradient, `[...]` in fp32.
+
+    What GRPO's policy-gradient term needs on the hidden-state path: the same values as
+    `sampled_token_logps(F.linear(hidden, weight, bias) / temperature, token_ids)`, with logits built
+    `chunk_size` tokens at a time in forward and again in backward (one extra pass through the LM head, no
+    second pass through the model).
+    """
+    if hidden.shape[:-1] != token_ids.shape:
+        raise ValueError(f"hidden states {tuple(hidden.shape)} do not match token ids {tuple(token_ids.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    rows = hidden.reshape(-1, hidden.size(-1))  # [N, H]
+    token_logps = _HiddenSampledTokenLogps.apply(rows, weight, bias, token_ids.reshape(-1), float(temperature),
+                                                 int(chunk_size))  # [N]
+    return token_logps.view(token_ids.shape)
 
 
 @torch.no_grad()

@@ -15,8 +15,11 @@ Seams overridden (everything else is GRPOTrainer 1.16's):
 - `_generate_and_score_completions`: builds teacher prompts on the global batch (groups may span
   processes), before GRPO shuffles it, and slices them back to this process.
 - `_compute_loss`: the distillation loss (`sdpo_core.loss`); `enabled=False` leaves GRPO's loss untouched.
+  The collapse guards `distillation_weight` < 1 and `route_by_success` add GRPO's policy-gradient term
+  (`sdpo_core.policy_loss`) from the same student forward; `distillation_weight=0` is GRPO's own loss.
 - `_get_grad_norm`, a callback's `on_step_end`: EMA once per generation batch, skipped when no step of the
-  batch had a finite gradient norm.
+  batch had a finite gradient norm; its rate follows `teacher_update_rate_schedule` and every
+  `teacher_reset_every`-th batch resets the teacher instead (`sdpo_core.teacher_schedule`).
 - `_save_checkpoint`, `_load_optimizer_and_scheduler`: teacher weights travel with checkpoints.
 
 Deviations from lasgroup/SDPO are deliberate and documented in docs/algorithm.md: the loss is micro-batch
@@ -49,6 +52,7 @@ from sdpo_core import diagnostics
 from sdpo_core import loss as sdpo_loss
 from sdpo_core.config import SDPOConfig
 from sdpo_core.modeling import add_hidden_states_forward, causal_lm, lm_head, supports_hidden_state_path
+from sdpo_core.policy_loss import POLICY_LOSS_TYPES, aggregate_policy_loss, policy_per_token_loss, route_rows
 from sdpo_core.reprompt import build_teacher_batch, strip_thinking
 from sdpo_core.rewards import combine_feedback, read_feedback, reset_feedback, validated_reward_function
 from sdpo_core.teacher import (
@@ -60,12 +64,14 @@ from sdpo_core.teacher import (
     strip_patched_forward,
 )
 from sdpo_core.teacher_drift import TeacherDriftCallback, moving_teacher_parameters
+from sdpo_core.teacher_schedule import generation_batches, reset_due, scheduled_rate
 from sdpo_envs.reward import completion_text
 
 logger = logging.getLogger(__name__)
 
 TEACHER_STATE_FILE = "sdpo_teacher.pt"
 TEACHER_META_FILE = "sdpo_teacher.json"
+TEACHER_INITIAL_STATE_FILE = "sdpo_teacher_initial.pt"
 _FLAT_REWARD_WARN_AFTER = 5
 
 # Token means logged each step: (term of `_DistillationTerms` or derived, metric over all trained tokens, metric name
@@ -184,6 +190,12 @@ class SDPOTrainer(GRPOTrainer):
         self._finite_step_in_generation = False
         self._flat_generations = 0
         self._stash: dict[str, Any] = {}
+        # GRPO's term beside the distillation, from the same student forward (distillation_weight 0 is GRPO's own)
+        self._policy_term = cfg.enabled and (0.0 < cfg.distillation_weight < 1.0 or cfg.route_by_success)
+        if self._policy_term:
+            _check_policy_term(self)
+        self._teacher_generations_offset = 0  # generation batches done before a resume (the schedule's position)
+        self._teacher_initial_state: dict[str, torch.Tensor] | None = None
         # ZeRO-3/FSDP gather parameters with collectives inside forward: every rank must run the same teacher
         # forwards, so no rank may skip rows (or a whole micro-batch) that have no teacher signal.
         self._teacher_on_all_rows = self.is_deepspeed_enabled or self.is_fsdp_enabled
@@ -191,6 +203,8 @@ class SDPOTrainer(GRPOTrainer):
             if copies_model and teacher_copy is None:
                 teacher_copy = self._teacher_from_path(quantization_config)
             self.teacher = self._build_teacher(teacher_copy)
+            if cfg.teacher_reset_every is not None:  # a CPU copy of the initial teacher weights to reset to
+                self._teacher_initial_state = self.teacher.state_dict()
             self.add_callback(_TeacherUpdateCallback(self))
             drifting = moving_teacher_parameters(self.teacher)
             if drifting is not None and not (self.is_deepspeed_enabled or self.is_fsdp_enabled):  # not sharded
@@ -317,6 +331,7 @@ class SDPOTrainer(GRPOTrainer):
         output["sd_mask"] = sd_mask
         output["sd_demo_mask"] = torch.tensor([kind == "demo" for kind in batch.row_kinds[process_slice]],
                                               dtype=torch.float32, device=device)
+        output["sd_success"] = (rewards[process_slice] >= self.sdpo_config.success_reward_threshold).to(device)
         loss_mask = output["completion_mask"] * output.get("tool_mask", 1) * sd_mask.unsqueeze(1)
         output["sd_num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
         for key, value in batch.metrics.items():
@@ -367,10 +382,21 @@ class SDPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------------------------------ loss
     def _compute_loss(self, model, inputs):
-        if not self.sdpo_config.enabled:
-            return super()._compute_loss(model, inputs)
         cfg = self.sdpo_config
+        if not cfg.enabled:
+            return super()._compute_loss(model, inputs)
         mode = "train" if self.model.training else "eval"
+        if cfg.distillation_weight == 0.0:  # GRPO's loss exactly (the teacher is not consulted)
+            ones = torch.ones_like(inputs["sd_mask"])
+            self._log_routing_metrics(mode, ones, ones * 0.0)
+            return super()._compute_loss(model, inputs)
+        policy_rows = distill_rows = None
+        if cfg.route_by_success:
+            policy_rows, distill_rows = route_rows(inputs["sd_success"], inputs["sd_mask"])
+        elif self._policy_term:
+            policy_rows, distill_rows = torch.ones_like(inputs["sd_mask"]), inputs["sd_mask"]
+        if distill_rows is not None:  # rows routed away from the distillation skip the teacher too
+            inputs = {**inputs, "sd_mask": distill_rows}
         sd_mask = inputs["sd_mask"]  # [B]
         mask = inputs["completion_mask"] * inputs.get("tool_mask", 1) * sd_mask.unsqueeze(1)  # [B, T]
         terms_of = self._distillation_from_hidden if self._hidden_state_path else self._distillation_from_logits
@@ -398,7 +424,47 @@ class SDPOTrainer(GRPOTrainer):
             reported = loss.detach()
 
         self._log_loss_metrics(mode, reported, inputs, mask, terms, is_ratio)
+        if policy_rows is None:
+            return loss
+        policy_loss = self._policy_loss(inputs, student_token_logps, policy_rows, mode)
+        self._log_routing_metrics(mode, policy_rows, distill_rows)
+        if cfg.route_by_success:
+            return loss + policy_loss
+        return cfg.distillation_weight * loss + (1.0 - cfg.distillation_weight) * policy_loss
+
+    def _policy_loss(self, inputs, per_token_logps: torch.Tensor, rows: torch.Tensor, mode: str) -> torch.Tensor:
+        """GRPO's loss on `rows`, from the log-probs (with grad) of the distillation's own student forward.
+
+        Scaled for gradient accumulation as `GRPOTrainer._compute_loss` scales it, so it adds to SDPO's term.
+        """
+        mask = inputs["completion_mask"] * inputs.get("tool_mask", 1)  # [B, T]
+        per_token_loss = policy_per_token_loss(
+            per_token_logps, inputs.get("old_per_token_logps"), inputs["advantages"], mask,
+            loss_type=self.loss_type, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
+            delta=self.args.delta, importance_sampling_level=self.importance_sampling_level,
+            rollout_ratio=inputs.get("importance_sampling_ratio") if self.use_vllm
+            and self.vllm_importance_sampling_correction else None,
+            ref_per_token_logps=inputs.get("ref_per_token_logps"), beta=self.beta,
+            bias_correction_kl=self.args.use_bias_correction_kl,
+        )  # [B, T] or [B, 1]
+        num_items = None
+        if self.loss_type in ("dapo", "cispo"):
+            num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                num_items = num_items * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        loss = aggregate_policy_loss(per_token_loss, mask, loss_type=self.loss_type, rows=rows,
+                                     max_completion_length=self.max_completion_length, num_items=num_items)
+        self._metrics[mode]["sdpo/policy_loss"].append(self.accelerator.gather(loss.detach()).mean().item())
+        if mode == "train" and num_items is None:
+            loss = loss / self.current_gradient_accumulation_steps
         return loss
+
+    @torch.no_grad()
+    def _log_routing_metrics(self, mode: str, policy_rows: torch.Tensor, distill_rows: torch.Tensor) -> None:
+        """Which rows trained on GRPO's term and which on the distillation (a row may take both in a blend)."""
+        gather = self.accelerator.gather
+        self._metrics[mode]["sdpo/policy_row_fraction"].append(gather(policy_rows.float()).mean().item())
+        self._metrics[mode]["sdpo/distillation_row_fraction"].append(gather(distill_rows.float()).mean().item())
 
     def _inputs_for(self, inputs, prompt_key: str):
         """Prompt + completion ids and mask, with `prompt_key` the student's or the teacher's prompt."""
@@ -462,13 +528,21 @@ class SDPOTrainer(GRPOTrainer):
         student_hidden = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep,
                                sdpo_hidden_states=True)[:, :-1, :]  # [B, T, H]
         student_head = lm_head(model)
+        policy_logps = None
+        if self._policy_term:  # GRPO's term needs every row's sampled-token log-probs, with grad
+            policy_logps = sdpo_loss.sampled_token_logps_from_hidden(
+                student_hidden, *student_head, completion_ids, temperature=self.temperature,
+                chunk_size=cfg.distillation_chunk_size,
+            )  # [B, T]
         if not inputs["sd_mask"].any():
             student_token_logps, entropy = sdpo_loss.token_stats_from_hidden(
                 student_hidden, *student_head, completion_ids, temperature=self.temperature,
                 chunk_size=cfg.distillation_chunk_size,
             )  # [B, T] each, no grad
             zero = student_hidden.sum(-1) * 0.0 + student_head.weight.sum() * 0.0  # graph-connected
-            return _DistillationTerms(zero, student_token_logps, student_token_logps, entropy,
+            if policy_logps is not None:
+                student_token_logps = policy_logps
+            return _DistillationTerms(zero, student_token_logps, student_token_logps.detach(), entropy,
                                       torch.zeros_like(entropy))
         rows = self._teacher_rows(inputs["sd_mask"])
         active_hidden, active_ids = student_hidden, completion_ids
@@ -485,20 +559,24 @@ class SDPOTrainer(GRPOTrainer):
         )  # [b, T] each
         terms = _DistillationTerms(per_token_loss, stats.student_token_logps, stats.teacher_token_logps,
                                    stats.entropy, stats.teacher_entropy)
-        if rows is None:
-            return terms
-        # Rows without a signal get zeros in the teacher's terms; the loss mask and the trained-token metrics
-        # exclude them. Every parameter still reaches the loss through the active rows, as DDP needs. The
-        # student's statistics of those rows (which never went through the loss) are computed alone, for the
-        # `entropy` metric over all completion tokens.
-        terms = _DistillationTerms(*_scatter_rows(rows, student_hidden.size(0), *terms))
-        skipped = (inputs["sd_mask"] == 0).nonzero(as_tuple=True)[0]
-        skipped_logps, skipped_entropy = sdpo_loss.token_stats_from_hidden(
-            student_hidden[skipped], *student_head, completion_ids[skipped], temperature=self.temperature,
-            chunk_size=cfg.distillation_chunk_size,
-        )  # [B - b, T] each, no grad
-        return terms._replace(student_token_logps=terms.student_token_logps.index_copy(0, skipped, skipped_logps),
-                              entropy=terms.entropy.index_copy(0, skipped, skipped_entropy))
+        if rows is not None:
+            # Rows without a signal get zeros in the teacher's terms; the loss mask and the trained-token metrics
+            # exclude them. Every parameter still reaches the loss through the active rows, as DDP needs. The
+            # student's statistics of those rows (which never went through the loss) are computed alone, for the
+            # `entropy` metric over all completion tokens.
+            terms = _DistillationTerms(*_scatter_rows(rows, student_hidden.size(0), *terms))
+            skipped = (inputs["sd_mask"] == 0).nonzero(as_tuple=True)[0]
+            skipped_logps, skipped_entropy = sdpo_loss.token_stats_from_hidden(
+                student_hidden[skipped], *student_head, completion_ids[skipped], temperature=self.temperature,
+                chunk_size=cfg.distillation_chunk_size,
+            )  # [B - b, T] each, no grad
+            terms = terms._replace(
+                student_token_logps=terms.student_token_logps.index_copy(0, skipped, skipped_logps),
+                entropy=terms.entropy.index_copy(0, skipped, skipped_entropy),
+            )
+        if policy_logps is not None:
+            terms = terms._replace(student_token_logps=policy_logps)
+        return terms
 
     @torch.no_grad()
     def _log_loss_metrics(self, mode, loss, inputs, mask, terms: _DistillationTerms, is_ratio) -> None:
@@ -553,7 +631,18 @@ class SDPOTrainer(GRPOTrainer):
         if completed <= self._teacher_generations_done:
             return
         self._teacher_generations_done = completed
-        if self._finite_step_in_generation:
+        cfg = self.sdpo_config
+        generation = self._teacher_generations_offset + completed  # 1-based, across resumes
+        if reset_due(generation, cfg.teacher_reset_every) and self._teacher_initial_state is not None:
+            self.teacher.load_state_dict(self._teacher_initial_state)
+            self._metrics["train"]["sdpo/teacher_reset"].append(1.0)
+        elif self._finite_step_in_generation:
+            if cfg.teacher_update_rate_schedule != "constant":
+                total = generation_batches(self.state.max_steps, self.args.gradient_accumulation_steps,
+                                           self.args.steps_per_generation, self.num_iterations)
+                self.teacher.rate = scheduled_rate(cfg.teacher_update_rate, cfg.teacher_update_rate_final,
+                                                   cfg.teacher_update_rate_schedule, generation - 1, total)
+                self._metrics["train"]["sdpo/teacher_update_rate"].append(self.teacher.rate)
             self.teacher.update(self.model)
         else:
             logger.warning("SDPO: no finite gradient norm in this generation batch; teacher update skipped")
@@ -570,8 +659,12 @@ class SDPOTrainer(GRPOTrainer):
         state = self.teacher.state_dict()
         if state:
             torch.save(state, os.path.join(checkpoint, TEACHER_STATE_FILE))
+        if self._teacher_initial_state is not None:
+            torch.save(self._teacher_initial_state, os.path.join(checkpoint, TEACHER_INITIAL_STATE_FILE))
+        generations = self._teacher_generations_offset + self._teacher_generations_done
         with open(os.path.join(checkpoint, TEACHER_META_FILE), "w") as f:
-            json.dump({"teacher_mode": self.sdpo_config.teacher_mode, "updates": self.teacher.updates}, f)
+            json.dump({"teacher_mode": self.sdpo_config.teacher_mode, "updates": self.teacher.updates,
+                       "generations": generations}, f)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -591,8 +684,30 @@ class SDPOTrainer(GRPOTrainer):
         if os.path.exists(state_path):
             self.teacher.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True))
         self.teacher.updates = meta["updates"]
-        # GRPOTrainer counts its micro-steps (`_step`) from 0 again after a resume; count generations likewise.
+        # GRPOTrainer counts its micro-steps (`_step`) from 0 again after a resume; count generations likewise,
+        # and keep the generations before the checkpoint as the rate schedule's and the reset's offset.
         self._teacher_generations_done = self._step // (self.args.steps_per_generation * self.num_iterations)
+        self._teacher_generations_offset = meta.get("generations", meta["updates"]) - self._teacher_generations_done
+        initial_path = os.path.join(checkpoint, TEACHER_INITIAL_STATE_FILE)
+        if self._teacher_initial_state is not None and os.path.exists(initial_path):
+            self._teacher_initial_state = torch.load(initial_path, map_location="cpu", weights_only=True)
+
+
+def _check_policy_term(trainer: SDPOTrainer) -> None:
+    """The same-forward GRPO term restates GRPO's loss for the common options only; refuse the others by name."""
+    cfg, args = trainer.sdpo_config, trainer.args
+    guard = "route_by_success" if cfg.route_by_success else f"distillation_weight={cfg.distillation_weight}"
+    if trainer.loss_type not in POLICY_LOSS_TYPES:
+        raise ValueError(f"{guard} computes GRPO's loss beside the distillation for GRPOConfig.loss_type in "
+                         f"{', '.join(POLICY_LOSS_TYPES)}; got loss_type={trainer.loss_type!r}")
+    unsupported = [name for name, on in (
+        ("top_entropy_quantile", args.top_entropy_quantile < 1.0),
+        ("off_policy_mask_threshold", args.off_policy_mask_threshold is not None),
+        ("entropy_coef / use_adaptive_entropy", trainer._entropy_bonus_enabled),
+    ) if on]
+    if unsupported:
+        raise ValueError(f"{guard} does not reproduce GRPOConfig's {', '.join(unsupported)} in its GRPO term; "
+                         "leave them at their defaults, or use distillation_weight=0 (GRPO's own loss)")
 
 
 def _check_teacher_mode(mode: str, fresh_peft: bool, uses_peft: bool) -> None:

@@ -90,9 +90,65 @@ def test_presets_set_the_run_values():
     generalization = SDPOConfig.from_preset("reference_generalization", alpha=0.3)
     assert not generalization.include_environment_feedback
     assert generalization.alpha == 0.3
-    assert set(PRESETS) == {"reference_lcb", "reference_generalization"}
+    assert set(PRESETS) == {"reference_lcb", "reference_generalization", "guarded"}
     with pytest.raises(ValueError, match="unknown SDPO preset"):
         SDPOConfig.from_preset("nope")
+
+
+def test_guards_are_off_by_default():
+    config = SDPOConfig()
+    assert (config.distillation_weight, config.route_by_success) == (1.0, False)
+    assert (config.teacher_update_rate_schedule, config.teacher_update_rate_final) == ("constant", None)
+    assert config.teacher_reset_every is None
+
+
+def test_guarded_preset_loads_and_is_valid():
+    guarded = SDPOConfig.from_preset("guarded")
+    assert guarded.distillation_weight == 0.5
+    assert guarded.teacher_update_rate == 0.01
+    assert guarded.enabled
+    assert guarded.teacher_mode == "ema"
+    assert {k: v for k, v in guarded.to_dict().items() if k not in PRESETS["guarded"]} == {
+        k: v for k, v in SDPOConfig().to_dict().items() if k not in PRESETS["guarded"]}  # the rest is the seed's
+    assert SDPOConfig.from_preset("guarded", distillation_weight=0.8).distillation_weight == 0.8
+
+
+@pytest.mark.parametrize(("kwargs", "fields"), [
+    ({"distillation_weight": 1.5}, ["distillation_weight"]),
+    ({"distillation_weight": -0.1}, ["distillation_weight"]),
+    ({"enabled": False, "distillation_weight": 0.5}, ["enabled", "distillation_weight"]),
+    ({"enabled": False, "route_by_success": True}, ["enabled", "route_by_success"]),
+    ({"enabled": False, "teacher_reset_every": 4}, ["enabled", "teacher_reset_every"]),
+    ({"route_by_success": True, "distillation_weight": 0.5}, ["route_by_success", "distillation_weight"]),
+    ({"teacher_update_rate_schedule": "step"}, ["teacher_update_rate_schedule"]),
+    ({"teacher_update_rate_schedule": "linear"}, ["teacher_update_rate_schedule", "teacher_update_rate_final"]),
+    ({"teacher_update_rate_final": 0.01}, ["teacher_update_rate_final", "constant"]),
+    ({"teacher_update_rate_schedule": "cosine", "teacher_update_rate_final": 1.5}, ["teacher_update_rate_final"]),
+    ({"teacher_reset_every": 0}, ["teacher_reset_every"]),
+    ({"teacher_reset_every": 2.5}, ["teacher_reset_every"]),
+    ({"teacher_mode": "frozen", "teacher_reset_every": 4}, ["teacher_reset_every", "frozen"]),
+    ({"teacher_mode": "frozen", "teacher_update_rate_schedule": "linear", "teacher_update_rate_final": 0.0},
+     ["teacher_update_rate_schedule", "frozen"]),
+    ({"teacher_mode": "trust_region", "teacher_update_rate_schedule": "linear", "teacher_update_rate_final": 0.0},
+     ["teacher_update_rate_schedule", "trust_region"]),
+    ({"teacher_update_rate": 0.0, "teacher_reset_every": 4}, ["teacher_reset_every", "teacher_update_rate"]),
+])
+def test_contradicting_guards_name_the_fields(kwargs, fields):
+    with pytest.raises(ValueError, match=fields[0]) as error:
+        SDPOConfig(**kwargs)
+    for field in fields:
+        assert field in str(error.value), (field, str(error.value))
+
+
+def test_valid_guard_combinations():
+    assert SDPOConfig(distillation_weight=0.0).distillation_weight == 0.0
+    assert SDPOConfig(route_by_success=True, teacher_reset_every=8).route_by_success
+    schedule = SDPOConfig(teacher_update_rate_schedule="cosine", teacher_update_rate_final=0.0,
+                          teacher_mode="lora_ema")
+    assert schedule.teacher_update_rate_final == 0.0
+    rising = SDPOConfig(teacher_update_rate=0.0, teacher_update_rate_schedule="linear",
+                        teacher_update_rate_final=0.05, teacher_reset_every=4)
+    assert rising.teacher_reset_every == 4
 
 
 def test_yaml_with_grpo_fields(tmp_path):

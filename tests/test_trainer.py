@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import math
 
 import pytest
 import torch
@@ -511,3 +513,213 @@ def test_lora_ema_checkpoint_restores_teacher_adapter(tokenizer, chat_dataset, m
     resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-1"))
     for name, value in saved.items():
         assert torch.equal(loaded["state"][name], value), name
+
+
+# ------------------------------------------------------------------------------------ collapse guards
+def _loss_and_grads(trainer, compute):
+    trainer.model.zero_grad()
+    loss = compute()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+def _assert_same_loss_and_grads(got, expected):
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-7)
+    assert got[1].keys() == expected[1].keys()
+    for name, grad in expected[1].items():
+        torch.testing.assert_close(got[1][name], grad, msg=name, rtol=1e-4, atol=1e-6)
+
+
+def _sum_of(*results):
+    loss = sum(r[0] for r in results)
+    names = set().union(*(r[1] for r in results))
+    return loss, {n: sum(r[1][n] for r in results if n in r[1]) for n in names}
+
+
+def _scaled(result, weight):
+    return result[0] * weight, {n: g * weight for n, g in result[1].items()}
+
+
+def _guard_trainer(tokenizer, chat_dataset, make_args, feedback_reward, hidden, args=None, **sdpo):
+    """A trainer and one generation batch; fp32 (no bf16 autocast), where GRPO's own loss and our term agree to
+    float rounding (under CPU bf16 autocast they differ by bf16 rounding: TRL's fused head runs in bf16)."""
+    trainer = SDPOTrainer(model=tiny_model(tokenizer), reward_funcs=[feedback_reward(succeed=lambda r: r % 4 == 0)],
+                          args=make_args(bf16=False, **(args or {})), train_dataset=chat_dataset,
+                          processing_class=tokenizer, sdpo_config=SDPOConfig(distillation_topk=7, **sdpo))
+    trainer._hidden_state_path = hidden
+    batch = trainer._generate_and_score_completions([chat_dataset[i] for i in range(4)])
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    return trainer, batch
+
+
+def _as_pure_sdpo(trainer):
+    trainer.sdpo_config = dataclasses.replace(trainer.sdpo_config, distillation_weight=1.0, route_by_success=False)
+    trainer._policy_term = False
+
+
+@pytest.mark.parametrize("hidden", [True, False])
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_blend_is_the_weighted_sum_of_sdpo_and_grpo_losses(tokenizer, chat_dataset, make_args, feedback_reward,
+                                                           hidden, loss_type):
+    """λ·SDPO + (1−λ)·GRPO, GRPO's term taken from the distillation's student forward, equals the plain trainers'."""
+    trainer, batch = _guard_trainer(tokenizer, chat_dataset, make_args, feedback_reward, hidden,
+                                    args={"loss_type": loss_type}, distillation_weight=0.25)
+    assert batch["advantages"].abs().sum() > 0
+    assert 0 < batch["sd_mask"].sum() < 4
+    blend = _loss_and_grads(trainer, lambda: trainer._compute_loss(trainer.model, batch))
+    metrics = trainer._metrics["train"]
+    assert (metrics["sdpo/policy_row_fraction"][-1], metrics["sdpo/distillation_row_fraction"][-1]) == (1.0, 0.75)
+    grpo = _loss_and_grads(trainer, lambda: GRPOTrainer._compute_loss(trainer, trainer.model, batch))
+    assert metrics["sdpo/policy_loss"][-1] == pytest.approx(grpo[0].item(), rel=1e-5)
+    _as_pure_sdpo(trainer)
+    sdpo = _loss_and_grads(trainer, lambda: trainer._compute_loss(trainer.model, batch))
+    _assert_same_loss_and_grads(blend, _sum_of(_scaled(sdpo, 0.25), _scaled(grpo, 0.75)))
+
+
+def test_blend_limits_are_the_plain_trainers(tokenizer, chat_dataset, make_args, feedback_reward):
+    """λ=0 trains exactly as GRPOTrainer; λ=1 (the default) computes no GRPO term at all."""
+    grpo = GRPOTrainer(model=tiny_model(tokenizer), reward_funcs=[feedback_reward(succeed=lambda r: r % 2 == 0)],
+                       args=make_args(), train_dataset=chat_dataset, processing_class=tokenizer)
+    grpo.train()
+    weight0 = SDPOTrainer(model=tiny_model(tokenizer), reward_funcs=[feedback_reward(succeed=lambda r: r % 2 == 0)],
+                          args=make_args(), train_dataset=chat_dataset, processing_class=tokenizer,
+                          sdpo_config=SDPOConfig(distillation_weight=0.0))
+    weight0.train()
+    for (name, a), (_, b) in zip(grpo.model.named_parameters(), weight0.model.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    logged = weight0.state.log_history[0]
+    assert (logged["sdpo/policy_row_fraction"], logged["sdpo/distillation_row_fraction"]) == (1.0, 0.0)
+    assert "sdpo/distillation_loss" not in logged
+    default = SDPOTrainer(model=tiny_model(tokenizer), reward_funcs=[feedback_reward()], args=make_args(),
+                          train_dataset=chat_dataset, processing_class=tokenizer)
+    assert not default._policy_term
+
+
+@pytest.mark.parametrize("hidden", [True, False])
+def test_routing_gives_each_row_exactly_its_term(tokenizer, chat_dataset, make_args, feedback_reward, hidden):
+    """Rows: success with a demo, failure with a signal, failure without, success without.
+
+    Routed: GRPO on rows 0, 2, 3 (successes, and the failure without a teacher signal), distillation on row 1 only,
+    each with the share it has in its plain trainer, and the teacher runs on row 1 alone.
+    """
+    trainer, batch = _guard_trainer(tokenizer, chat_dataset, make_args, feedback_reward, hidden,
+                                    route_by_success=True)
+    batch["sd_success"] = torch.tensor([True, False, False, True])
+    batch["sd_mask"] = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    batch["advantages"] = torch.tensor([0.9, -0.4, -0.6, 0.3])
+    method = "hidden_states" if hidden else "logits"
+    forward = getattr(trainer.teacher, method)
+    rows_seen: list[int] = []
+
+    def spy(student, input_ids, *args):
+        rows_seen.append(input_ids.size(0))
+        return forward(student, input_ids, *args)
+
+    setattr(trainer.teacher, method, spy)
+    routed = _loss_and_grads(trainer, lambda: trainer._compute_loss(trainer.model, batch))
+    assert rows_seen == [1]
+    metrics = trainer._metrics["train"]
+    assert (metrics["sdpo/policy_row_fraction"][-1], metrics["sdpo/distillation_row_fraction"][-1]) == (0.75, 0.25)
+    policy_only = {**batch, "advantages": batch["advantages"] * torch.tensor([1.0, 0.0, 1.0, 1.0])}
+    grpo = _loss_and_grads(trainer, lambda: GRPOTrainer._compute_loss(trainer, trainer.model, policy_only))
+    _as_pure_sdpo(trainer)
+    distilled_only = {**batch, "sd_mask": torch.tensor([0.0, 1.0, 0.0, 0.0])}
+    sdpo = _loss_and_grads(trainer, lambda: trainer._compute_loss(trainer.model, distilled_only))
+    assert sdpo[0] > 0
+    assert grpo[0] != 0
+    _assert_same_loss_and_grads(routed, _sum_of(grpo, sdpo))
+
+
+@pytest.mark.parametrize("sdpo_config", [
+    SDPOConfig(distillation_weight=0.5),
+    SDPOConfig(route_by_success=True),
+    SDPOConfig(teacher_update_rate_schedule="linear", teacher_update_rate_final=0.0),
+    SDPOConfig(teacher_reset_every=1),
+    SDPOConfig.from_preset("guarded"),
+], ids=["blend", "routing", "schedule", "reset", "preset-guarded"])
+def test_each_guard_trains(tokenizer, chat_dataset, make_args, feedback_reward, sdpo_config):
+    model = tiny_model(tokenizer)
+    before = _params(model)
+    trainer = SDPOTrainer(model=model, reward_funcs=[feedback_reward(succeed=lambda r: r % 4 == 0)], args=make_args(),
+                          train_dataset=chat_dataset, processing_class=tokenizer, sdpo_config=sdpo_config)
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    assert [n for n, v in before.items() if torch.equal(v, after[n])] == []
+    steps = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(steps) == 2
+    assert all(math.isfinite(entry["loss"]) for entry in steps)
+    last = steps[-1]
+    if sdpo_config.distillation_weight < 1:  # every row takes GRPO's term, the 3 failures with a demo distillation
+        assert (last["sdpo/policy_row_fraction"], last["sdpo/distillation_row_fraction"]) == (1.0, 0.75)
+    elif sdpo_config.route_by_success:  # the lone success of each group: GRPO; its 3 failed siblings: distillation
+        assert (last["sdpo/policy_row_fraction"], last["sdpo/distillation_row_fraction"]) == (0.25, 0.75)
+    else:
+        assert "sdpo/policy_row_fraction" not in last
+    if sdpo_config.teacher_update_rate_schedule == "linear":
+        assert [entry["sdpo/teacher_update_rate"] for entry in steps] == [0.05, 0.0]
+    if sdpo_config.teacher_reset_every == 1:
+        assert [entry["sdpo/teacher_reset"] for entry in steps] == [1.0, 1.0]
+        assert trainer.teacher.updates == 0
+        for name, value in trainer.teacher.module.named_parameters():
+            assert torch.equal(value, before[name]), name
+
+
+def test_schedule_and_reset_survive_a_resume(tokenizer, chat_dataset, make_args, feedback_reward, tmp_path):
+    """Three generation batches, rate 0.5 → 0.3 → 0.1, reset after the third; resumed after the first."""
+    guards = {"teacher_update_rate": 0.5, "teacher_update_rate_schedule": "linear", "teacher_update_rate_final": 0.1,
+              "teacher_reset_every": 3}
+    model = tiny_model(tokenizer)
+    initial = _params(model)
+    first = _trainer(model, tokenizer, chat_dataset, make_args(max_steps=3, save_strategy="steps", save_steps=1),
+                     feedback_reward(), **guards)
+    first.train()
+    rates = [e["sdpo/teacher_update_rate"] for e in first.state.log_history if "sdpo/teacher_update_rate" in e]
+    assert rates == pytest.approx([0.5, 0.3])
+    resumed = _trainer(tiny_model(tokenizer, seed=1), tokenizer, chat_dataset, make_args(max_steps=3),
+                       feedback_reward(), **guards)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-1"))
+    after_resume = [e for e in resumed.state.log_history if e.get("step", 0) > 1 and "loss" in e]
+    assert [e.get("sdpo/teacher_update_rate") for e in after_resume] == [pytest.approx(0.3), None]
+    assert [e.get("sdpo/teacher_reset") for e in after_resume] == [None, 1.0]
+    for name, value in resumed.teacher.module.named_parameters():  # the first run's initial weights, not seed 1's
+        assert torch.equal(value, initial[name]), name
+
+
+def test_guards_refuse_grpo_options_they_do_not_reproduce(model, tokenizer, chat_dataset, make_args,
+                                                          feedback_reward):
+    with pytest.raises(ValueError, match=r"distillation_weight=0\.5.*loss_type='sapo'"):
+        _trainer(model, tokenizer, chat_dataset, make_args(loss_type="sapo"), feedback_reward(),
+                 distillation_weight=0.5)
+    with pytest.raises(ValueError, match=r"route_by_success.*top_entropy_quantile"):
+        _trainer(model, tokenizer, chat_dataset, make_args(top_entropy_quantile=0.5), feedback_reward(),
+                 route_by_success=True)
+    weight0 = _trainer(model, tokenizer, chat_dataset, make_args(loss_type="sapo"), feedback_reward(),
+                       distillation_weight=0.0)  # GRPO's own loss: every option works
+    assert not weight0._policy_term
+
+
+def test_lora_ema_teacher_resets_to_its_initial_adapter(tokenizer, chat_dataset, make_args, feedback_reward):
+    from peft import LoraConfig
+
+    trainer = SDPOTrainer(model=tiny_model(tokenizer), reward_funcs=[feedback_reward()], args=make_args(),
+                          train_dataset=chat_dataset, processing_class=tokenizer,
+                          peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+                          sdpo_config=SDPOConfig(teacher_mode="lora_ema", teacher_update_rate=0.5,
+                                                 teacher_reset_every=2))
+    initial = {name: value.clone() for name, value in trainer.teacher.state_dict().items()}
+    assert initial
+    assert all(".sdpo_teacher." in name for name in trainer._teacher_initial_state)
+    moved = {}
+
+    class AfterFirstBatch(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                moved.update(trainer.teacher.state_dict())
+
+    trainer.add_callback(AfterFirstBatch())  # runs after the teacher's own update callback
+    trainer.train()
+    assert trainer.teacher.updates == 1  # the first batch's EMA step; the second batch reset instead
+    assert any(not torch.equal(moved[name], value) for name, value in initial.items())
+    for name, value in trainer.teacher.state_dict().items():
+        assert torch.equal(value, initial[name]), name
