@@ -511,7 +511,8 @@ def run_training(script: TrainArguments, training_args: GRPOConfig, sdpo_config:
         say(f"note: {output_dir} holds checkpoints of an earlier run; pass --resume to continue it")
 
     say(f"{label}: model {model_path} | environment {script.environment} {script.environment_kwargs or ''} | "
-        f"{len(train_rows)} training rows, {len(eval_rows)} evaluation rows | output {output_dir} | "
+        f"{len(train_rows)} training rows ({len({_prompt_key(p) for p in train_rows['prompt']})} distinct prompts), "
+        f"{len(eval_rows)} evaluation rows | output {output_dir} | "
         f"{torch.get_num_threads()} CPU threads")
     trainer = SDPOTrainer(model=model_path, reward_funcs=[env], args=training_args, train_dataset=train_rows,
                           peft_config=lora_config(script), sdpo_config=sdpo_config)

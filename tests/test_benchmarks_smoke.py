@@ -53,3 +53,42 @@ def test_learning_efficacy_writes_results_and_plot(tmp_path):
     assert len(sdpo_run["success_fraction"]) == 2
     assert all("sdpo/reprompt_sample_fraction" in log for log in sdpo_run["logs"])
     assert (out_dir / "learning_efficacy.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_demo_compare_writes_results_plot_and_resumes(tmp_path):
+    from sdpo_core.testing import tiny_model, tiny_tokenizer
+
+    model = tmp_path / "tiny-model"
+    tokenizer = tiny_tokenizer()
+    tiny_model(tokenizer).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    results, figure = tmp_path / "demo_compare.json", tmp_path / "demo_compare.png"
+    common = ["--out-dir", str(tmp_path / "runs"), "--results", str(results), "--plot", str(figure),
+              # passed through to sdpo train: a 2-step run of the tiny model, evaluated at every step
+              "--model", str(model), "--max_steps", "2", "--eval_every", "1", "--eval_size", "4",
+              "--eval_batch_size", "4", "--max_completion_length", "8", "--num_generations", "4",
+              "--per_device_train_batch_size", "4"]
+    _run("demo_compare.py", "--variants", "grpo", "--seeds", "2", "--jobs", "2", *common, cwd=tmp_path)
+    first = json.loads(results.read_text())
+    assert set(first["runs"]) == {"grpo"}
+    assert set(first["runs"]["grpo"]) == {"0", "1"}
+    assert first["threads_per_run"] == max(1, (os.cpu_count() or 1) // 2)
+
+    stdout = _run("demo_compare.py", "--seeds", "1", "--resume", *common, cwd=tmp_path)
+    assert "1 run(s) to go (2 kept)" in stdout  # only SDPO seed 0 was missing
+    assert "FAILED" not in stdout
+    final = json.loads(results.read_text())
+    assert final["runs"]["grpo"] == first["runs"]["grpo"]
+    for variant in ("sdpo", "grpo"):
+        run = final["runs"][variant]["0"]
+        assert [p["step"] for p in run["steps"]] == [1, 2]
+        assert all(isinstance(p["reward"], float) and isinstance(p["entropy"], float) for p in run["steps"])
+        assert all(0.0 <= p["heldout_accuracy"] <= 1.0 for p in run["steps"])  # evaluated at every step here
+        assert run["heldout_after"] == run["steps"][-1]["heldout_accuracy"]
+        assert 0.0 <= run["heldout_before"] <= 1.0
+        assert run["wall_seconds"] > 0
+    assert final["runs"]["sdpo"]["0"]["heldout_before"] == final["runs"]["grpo"]["0"]["heldout_before"]
+    assert "SDPO seed 0" in stdout
+    assert "GRPO mean" in stdout
+    assert figure.stat().st_size > 10_000
