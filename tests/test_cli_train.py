@@ -306,6 +306,21 @@ def test_records_split_into_training_logs_and_evaluations():
         (0, 0.5), (3, None), (6, 0.25)]
 
 
+def test_evaluation_record_holds_a_result_or_an_error():
+    from sdpo_core.callbacks import evaluation_record
+    from sdpo_core.evaluation import EvalResult
+
+    result = EvalResult(num_tasks=4, num_samples=1, pass_at_k={1: 0.75}, mean_reward=0.8, success_rate=0.75)
+    assert evaluation_record(10, result, seconds=1.234) == {"step": 10, HELDOUT_ACCURACY: 0.75,
+                                                           "heldout/mean_reward": 0.8, "heldout/seconds": 1.23}
+    assert evaluation_record(20, error=RuntimeError("no sandbox")) == {"step": 20,
+                                                                       HELDOUT_ERROR: "RuntimeError: no sandbox"}
+    with pytest.raises(ValueError, match="exactly one"):
+        evaluation_record(0)
+    with pytest.raises(ValueError, match="exactly one"):
+        evaluation_record(0, result, error=RuntimeError("x"))
+
+
 def test_plot_panels_are_what_some_run_logged(tmp_path):
     from sdpo_core.callbacks import plot_panels, plot_runs
 
