@@ -188,6 +188,10 @@ def plot_runs(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path)
         axis.grid(alpha=0.3)
         if axis.has_data():
             axis.legend(fontsize="small")
+    drawn = [axis for axis in axes[:len(panels)] if axis.has_data()]
+    low, high = min(a.get_xlim()[0] for a in drawn), max(a.get_xlim()[1] for a in drawn)
+    for axis in drawn:  # one step axis for every panel, so evaluations line up with the curves
+        axis.set_xlim(low, high)
     path = Path(path)
     figure.savefig(path, dpi=110)
     return path

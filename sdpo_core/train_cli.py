@@ -63,7 +63,7 @@ DEFAULTS: dict[str, Any] = {
     "environment": "math",
     "environment_kwargs": {"difficulty": 0, "unformatted_scale": 1.0},
     "eval_size": 48,
-    "eval_every": 10,  # held-out accuracy at steps 0, 10, 20 and 30: about 20 s each on 2 CPU cores
+    "eval_every": 10,  # held-out accuracy at steps 0, 10, 20 and 30; an evaluation costs about one step
     # GRPOConfig, scaled down for two CPU cores: one prompt x 8 completions of <= 48 tokens per step.
     "output_dir": "runs/sdpo",
     "num_generations": 8,
