@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import gc
 import json
 import math
 import os
@@ -628,6 +629,7 @@ def train(argv: Sequence[str], callbacks: Sequence[Any] = ()) -> list[RunResult]
         return runs
     from sdpo_core.callbacks import METRICS_FILE, PLOT_FILE, SUMMARY_FILE, compare_runs, plot_runs, read_metrics
 
+    gc.collect()  # the SDPO trainer (model, teacher, optimizer) sits in reference cycles: free it before GRPO's
     grpo_dir = sdpo_dir.with_name(sdpo_dir.name + "-grpo")
     _, grpo_args, _ = parse_train_args([*argv, "--output_dir", str(grpo_dir)])
     runs.append(run_training(script, grpo_args, grpo_twin(sdpo_config), label="GRPO", before=runs[0].before,
