@@ -1,10 +1,15 @@
-"""Trainer callbacks for watching and stopping a run: a progress bar, run files, and a clean Ctrl-C.
+"""Trainer callbacks for watching and stopping a run: a progress bar, run files, held-out evaluations during
+training, and a clean Ctrl-C.
 
 - `ProgressBarCallback`: one tqdm bar with the step, the mean reward, the success fraction and the
   distillation loss (replaces transformers' bar, which prints every log dict).
-- `RunFilesCallback`: `metrics.jsonl` (one JSON line per log, appended as the run goes), and at each save
-  and at the end `training_curves.png` (reward, success fraction and loss per step; other runs, e.g. the
-  GRPO baseline of `sdpo train --compare-grpo`, on the same axes) and `summary.txt`.
+- `RunFilesCallback`: `metrics.jsonl` (one JSON line per log, appended as the run goes, and one per held-out
+  evaluation: `heldout/accuracy` with its step), and at each save and at the end `training_curves.png`
+  (held-out accuracy, reward, success fraction, entropy, completion length, loss and the `sdpo/` diagnostics
+  a run logged; other runs, e.g. the GRPO baseline of `sdpo train --compare_grpo`, on the same axes) and
+  `summary.txt`.
+- `HeldOutEvaluationCallback`: every `eval_every` optimizer steps, runs the held-out evaluation it is given and
+  records it through `RunFilesCallback`.
 - `InterruptCallback`: `request()` (called from a SIGINT handler) makes the trainer finish the current
   optimizer step, save a checkpoint (teacher included) and stop, so the checkpoint is a consistent state.
 
@@ -17,12 +22,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+if TYPE_CHECKING:
+    from sdpo_core.evaluation import EvalResult
 
 logger = logging.getLogger(__name__)
 
@@ -30,14 +38,33 @@ METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "training_curves.png"
 SUMMARY_FILE = "summary.txt"
 
-# Which logged metric each curve shows; the first key a run logged wins. `sdpo/success_fraction` is the
+HELDOUT_ACCURACY = "heldout/accuracy"
+HELDOUT_ERROR = "heldout/error"
+HELDOUT_PREFIX = "heldout/"
+"""Held-out evaluations are records of their own in `metrics.jsonl`: `step` and `heldout/...` keys only."""
+
+# Which logged metric each per-step curve shows; the first key a run logged wins. `sdpo/success_fraction` is the
 # fraction of rollouts at or above `success_reward_threshold` (logged in both modes when the trainer has it);
-# `sdpo/success_sample_fraction` (rollouts with a demonstration) is the SDPO-only fallback.
+# `sdpo/success_sample_fraction` (rollouts with a demonstration) is the SDPO-only fallback. `entropy` and
+# `completions/mean_length` are TRL's (the student's entropy over completion tokens, in nats; tokens).
 PANELS: dict[str, tuple[str, ...]] = {
     "reward": ("reward",),
     "success fraction": ("sdpo/success_fraction", "sdpo/success_sample_fraction"),
+    "entropy": ("entropy",),
+    "completion length": ("completions/mean_length",),
     "loss": ("sdpo/distillation_loss", "loss"),
 }
+DIAGNOSTICS: tuple[str, ...] = (
+    "sdpo/teacher_entropy",
+    "sdpo/student_entropy_trained",
+    "sdpo/student_logp_under_teacher",
+    "sdpo/student_logp_under_student",
+    "sdpo/demo_copy_overlap",
+    "sdpo/teacher_drift",
+    "frac_reward_zero_std",
+)
+"""Per-step diagnostics that get a panel each when some run logged them (`frac_reward_zero_std` is TRL's: the
+fraction of groups whose rewards are all equal, where GRPO's advantages are zero)."""
 _BAR_KEYS = {"reward": PANELS["reward"], "success": PANELS["success fraction"], "distill": ("sdpo/distillation_loss",),
              "loss": ("loss",)}
 
@@ -59,9 +86,38 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def is_evaluation(record: Mapping[str, Any]) -> bool:
+    """Whether a record is a held-out evaluation (not a training log)."""
+    return any(key.startswith(HELDOUT_PREFIX) for key in record)
+
+
 def training_records(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """Per-step training logs (drops the end-of-training summary record, which has `train_runtime`)."""
-    return [r for r in records if "step" in r and "train_runtime" not in r]
+    """Per-step training logs: drops the end-of-training summary record (it has `train_runtime`) and the
+    held-out evaluations."""
+    return [r for r in records if "step" in r and "train_runtime" not in r and not is_evaluation(r)]
+
+
+def evaluation_records(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The held-out evaluations, by step (a later record of the same step replaces an earlier one)."""
+    by_step = {int(r["step"]): r for r in records if "step" in r and is_evaluation(r)}
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def evaluation_record(step: int, result: EvalResult | None = None, *, error: BaseException | None = None,
+                      seconds: float | None = None) -> dict[str, Any]:
+    """The `metrics.jsonl` record of one held-out evaluation at `step`: its accuracy and mean reward, or the
+    error it raised; `seconds` when it was timed."""
+    if (result is None) == (error is None):
+        raise ValueError("an evaluation record needs exactly one of a result and an error")
+    record: dict[str, Any] = {"step": step}
+    if result is not None:
+        record[HELDOUT_ACCURACY] = result.success_rate
+        record["heldout/mean_reward"] = result.mean_reward
+    else:
+        record[HELDOUT_ERROR] = f"{type(error).__name__}: {error}"
+    if seconds is not None:
+        record["heldout/seconds"] = round(seconds, 2)
+    return record
 
 
 def series(records: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> tuple[str | None, list[int], list[float]]:
@@ -73,8 +129,25 @@ def series(records: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> tuple[s
     return chosen, [p[0] for p in points], [p[1] for p in points]
 
 
+PANEL_COLUMNS = 4
+
+
+def plot_panels(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[tuple[str, tuple[str, ...], bool]]:
+    """The panels the plot of `runs` (label → records) draws, as `(title, keys, per_step)`: held-out accuracy when
+    some run was evaluated (`per_step` False: one point per evaluation), then each `PANELS` curve and each
+    `DIAGNOSTICS` key that some run logged."""
+    steps_of = [training_records(records) for records in runs.values()]
+    panels: list[tuple[str, tuple[str, ...], bool]] = []
+    if any(series(evaluation_records(records), (HELDOUT_ACCURACY,))[0] for records in runs.values()):
+        panels.append(("held-out accuracy (greedy)", (HELDOUT_ACCURACY,), False))
+    panels += [(title, keys, True) for title, keys in PANELS.items() if any(series(r, keys)[0] for r in steps_of)]
+    panels += [(key, (key,), True) for key in DIAGNOSTICS if any(series(r, (key,))[0] for r in steps_of)]
+    return panels
+
+
 def plot_runs(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path) -> Path | None:
-    """Draw reward, success fraction and loss per step for each run (label → records) into a PNG.
+    """Draw the `plot_panels` of `runs` (label → records) into a PNG, the runs on the same axes; per-step
+    curves with many points get a running mean over faint raw points.
 
     Returns the path, or `None` when matplotlib is not installed or no run has a training record.
     """
@@ -84,29 +157,41 @@ def plot_runs(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path)
     except ImportError:
         logger.warning("matplotlib is not installed; no plot (pip install 'sdpo-gym[plot]')")
         return None
-    runs = {label: training_records(records) for label, records in runs.items()}
-    if not any(runs.values()):
+    steps_of = {label: training_records(records) for label, records in runs.items()}
+    if not any(steps_of.values()):
         return None
-    figure = Figure(figsize=(4.2 * len(PANELS), 3.4), layout="constrained")
+    evals_of = {label: evaluation_records(records) for label, records in runs.items()}
+    panels = plot_panels(runs)
+    columns = min(PANEL_COLUMNS, len(panels))
+    rows = -(-len(panels) // columns)
+    figure = Figure(figsize=(4.2 * columns, 3.4 * rows), layout="constrained")
     FigureCanvasAgg(figure)
-    for axis, (title, keys) in zip(figure.subplots(1, len(PANELS)), PANELS.items(), strict=True):
-        for label, records in runs.items():
-            key, steps, values = series(records, keys)
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for axis in axes[len(panels):]:
+        axis.set_visible(False)
+    colors = {label: f"C{i}" for i, label in enumerate(runs)}
+    for axis, (title, keys, per_step) in zip(axes, panels, strict=False):
+        for label in runs:
+            key, steps, values = series(steps_of[label] if per_step else evals_of[label], keys)
             if key is None:
                 continue
             name = f"{label} ({key})" if len(keys) > 1 else label
-            if len(values) < 2 * SMOOTHING:
-                axis.plot(steps, values, marker="o", markersize=3, label=name)
+            if not per_step or len(values) < 2 * SMOOTHING:
+                axis.plot(steps, values, marker="o", markersize=3, color=colors[label], label=name)
                 continue
             # one prompt group per step is noisy: faint raw points, and their running mean
-            (raw,) = axis.plot(steps, values, alpha=0.3, linewidth=1)
-            axis.plot(steps, rolling_mean(values, SMOOTHING), color=raw.get_color(),
+            axis.plot(steps, values, alpha=0.3, linewidth=1, color=colors[label])
+            axis.plot(steps, rolling_mean(values, SMOOTHING), color=colors[label],
                       label=f"{name}, mean of {SMOOTHING} steps")
         axis.set_title(title)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
         if axis.has_data():
             axis.legend(fontsize="small")
+    drawn = [axis for axis in axes[:len(panels)] if axis.has_data()]
+    low, high = min(a.get_xlim()[0] for a in drawn), max(a.get_xlim()[1] for a in drawn)
+    for axis in drawn:  # one step axis for every panel, so evaluations line up with the curves
+        axis.set_xlim(low, high)
     path = Path(path)
     figure.savefig(path, dpi=110)
     return path
@@ -125,9 +210,26 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+def heldout_trend(records: Sequence[Mapping[str, Any]]) -> str | None:
+    """The held-out evaluations of a run in order, e.g. `0.750 (step 0) -> failed (step 10: ValueError: x) ->
+    0.900 (step 30)`; `None` when there are none."""
+    evals = evaluation_records(records)
+    if not evals:
+        return None
+    parts = []
+    for record in evals:
+        found = first_present(record, (HELDOUT_ACCURACY,))
+        if found is not None:
+            parts.append(f"{found[1]:.3f} (step {record['step']})")
+        else:
+            parts.append(f"failed (step {record['step']}: {record.get(HELDOUT_ERROR, 'no accuracy')})")
+    return " -> ".join(parts)
+
+
 def summarize(records: Sequence[Mapping[str, Any]], *, title: str, notes: Mapping[str, str] | None = None,
               window: int = 5) -> str:
-    """A short text summary of a run: steps, and each panel's metric over the first and last `window` logs."""
+    """A short text summary of a run: steps, held-out accuracy at each evaluation, and each panel's metric
+    over the first and last `window` logs."""
     steps = training_records(records)
     lines = [title]
     if steps:
@@ -135,6 +237,9 @@ def summarize(records: Sequence[Mapping[str, Any]], *, title: str, notes: Mappin
     end = next((r for r in reversed(records) if "train_runtime" in r), None)
     if end is not None:
         lines.append(f"train runtime: {end['train_runtime']:.0f} s")
+    trend = heldout_trend(records)
+    if trend is not None:
+        lines.append(f"held-out accuracy: {trend}")
     for name, keys in PANELS.items():
         key, _, values = series(steps, keys)
         if key is not None:
@@ -142,6 +247,26 @@ def summarize(records: Sequence[Mapping[str, Any]], *, title: str, notes: Mappin
             shown = min(window, len(values))
             lines.append(f"{name} ({key}): {first:.4g} (mean of the first {shown} logs) -> {last:.4g} (last {shown})")
     lines.extend(f"{key}: {value}" for key, value in (notes or {}).items())
+    return "\n".join(lines) + "\n"
+
+
+def compare_runs(runs: Mapping[str, Sequence[Mapping[str, Any]]], window: int = 5) -> str:
+    """A few lines comparing runs (label → records): held-out accuracy at each evaluation (before, during,
+    after training), sampled reward and entropy over the first and last `window` steps, mean completion length."""
+    lines = [f"held-out: greedy accuracy at each evaluation; reward, entropy: mean of the first {window} -> "
+             f"last {window} steps"]
+    width = max(len(label) for label in runs) if runs else 0
+    for label, records in runs.items():
+        steps = training_records(records)
+        parts = [f"held-out {heldout_trend(records) or 'not evaluated'}"]
+        for name, keys in (("reward", PANELS["reward"]), ("entropy", PANELS["entropy"])):
+            _, _, values = series(steps, keys)
+            if values:
+                parts.append(f"{name} {_mean(values[:window]):.3f} -> {_mean(values[-window:]):.3f}")
+        _, _, lengths = series(steps, PANELS["completion length"])
+        if lengths:
+            parts.append(f"mean length {_mean(lengths):.1f}")
+        lines.append(f"{label:<{width}}  " + " | ".join(parts))
     return "\n".join(lines) + "\n"
 
 
@@ -181,6 +306,15 @@ class RunFilesCallback(TrainerCallback):
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
+    def add_record(self, state: TrainerState, record: Mapping[str, Any]) -> None:
+        """Keep a record that is no trainer log (a held-out evaluation): in the log history, which checkpoints
+        save (so a resumed run still has it), and in `metrics.jsonl`."""
+        state.log_history.append(dict(record))
+        if state.is_world_process_zero:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(dict(record)) + "\n")
+
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self.write_outputs(state)
 
@@ -195,9 +329,50 @@ class RunFilesCallback(TrainerCallback):
         records = read_metrics(self.metrics_path)
         runs = {self.label: records, **{label: read_metrics(path) for label, path in self.compare.items()}}
         plot_runs(runs, self.output_dir / PLOT_FILE)
-        (self.output_dir / SUMMARY_FILE).write_text(
-            summarize(records, title=f"{self.label} run in {self.output_dir}", notes=self.notes)
-        )
+        text = summarize(records, title=f"{self.label} run in {self.output_dir}", notes=self.notes)
+        if self.compare:
+            text += "\n" + compare_runs(runs)
+        (self.output_dir / SUMMARY_FILE).write_text(text)
+
+
+class HeldOutEvaluationCallback(TrainerCallback):
+    """Runs the held-out evaluation every `every` optimizer steps during training and records each one.
+
+    The evaluations before and after training belong to the caller (they run outside `Trainer.train`); the one
+    before is recorded here at the start of a fresh run, because the trainer starts the log history then. The
+    last step is left to the evaluation after training, and a step after which the run stops (Ctrl-C) is skipped.
+
+    Args:
+        evaluate (`Callable[[int], Mapping | None]`): runs the evaluation at a step and returns its record
+            (`evaluation_record`: the result or the error it raised), or `None` on a process that does not
+            evaluate.
+        every (`int`): steps between evaluations; 0 evaluates only before and after training.
+        files (`RunFilesCallback`): keeps the records (add this callback after it).
+        before (`Mapping`, *optional*): the record of the evaluation before training.
+    """
+
+    def __init__(self, evaluate: Callable[[int], Mapping[str, Any] | None], every: int, files: RunFilesCallback,
+                 before: Mapping[str, Any] | None = None) -> None:
+        if every < 0:
+            raise ValueError(f"every must be >= 0, got {every}")
+        self.evaluate = evaluate
+        self.every = every
+        self.files = files
+        self.before = before
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
+        if self.before is not None and state.global_step == 0:
+            self.files.add_record(state, self.before)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+        step = state.global_step
+        if not self.every or step % self.every or step >= state.max_steps or control.should_training_stop:
+            return
+        record = self.evaluate(step)
+        if record is not None:
+            self.files.add_record(state, record)
 
 
 class ProgressBarCallback(TrainerCallback):
@@ -275,14 +450,24 @@ def _any_process(flag: bool, args: TrainingArguments) -> bool:
 
 
 __all__ = [
+    "DIAGNOSTICS",
+    "HELDOUT_ACCURACY",
+    "HELDOUT_ERROR",
     "METRICS_FILE",
     "PANELS",
     "PLOT_FILE",
     "SUMMARY_FILE",
+    "HeldOutEvaluationCallback",
     "InterruptCallback",
     "ProgressBarCallback",
     "RunFilesCallback",
+    "compare_runs",
+    "evaluation_record",
+    "evaluation_records",
     "first_present",
+    "heldout_trend",
+    "is_evaluation",
+    "plot_panels",
     "plot_runs",
     "read_metrics",
     "rolling_mean",

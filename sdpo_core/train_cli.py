@@ -12,8 +12,9 @@ Arguments follow TRL's `TrlParser`: every field of `TrainArguments` (below), `GR
 script silently passed the stale key `ema_update_rate`), and TRL's `env:` mapping sets environment variables.
 
 The environment (`--env`, built through the `sdpo_envs` registry) is the reward function, so its feedback
-reaches the teacher; rows come from `--dataset` or from the environment's own `dataset()`. A held-out slice
-is scored greedily before and after training (`sdpo_core.evaluation`).
+reaches the teacher; rows come from `--dataset` or from the environment's own `dataset()`. A held-out set of
+distinct prompts, none of which is trained on, is scored greedily before training, every `--eval_every` steps
+and after training (`sdpo_core.evaluation`); each score is a record in `metrics.jsonl` and a point in the plot.
 
 The `train` subparser takes its arguments as one opaque list and parses them only when it runs, so that
 `sdpo envs ...` never pays for importing TRL.
@@ -24,12 +25,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import gc
 import json
 import math
 import os
+import random
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -60,6 +64,7 @@ DEFAULTS: dict[str, Any] = {
     "environment": "math",
     "environment_kwargs": {"difficulty": 0, "unformatted_scale": 1.0},
     "eval_size": 48,
+    "eval_every": 10,  # held-out accuracy at steps 0, 10, 20 and 30; an evaluation costs about one step
     # GRPOConfig, scaled down for two CPU cores: one prompt x 8 completions of <= 48 tokens per step.
     "output_dir": "runs/sdpo",
     "num_generations": 8,
@@ -102,9 +107,12 @@ class TrainArguments:
             command line); `--env-arg key=value` adds one.
         dataset (`str`, *optional*): a JSON/JSONL/CSV/parquet file, a `save_to_disk` folder, or a `datasets`
             hub name; default: the environment's `dataset()`. Rows without `prompt` get `env.prompt(row)`.
-        eval_size (`int`, *optional*, defaults to `48`): rows scored greedily before and after training.
-        eval_on (`str`, *optional*, defaults to `"heldout"`): `"heldout"` takes them out of training (rows
-            with the same prompt too); `"train"` scores the first training rows (the LCB test-time setting).
+        eval_size (`int`, *optional*, defaults to `48`): rows scored greedily before, during and after training.
+        eval_every (`int`, *optional*, defaults to `10`): optimizer steps between evaluations during training
+            (0: only before and after).
+        eval_on (`str`, *optional*, defaults to `"heldout"`): `"heldout"`: `eval_size` rows with distinct
+            prompts, and no training row with one of those prompts; `"train"` scores the first training rows
+            (the LCB test-time setting).
     """
 
     model: str | None = field(
@@ -127,11 +135,16 @@ class TrainArguments:
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     dataset_split: str = field(default="train", metadata={"help": "Split of a hub or save_to_disk dataset."})
     eval_size: int = field(
-        default=48, metadata={"help": "Rows evaluated greedily before and after training (0: no evaluation)."}
+        default=48,
+        metadata={"help": "Rows evaluated greedily before, during and after training (0: no evaluation)."},
+    )
+    eval_every: int = field(
+        default=10,
+        metadata={"help": "Steps between held-out evaluations during training (0: only before and after)."},
     )
     eval_on: str = field(
         default="heldout",
-        metadata={"help": "heldout: evaluation rows are removed from training; train: the first training rows."},
+        metadata={"help": "heldout: distinct prompts that no training row has; train: the first training rows."},
     )
     eval_batch_size: int = field(default=16, metadata={"help": "Prompts per generate() call in evaluation."})
     use_peft: bool = field(
@@ -151,7 +164,7 @@ class TrainArguments:
     compare_grpo: bool = field(
         default=False,
         metadata={"help": "Then run GRPO (SDPOConfig enabled=False) on the same budget into OUTPUT_DIR-grpo "
-                          "and plot both."},
+                          "and plot both (an error when this run is GRPO already)."},
     )
     resume: bool = field(default=False, metadata={"help": "Continue from the latest checkpoint in output_dir."})
     stop_on_collapse: bool = field(
@@ -172,6 +185,8 @@ class TrainArguments:
         self.environment_kwargs = dict(kwargs or {})
         if self.eval_size < 0:
             raise ValueError(f"eval_size must be >= 0, got {self.eval_size}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
         if self.eval_on not in ("heldout", "train"):
             raise ValueError(f"eval_on must be 'heldout' or 'train', got {self.eval_on!r}")
         if self.preset is not None and self.preset not in PRESETS:
@@ -268,6 +283,15 @@ def parse_train_args(argv: Sequence[str]) -> tuple[TrainArguments, GRPOConfig, S
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     script.environment_kwargs = {**script.environment_options, **parse_env_args(extra.env_arg)}
+    if script.compare_grpo and not sdpo.enabled:
+        if any(arg.split("=", 1)[0] in ("--enabled", "--no_enabled") for arg in argv):
+            source = "on the command line (--no_enabled or --enabled false)"
+        elif "enabled" in config:
+            source = f"in --config {known.config}"
+        else:
+            source = f"by --preset {preset}"
+        raise CLIError(f"--compare_grpo runs GRPO beside an SDPO run, but enabled=False {source} makes this run "
+                       "GRPO already; drop --compare_grpo or the enabled=False setting")
     return script, training, sdpo
 
 
@@ -331,8 +355,11 @@ def split_rows(rows: Dataset, env: Environment, *, eval_size: int, eval_on: str,
                seed: int) -> tuple[Dataset, list[dict[str, Any]]]:
     """Training rows (each with a `prompt`) and the evaluation rows.
 
-    `"heldout"`: a seeded random `eval_size` rows, and every training row with one of their prompts removed,
-    so the evaluation never sees a trained question. `"train"`: the first training rows.
+    `"heldout"`: `eval_size` rows with distinct prompts, drawn in a seeded random order, and every row with one
+    of their prompts removed from training, so the evaluation never sees a trained question and no question
+    counts twice. A generator with few distinct problems (the math demo's one-digit sums: 100) repeats
+    prompts; when the rows hold no more distinct prompts than `eval_size`, nothing would be left to train on,
+    and that is an error. `"train"`: the first training rows.
     """
     if "prompt" not in rows.column_names:
         rows = rows.add_column("prompt", [env.prompt(row) for row in rows])
@@ -341,16 +368,22 @@ def split_rows(rows: Dataset, env: Environment, *, eval_size: int, eval_on: str,
         return rows, []
     if eval_on == "train":
         return rows, rows.select(range(size)).to_list()
-    if size >= len(rows):
-        raise CLIError(f"eval_size {eval_size} leaves no training rows out of {len(rows)}")
-    parts = rows.train_test_split(test_size=size, seed=seed)
-    held = parts["test"]
-    seen = {_prompt_key(p) for p in held["prompt"]}
-    keep = [i for i, p in enumerate(parts["train"]["prompt"]) if _prompt_key(p) not in seen]
-    if not keep:
-        raise CLIError(f"every training row repeats a prompt of the {size} evaluation rows; lower --eval_size "
-                       "or use --eval_on train")
-    return parts["train"].select(keep), held.to_list()
+    keys = [_prompt_key(p) for p in rows["prompt"]]
+    distinct = len(set(keys))
+    if eval_size >= distinct:
+        raise CLIError(f"eval_size {eval_size}: the {len(rows)} rows hold {distinct} distinct prompts, and held-out "
+                       "prompts are distinct and never trained on, so none would be left for training; lower "
+                       f"--eval_size (below {distinct}), use more varied rows, or --eval_on train")
+    held: list[int] = []
+    held_keys: set[str] = set()
+    for i in random.Random(seed).sample(range(len(rows)), len(rows)):
+        if keys[i] not in held_keys:
+            held_keys.add(keys[i])
+            held.append(i)
+            if len(held) == eval_size:
+                break
+    train = [i for i, key in enumerate(keys) if key not in held_keys]
+    return rows.select(train), rows.select(held).to_list()
 
 
 def lora_config(script: TrainArguments) -> LoraConfig | None:
@@ -444,7 +477,14 @@ def run_training(script: TrainArguments, training_args: GRPOConfig, sdpo_config:
     from transformers import ProgressCallback
     from transformers.trainer_utils import get_last_checkpoint
 
-    from sdpo_core.callbacks import InterruptCallback, ProgressBarCallback, RunFilesCallback
+    from sdpo_core.callbacks import (
+        HELDOUT_ERROR,
+        HeldOutEvaluationCallback,
+        InterruptCallback,
+        ProgressBarCallback,
+        RunFilesCallback,
+        evaluation_record,
+    )
     from sdpo_core.collapse import CollapseWatchCallback
     from sdpo_core.cpu_threads import CpuThreadFitter, CpuThreadsCallback, user_chose_threads
     from sdpo_core.evaluation import EvalResult
@@ -478,7 +518,8 @@ def run_training(script: TrainArguments, training_args: GRPOConfig, sdpo_config:
         say(f"note: {output_dir} holds checkpoints of an earlier run; pass --resume to continue it")
 
     say(f"{label}: model {model_path} | environment {script.environment} {script.environment_kwargs or ''} | "
-        f"{len(train_rows)} training rows, {len(eval_rows)} evaluation rows | output {output_dir} | "
+        f"{len(train_rows)} training rows ({len({_prompt_key(p) for p in train_rows['prompt']})} distinct prompts), "
+        f"{len(eval_rows)} evaluation rows | output {output_dir} | "
         f"{torch.get_num_threads()} CPU threads")
     trainer = SDPOTrainer(model=model_path, reward_funcs=[env], args=training_args, train_dataset=train_rows,
                           peft_config=lora_config(script), sdpo_config=sdpo_config)
@@ -498,21 +539,31 @@ def run_training(script: TrainArguments, training_args: GRPOConfig, sdpo_config:
     sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
     if eval_rows and sharded:
         say("evaluation skipped: the weights are sharded (DeepSpeed/FSDP); run sdpo eval on the saved model")
+    evaluating = bool(eval_rows) and not sharded and main_process
 
-    def evaluate(when: str) -> EvalResult | None:
-        if not eval_rows or sharded or not main_process:
-            return None
+    def evaluate(step: int, when: str) -> tuple[EvalResult | None, dict[str, Any]]:
+        """The held-out evaluation now and its record; an error is recorded (and said), not raised."""
         from sdpo_core.evaluation import evaluate_model
 
-        result = evaluate_model(
-            trainer.accelerator.unwrap_model(trainer.model), cast("PreTrainedTokenizerBase", trainer.processing_class),
-            env, eval_rows, max_new_tokens=training_args.max_completion_length or 256,
-            batch_size=script.eval_batch_size,
-            chat_template_kwargs=cast(dict, training_args.chat_template_kwargs or {}),
-            success_threshold=sdpo_config.success_reward_threshold, seed=training_args.seed, progress=True,
-        )
-        say(f"evaluation {when} training: {describe_eval(result)}")
-        return result
+        start = time.monotonic()
+        try:
+            result = evaluate_model(
+                trainer.accelerator.unwrap_model(trainer.model),
+                cast("PreTrainedTokenizerBase", trainer.processing_class), env, eval_rows,
+                max_new_tokens=training_args.max_completion_length or 256, batch_size=script.eval_batch_size,
+                chat_template_kwargs=cast(dict, training_args.chat_template_kwargs or {}),
+                success_threshold=sdpo_config.success_reward_threshold, seed=training_args.seed, progress=True,
+            )
+        except Exception as exc:  # a failed evaluation must not end (or lose) the training run
+            record = evaluation_record(step, error=exc, seconds=time.monotonic() - start)
+            say(f"evaluation {when} failed ({record[HELDOUT_ERROR]}); recorded in metrics.jsonl, training goes on")
+            return None, record
+        seconds = time.monotonic() - start
+        say(f"evaluation {when}: {describe_eval(result)} ({seconds:.0f} s)")
+        return result, evaluation_record(step, result, seconds=seconds)
+
+    def evaluate_during(step: int) -> dict[str, Any] | None:
+        return evaluate(step, f"at step {step}")[1] if evaluating else None
 
     if main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -520,14 +571,19 @@ def run_training(script: TrainArguments, training_args: GRPOConfig, sdpo_config:
             with (output_dir / EVAL_TASKS_FILE).open("w") as f:
                 f.writelines(json.dumps(row, default=str) + "\n" for row in eval_rows)
     before_file = output_dir / EVAL_BEFORE_FILE
+    before_record: dict[str, Any] | None = None
     if before is None and checkpoint is not None and before_file.is_file():
         before = EvalResult.from_dict(json.loads(before_file.read_text()))
         say(f"evaluation before training (from {before_file}): {describe_eval(before)}")
-    elif before is None:
-        before = evaluate("before")
+    elif before is not None:
+        before_record = evaluation_record(0, before) if evaluating else None
+    elif evaluating:
+        before, before_record = evaluate(0, "before training")
     if before is not None and main_process:
         before_file.write_text(json.dumps(before.to_dict(), indent=2))
         files.notes["evaluation before"] = describe_eval(before)
+    if evaluating:
+        trainer.add_callback(HeldOutEvaluationCallback(evaluate_during, script.eval_every, files, before_record))
     trainer.accelerator.wait_for_everyone()
 
     interrupted = False
@@ -560,7 +616,9 @@ def run_training(script: TrainArguments, training_args: GRPOConfig, sdpo_config:
         env.close()
         return result
 
-    result.after = evaluate("after")
+    if evaluating:
+        result.after, after_record = evaluate(step, "after training")
+        files.add_record(trainer.state, after_record)
     if result.after is not None and main_process:
         (output_dir / EVAL_AFTER_FILE).write_text(json.dumps(result.after.to_dict(), indent=2))
         files.notes["evaluation after"] = describe_eval(result.after)
@@ -581,21 +639,33 @@ def train(argv: Sequence[str], callbacks: Sequence[Any] = ()) -> list[RunResult]
     sdpo_dir = Path(str(training_args.output_dir))
     runs = [run_training(script, training_args, sdpo_config, label="SDPO" if sdpo_config.enabled else "GRPO",
                          callbacks=callbacks)]
-    if not script.compare_grpo or runs[0].interrupted or not sdpo_config.enabled:
+    if not script.compare_grpo or runs[0].interrupted:
         return runs
-    from sdpo_core.callbacks import METRICS_FILE, PLOT_FILE, plot_runs, read_metrics
+    from sdpo_core.callbacks import METRICS_FILE, PLOT_FILE, SUMMARY_FILE, compare_runs, plot_runs, read_metrics
 
+    gc.collect()  # the SDPO trainer (model, teacher, optimizer) sits in reference cycles: free it before GRPO's
     grpo_dir = sdpo_dir.with_name(sdpo_dir.name + "-grpo")
-    _, grpo_args, grpo_config = parse_train_args([*argv, "--output_dir", str(grpo_dir), "--enabled", "false"])
-    runs.append(run_training(script, grpo_args, grpo_config, label="GRPO", before=runs[0].before,
+    _, grpo_args, _ = parse_train_args([*argv, "--output_dir", str(grpo_dir)])
+    runs.append(run_training(script, grpo_args, grpo_twin(sdpo_config), label="GRPO", before=runs[0].before,
                              compare={"SDPO": sdpo_dir / METRICS_FILE}, callbacks=callbacks))
     if training_args.process_index == 0:
-        plot_runs({"SDPO": read_metrics(sdpo_dir / METRICS_FILE), "GRPO": read_metrics(grpo_dir / METRICS_FILE)},
-                  sdpo_dir / PLOT_FILE)
+        records = {"SDPO": read_metrics(sdpo_dir / METRICS_FILE), "GRPO": read_metrics(grpo_dir / METRICS_FILE)}
+        plot_runs(records, sdpo_dir / PLOT_FILE)
+        comparison = compare_runs(records)
+        with (sdpo_dir / SUMMARY_FILE).open("a") as f:
+            f.write("\n" + comparison)
+        print(comparison, end="")
         for run in runs:
             print(f"{run.label}: held-out accuracy {run.accuracy_change() or 'not evaluated'} ({run.output_dir})")
         print(f"both curves: {sdpo_dir / PLOT_FILE}")
     return runs
+
+
+def grpo_twin(sdpo_config: SDPOConfig) -> SDPOConfig:
+    """The GRPO baseline of an SDPO run: `enabled=False` and, of the SDPO settings, only the one GRPO mode reads
+    (`success_reward_threshold`, for the logged success fraction), so that SDPO-only settings of a preset or
+    config cannot contradict `enabled=False`."""
+    return SDPOConfig(enabled=False, success_reward_threshold=sdpo_config.success_reward_threshold)
 
 
 # ------------------------------------------------------------------------------------------ eval
@@ -750,6 +820,7 @@ __all__ = [
     "add_train_parser",
     "build_environment",
     "evaluate_command",
+    "grpo_twin",
     "load_dataset_spec",
     "lora_config",
     "parse_env_args",

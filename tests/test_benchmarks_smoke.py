@@ -1,7 +1,9 @@
-"""The two trainer benchmarks run end to end at a microscopic size on the tiny model (about 10 s and 70 s).
+"""The trainer benchmarks run end to end at a microscopic size on the tiny model (about 10 s, 70 s and 60 s
+on idle cores).
 
-Why: they drive the trainers through private seams (timers on instance methods, subprocess workers), so a
-change in the trainer or in TRL can break them silently; this runs each once, as a user would.
+Why: they drive the trainers through private seams (timers on instance methods, subprocess workers) or read
+`sdpo train`'s output files, so a change in the trainer, the CLI or TRL can break them silently; this runs each
+once, as a user would.
 """
 
 from __future__ import annotations
@@ -53,3 +55,72 @@ def test_learning_efficacy_writes_results_and_plot(tmp_path):
     assert len(sdpo_run["success_fraction"]) == 2
     assert all("sdpo/reprompt_sample_fraction" in log for log in sdpo_run["logs"])
     assert (out_dir / "learning_efficacy.png").stat().st_size > 10_000
+
+
+def _benchmark_module(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_compare_keeps_each_step_with_the_heldout_accuracy_where_evaluated():
+    demo_compare = _benchmark_module("demo_compare")
+    records = [{"step": 0, "heldout/accuracy": 0.5, "heldout/seconds": 2.0}]
+    records += [{"step": s, "reward": s / 4, "entropy": 2.0, "completions/mean_length": 10 * s} for s in (1, 2, 3, 4)]
+    records.insert(3, {"step": 2, "heldout/error": "RuntimeError: broken", "heldout/seconds": 0.5})
+    records += [{"step": 4, "heldout/accuracy": 0.75, "heldout/seconds": 2.5}, {"step": 4, "train_runtime": 9.0}]
+    run = demo_compare.run_points(records)
+    assert run["steps"] == [
+        {"step": 1, "reward": 0.25, "entropy": 2.0, "heldout_accuracy": None},
+        {"step": 2, "reward": 0.5, "entropy": 2.0, "heldout_accuracy": None},  # its evaluation failed
+        {"step": 3, "reward": 0.75, "entropy": 2.0, "heldout_accuracy": None},
+        {"step": 4, "reward": 1.0, "entropy": 2.0, "heldout_accuracy": 0.75},
+    ]
+    assert (run["heldout_before"], run["heldout_after"]) == (0.5, 0.75)
+    assert run["heldout_errors"] == {"2": "RuntimeError: broken"}
+    assert (run["eval_seconds"], run["train_runtime"], run["mean_length"]) == (5.0, 9.0, 25.0)
+    lines = demo_compare.summary_lines({"runs": {"sdpo": {"0": {**run, "wall_seconds": 30.0}}}}, window=2)
+    assert lines[1].split() == ["SDPO", "seed", "0", "0.500", "->", "0.750", "0.375", "->", "0.875", "2.000", "->",
+                                "2.000", "25.0", "30"]
+
+
+@pytest.mark.slow
+def test_demo_compare_writes_results_plot_and_resumes(tmp_path):
+    from sdpo_core.testing import tiny_model, tiny_tokenizer
+
+    model = tmp_path / "tiny-model"
+    tokenizer = tiny_tokenizer()
+    tiny_model(tokenizer).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    results, figure = tmp_path / "demo_compare.json", tmp_path / "demo_compare.png"
+    common = ["--out-dir", str(tmp_path / "runs"), "--results", str(results), "--plot", str(figure),
+              # passed through to sdpo train: a 2-step run of the tiny model, evaluated at every step
+              "--model", str(model), "--max_steps", "2", "--eval_every", "1", "--eval_size", "4",
+              "--eval_batch_size", "4", "--max_completion_length", "8", "--num_generations", "4",
+              "--per_device_train_batch_size", "4"]
+    _run("demo_compare.py", "--variants", "grpo", "--seeds", "2", "--jobs", "2", *common, cwd=tmp_path)
+    first = json.loads(results.read_text())
+    assert set(first["runs"]) == {"grpo"}
+    assert set(first["runs"]["grpo"]) == {"0", "1"}
+    assert first["threads_per_run"] == max(1, (os.cpu_count() or 1) // 2)
+
+    stdout = _run("demo_compare.py", "--seeds", "1", "--resume", *common, cwd=tmp_path)
+    assert "1 run(s) to go (2 kept)" in stdout  # only SDPO seed 0 was missing
+    assert "FAILED" not in stdout
+    final = json.loads(results.read_text())
+    assert final["runs"]["grpo"] == first["runs"]["grpo"]
+    for variant in ("sdpo", "grpo"):
+        run = final["runs"][variant]["0"]
+        assert [p["step"] for p in run["steps"]] == [1, 2]
+        assert all(isinstance(p["reward"], float) and isinstance(p["entropy"], float) for p in run["steps"])
+        assert all(0.0 <= p["heldout_accuracy"] <= 1.0 for p in run["steps"])  # evaluated at every step here
+        assert run["heldout_after"] == run["steps"][-1]["heldout_accuracy"]
+        assert 0.0 <= run["heldout_before"] <= 1.0
+        assert run["wall_seconds"] > 0
+    assert final["runs"]["sdpo"]["0"]["heldout_before"] == final["runs"]["grpo"]["0"]["heldout_before"]
+    assert "SDPO seed 0" in stdout
+    assert "GRPO mean" in stdout
+    assert figure.stat().st_size > 10_000

@@ -15,21 +15,48 @@ import yaml
 from transformers import TrainerCallback
 
 from sdpo_core import cli
-from sdpo_core.callbacks import METRICS_FILE, PLOT_FILE, SUMMARY_FILE, read_metrics
+from sdpo_core.callbacks import (
+    HELDOUT_ACCURACY,
+    HELDOUT_ERROR,
+    METRICS_FILE,
+    PLOT_FILE,
+    SUMMARY_FILE,
+    evaluation_records,
+    read_metrics,
+    training_records,
+)
+from sdpo_core.config import PRESETS, SDPOConfig
 from sdpo_core.testing import tiny_model, tiny_tokenizer
-from sdpo_core.train_cli import DEFAULTS, CLIError, parse_env_args, parse_train_args, split_rows, train
+from sdpo_core.train_cli import DEFAULTS, CLIError, grpo_twin, parse_env_args, parse_train_args, split_rows, train
 from sdpo_envs import hookimpl
 from sdpo_envs.testing import FakeEnvironment, registered_plugin
 
 REPO = Path(__file__).resolve().parent.parent
 
 
+class _BreakableEnvironment(FakeEnvironment):
+    """`FakeEnvironment` whose `prompt()` raises while the file `broken` exists: an environment that breaks
+    for a while (a vanished sandbox folder, a dropped connection), seen by the held-out evaluation, which
+    renders its prompts through the environment (training reads the rows' `prompt` column)."""
+
+    def __init__(self, broken: str = "", **kwargs):
+        super().__init__(**kwargs)
+        self.broken = broken
+
+    def prompt(self, task):
+        if self.broken and Path(self.broken).exists():
+            raise RuntimeError("the environment is broken")
+        return super().prompt(task)
+
+
 class _ToyPlugin:
-    """Registers `toy`: reward 1 when the completion contains the row's answer (a common letter here)."""
+    """Registers `toy`: reward 1 when the completion contains the row's answer (a common letter here), and
+    `toy-breakable` (`_BreakableEnvironment`)."""
 
     @hookimpl
     def register_environments(self, register):
         register("toy", FakeEnvironment)
+        register("toy-breakable", _BreakableEnvironment)
 
 
 @pytest.fixture
@@ -139,6 +166,33 @@ def test_preset_sits_under_yaml_and_flags(tmp_path):
     assert (sdpo.alpha, sdpo.distillation_topk, sdpo.teacher_update_rate) == (1.0, 50, 0.02)
 
 
+def test_compare_grpo_on_a_run_that_is_grpo_already_is_an_error(tmp_path, monkeypatch):
+    with pytest.raises(CLIError, match=r"--compare_grpo .* enabled=False on the command line \(--no_enabled"):
+        parse_train_args(["--compare_grpo", "--no_enabled"])
+    with pytest.raises(CLIError, match=r"--compare_grpo .* enabled=False on the command line"):
+        parse_train_args(["--compare_grpo", "--enabled", "false"])
+    config = tmp_path / "grpo.yaml"
+    config.write_text("enabled: false\ncompare_grpo: true\n")
+    with pytest.raises(CLIError, match=f"enabled=False in --config {config}"):
+        parse_train_args(["--config", str(config)])
+    monkeypatch.setitem(PRESETS, "plain_grpo", {"enabled": False})
+    with pytest.raises(CLIError, match="enabled=False by --preset plain_grpo"):
+        parse_train_args(["--preset", "plain_grpo", "--compare_grpo"])
+    assert cli.main(["train", "--compare_grpo", "--no_enabled"]) == 2
+
+
+def test_grpo_twin_keeps_only_what_grpo_reads():
+    _, _, sdpo = parse_train_args(["--preset", "reference_lcb"])
+    twin = grpo_twin(sdpo)
+    assert twin == SDPOConfig(enabled=False, success_reward_threshold=0.5)
+
+
+def test_eval_every_must_not_be_negative():
+    assert parse_train_args([])[0].eval_every == 10
+    with pytest.raises(CLIError, match="eval_every must be >= 0"):
+        parse_train_args(["--eval_every", "-1"])
+
+
 def test_peft_flags(tmp_path):
     from sdpo_core.train_cli import lora_config
 
@@ -171,6 +225,35 @@ def test_heldout_split_drops_training_rows_with_an_evaluated_prompt():
     assert [r["question"] for r in first] == ["q0", "q1", "q2"]
 
 
+def test_heldout_split_of_the_demo_holds_distinct_untrained_prompts():
+    from sdpo_math import MathEnvironment
+
+    env = MathEnvironment(difficulty=0)
+    rows = env.dataset()  # 1000 rows of one-digit sums: 100 distinct questions, each about ten times
+    train_rows, eval_rows = split_rows(rows, env, eval_size=48, eval_on="heldout", seed=0)
+    held = [json.dumps(r["prompt"]) for r in eval_rows]
+    trained = {json.dumps(p) for p in train_rows["prompt"]}
+    assert len(held) == len(set(held)) == 48
+    assert trained.isdisjoint(held)
+    assert len(trained) == 100 - 48
+    assert len(train_rows) + sum(p in set(held) for p in map(json.dumps, rows["prompt"])) == len(rows)
+    _, again = split_rows(rows, env, eval_size=48, eval_on="heldout", seed=0)
+    assert again == eval_rows  # the same seed, the same held-out set (SDPO and its GRPO twin share it)
+    _, other = split_rows(rows, env, eval_size=48, eval_on="heldout", seed=1)
+    assert other != eval_rows
+
+
+def test_heldout_split_without_enough_distinct_prompts_is_an_error():
+    from sdpo_math import MathEnvironment
+
+    env = MathEnvironment(difficulty=0)
+    with pytest.raises(CLIError, match=r"eval_size 100: the 1000 rows hold 100 distinct prompts.*below 100"):
+        split_rows(env.dataset(), env, eval_size=100, eval_on="heldout", seed=0)
+    train_rows, eval_rows = split_rows(env.dataset(), env, eval_size=99, eval_on="heldout", seed=0)
+    assert len(eval_rows) == 99
+    assert len({json.dumps(p) for p in train_rows["prompt"]}) == 1
+
+
 @pytest.mark.parametrize("suffix", [".json", ".jsonl", ".parquet", ".csv"])
 def test_dataset_files(tmp_path, suffix):
     from datasets import Dataset
@@ -201,15 +284,95 @@ def test_plot_and_summary_from_records(tmp_path):
     assert plot_runs({"SDPO": []}, tmp_path / "empty.png") is None
 
 
+def _compared_runs():
+    """Two hand-made runs of 6 steps with evaluations at steps 0, 3 and 6 (GRPO's at step 3 failed)."""
+    sdpo = [{"step": 0, HELDOUT_ACCURACY: 0.5, "heldout/seconds": 2.0}]
+    sdpo += [{"step": i, "reward": i / 10, "entropy": 2.0 + i / 10, "completions/mean_length": 30 + i,
+              "sdpo/distillation_loss": 1 / i, "sdpo/teacher_entropy": 1.5, "frac_reward_zero_std": 0.5}
+             for i in range(1, 7)]
+    sdpo.insert(4, {"step": 3, HELDOUT_ACCURACY: 0.625})
+    sdpo += [{"step": 6, HELDOUT_ACCURACY: 0.75}, {"step": 6, "train_runtime": 12.0}]
+    grpo = [{"step": 0, HELDOUT_ACCURACY: 0.5}]
+    grpo += [{"step": i, "reward": 0.5, "entropy": 1.0, "completions/mean_length": 20, "loss": 0.1,
+              "frac_reward_zero_std": 1.0} for i in range(1, 7)]
+    grpo += [{"step": 3, HELDOUT_ERROR: "RuntimeError: broken"}, {"step": 6, HELDOUT_ACCURACY: 0.25}]
+    return {"SDPO": sdpo, "GRPO": grpo}
+
+
+def test_records_split_into_training_logs_and_evaluations():
+    runs = _compared_runs()
+    assert [r["step"] for r in training_records(runs["SDPO"])] == [1, 2, 3, 4, 5, 6]
+    assert [(r["step"], r.get(HELDOUT_ACCURACY)) for r in evaluation_records(runs["GRPO"])] == [
+        (0, 0.5), (3, None), (6, 0.25)]
+
+
+def test_evaluation_record_holds_a_result_or_an_error():
+    from sdpo_core.callbacks import evaluation_record
+    from sdpo_core.evaluation import EvalResult
+
+    result = EvalResult(num_tasks=4, num_samples=1, pass_at_k={1: 0.75}, mean_reward=0.8, success_rate=0.75)
+    assert evaluation_record(10, result, seconds=1.234) == {"step": 10, HELDOUT_ACCURACY: 0.75,
+                                                           "heldout/mean_reward": 0.8, "heldout/seconds": 1.23}
+    assert evaluation_record(20, error=RuntimeError("no sandbox")) == {"step": 20,
+                                                                       HELDOUT_ERROR: "RuntimeError: no sandbox"}
+    with pytest.raises(ValueError, match="exactly one"):
+        evaluation_record(0)
+    with pytest.raises(ValueError, match="exactly one"):
+        evaluation_record(0, result, error=RuntimeError("x"))
+
+
+def test_plot_panels_are_what_some_run_logged(tmp_path):
+    from sdpo_core.callbacks import plot_panels, plot_runs
+
+    runs = _compared_runs()
+    titles = [title for title, _, _ in plot_panels(runs)]
+    assert titles == ["held-out accuracy (greedy)", "reward", "entropy", "completion length", "loss",
+                      "sdpo/teacher_entropy", "frac_reward_zero_std"]
+    assert [title for title, _, _ in plot_panels({"GRPO": runs["GRPO"][1:7]})] == [
+        "reward", "entropy", "completion length", "loss", "frac_reward_zero_std"]
+    assert plot_runs(runs, tmp_path / "curves.png") == tmp_path / "curves.png"
+    assert (tmp_path / "curves.png").stat().st_size > 30_000
+
+
+def test_summary_and_comparison_lines():
+    from sdpo_core.callbacks import compare_runs, summarize
+
+    runs = _compared_runs()
+    text = summarize(runs["SDPO"], title="t", window=2)
+    assert "steps logged: 6 (last step 6)" in text
+    assert "held-out accuracy: 0.500 (step 0) -> 0.625 (step 3) -> 0.750 (step 6)" in text
+    assert "entropy (entropy): 2.15 (mean of the first 2 logs) -> 2.55 (last 2)" in text
+    lines = compare_runs(runs, window=2).splitlines()
+    assert lines[0] == ("held-out: greedy accuracy at each evaluation; reward, entropy: mean of the first 2 -> "
+                        "last 2 steps")
+    assert lines[1] == ("SDPO  held-out 0.500 (step 0) -> 0.625 (step 3) -> 0.750 (step 6) | reward 0.150 -> 0.550 | "
+                        "entropy 2.150 -> 2.550 | mean length 33.5")
+    assert lines[2] == ("GRPO  held-out 0.500 (step 0) -> failed (step 3: RuntimeError: broken) -> 0.250 (step 6) | "
+                        "reward 0.500 -> 0.500 | entropy 1.000 -> 1.000 | mean length 20.0")
+
+
 # ------------------------------------------------------------------------------------------ running
 def test_train_end_to_end_writes_its_files_and_compares_with_grpo(toy_env, tiny_argv, tmp_path, capsys):
-    assert cli.main(["train", *tiny_argv("run", 2, "--compare_grpo")]) == 0
+    assert cli.main(["train", *tiny_argv("run", 2, "--compare_grpo", "--eval_every", "1")]) == 0
     out = capsys.readouterr().out
     assert "evaluation before training: pass@1" in out
+    assert "evaluation at step 1: pass@1" in out
     assert "held-out accuracy" in out
     run, grpo = tmp_path / "run", tmp_path / "run-grpo"
-    records = [r for r in read_metrics(run / METRICS_FILE) if "train_runtime" not in r]
+    records = training_records(read_metrics(run / METRICS_FILE))
     assert [r["step"] for r in records] == [1, 2]
+    for folder in (run, grpo):  # before, during (every step here) and after training, each with its accuracy
+        evaluations = evaluation_records(read_metrics(folder / METRICS_FILE))
+        assert [r["step"] for r in evaluations] == [0, 1, 2]
+        assert all(0.0 <= r[HELDOUT_ACCURACY] <= 1.0 for r in evaluations)
+    # GRPO starts from the same model on the same held-out set: SDPO's evaluation before training is reused
+    assert evaluation_records(read_metrics(grpo / METRICS_FILE))[0][HELDOUT_ACCURACY] == \
+        evaluation_records(read_metrics(run / METRICS_FILE))[0][HELDOUT_ACCURACY]
+    comparison = [line for line in out.splitlines() if line.startswith(("SDPO  held-out", "GRPO  held-out"))]
+    assert len(comparison) == 2
+    assert all("(step 0) ->" in line and "| reward " in line and "| entropy " in line and "| mean length " in line
+               for line in comparison)
+    assert comparison[0] in (run / SUMMARY_FILE).read_text()
     assert {"reward", "sdpo/distillation_loss", "sdpo/reprompt_sample_fraction"} <= set(records[0])
     assert (run / PLOT_FILE).stat().st_size > 10_000
     summary = (run / SUMMARY_FILE).read_text()
@@ -220,7 +383,7 @@ def test_train_end_to_end_writes_its_files_and_compares_with_grpo(toy_env, tiny_
     assert (run / "model.safetensors").is_file()
     assert (run / "eval_tasks.jsonl").is_file()
     # the GRPO baseline: same budget, plain GRPO loss, no teacher in its checkpoints
-    grpo_records = [r for r in read_metrics(grpo / METRICS_FILE) if "train_runtime" not in r]
+    grpo_records = training_records(read_metrics(grpo / METRICS_FILE))
     assert [r["step"] for r in grpo_records] == [1, 2]
     assert "sdpo/distillation_loss" not in grpo_records[0]
     assert not (grpo / "checkpoint-2" / "sdpo_teacher.json").exists()
@@ -266,9 +429,44 @@ def test_interrupt_saves_a_checkpoint_and_resume_continues(toy_env, tiny_argv, t
     assert not resumed.interrupted
     assert resumed.global_step == 3
     assert resumed.before is not None  # read back from eval_before.json, not re-measured on trained weights
-    steps = [r["step"] for r in read_metrics(tmp_path / "run" / METRICS_FILE) if "train_runtime" not in r]
-    assert steps == [1, 2, 3]
+    records = read_metrics(tmp_path / "run" / METRICS_FILE)
+    assert [r["step"] for r in training_records(records)] == [1, 2, 3]
+    assert [r["step"] for r in evaluation_records(records)] == [0, 3]  # the first run's before, kept by checkpoint-2
     assert (tmp_path / "run" / "checkpoint-3" / "sdpo_teacher.json").is_file()
+
+
+class _BreakDuring(TrainerCallback):
+    """Makes `_BreakableEnvironment` fail from the end of `step` (its evaluation included) to the next step."""
+
+    def __init__(self, flag: Path, step: int) -> None:
+        self.flag = flag
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            self.flag.touch()
+        return control
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.flag.unlink(missing_ok=True)
+        return control
+
+
+def test_an_evaluation_that_fails_is_recorded_and_training_goes_on(toy_env, tiny_argv, tmp_path, capsys):
+    flag = tmp_path / "broken"
+    argv = [*tiny_argv("run", 3, "--eval_every", "1"), "--env", "toy-breakable", "--env-arg", f"broken={flag}"]
+    (run,) = train(argv, callbacks=[_BreakDuring(flag, 2)])
+    assert not run.interrupted
+    assert run.global_step == 3
+    assert "evaluation at step 2 failed (RuntimeError: the environment is broken)" in capsys.readouterr().out
+    records = read_metrics(tmp_path / "run" / METRICS_FILE)
+    assert [r["step"] for r in training_records(records)] == [1, 2, 3]
+    evaluations = evaluation_records(records)
+    assert [(r["step"], HELDOUT_ACCURACY in r) for r in evaluations] == [(0, True), (1, True), (2, False), (3, True)]
+    assert evaluations[2][HELDOUT_ERROR] == "RuntimeError: the environment is broken"
+    assert evaluations[2]["heldout/seconds"] >= 0
+    assert "failed (step 2: RuntimeError: the environment is broken)" in (tmp_path / "run" / SUMMARY_FILE).read_text()
+    assert run.after is not None
 
 
 def test_resume_keeps_updating_the_teacher(toy_env, tiny_argv, tmp_path):
@@ -350,7 +548,7 @@ def test_two_process_cpu_run_through_accelerate_launch(model_dir, tmp_path):
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     assert json.loads((tmp_path / "run" / "checkpoint-2" / "sdpo_teacher.json").read_text())["updates"] == 2
-    assert [r["step"] for r in read_metrics(tmp_path / "run" / METRICS_FILE) if "train_runtime" not in r] == [1, 2]
+    assert [r["step"] for r in training_records(read_metrics(tmp_path / "run" / METRICS_FILE))] == [1, 2]
 
 
 def test_stop_on_collapse_checkpoints_stops_and_notes_it(toy_env, tiny_argv, tmp_path, monkeypatch, capsys):
