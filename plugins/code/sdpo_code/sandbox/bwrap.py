@@ -20,6 +20,7 @@ shared with the trainer.
 from __future__ import annotations
 
 import functools
+import glob
 import logging
 import os
 import shutil
@@ -133,12 +134,14 @@ class BwrapSandbox:
         for path in _ETC_FILES:
             if os.path.exists(path):
                 args += ["--ro-bind", path, path]
-        for prefix in self.interpreter.prefixes:
-            if not any(prefix == d or prefix.startswith(d + "/") for d in ("/usr", "/bin", "/lib", "/lib64")):
-                args += ["--ro-bind", prefix, prefix]
+        args += interpreter_mounts(self.interpreter)
         args += ["--dev", "/dev", "--mqueue", "/dev/mqueue", "--proc", "/proc",
                  "--size", str(self.tmpfs_bytes), "--tmpfs", "/tmp", "--size", str(self.tmpfs_bytes), "--tmpfs",
-                 "/dev/shm", "--chdir", "/tmp", "--clearenv",
+                 "/dev/shm"]
+        for path in package_dirs(self.interpreter):  # an empty, read-only directory in their place
+            args += ["--size", "4096", "--tmpfs", path, "--remount-ro", path]
+        # Last, once every mount point exists: nothing but /tmp, /dev/shm and /dev/mqueue stays writable.
+        args += ["--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/tmp", "--clearenv",
                  "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp", "--setenv", "TMPDIR", "/tmp",
                  "--setenv", "LANG", "C.UTF-8", "--setenv", "PYTHONHASHSEED", "0",
                  "--setenv", "PYTHONDONTWRITEBYTECODE", "1"]
@@ -163,7 +166,35 @@ class BwrapSandbox:
         nproc = request.nproc
         if not own_uid:  # NPROC counts all our processes: allow the current ones plus the budget
             nproc += len(_system.uid_processes(os.getuid()))
-        return request.payload(nproc=nproc, site_paths=list(self.interpreter.site_paths))
+        return request.payload(nproc=nproc)  # no site-packages: they are hidden (`package_dirs`)
+
+
+def interpreter_mounts(interpreter: _system.Interpreter) -> list[str]:
+    """bwrap arguments that make `interpreter` start: its installation trees outside /usr read-only, and of
+    its virtual environment only ``pyvenv.cfg`` and the executable (not the packages installed there)."""
+    args: list[str] = []
+    for prefix in interpreter.prefixes:
+        if not any(prefix == d or prefix.startswith(d + "/") for d in ("/usr", "/bin", "/lib", "/lib64")):
+            args += ["--ro-bind", prefix, prefix]
+    if interpreter.venv is not None:
+        config = os.path.join(interpreter.venv, "pyvenv.cfg")
+        args += ["--ro-bind", config, config, "--ro-bind", interpreter.path, interpreter.path]
+    return args
+
+
+_PACKAGE_DIR_PATTERNS = ("lib*/python3*/site-packages", "lib*/python3*/dist-packages")
+
+
+def package_dirs(interpreter: _system.Interpreter) -> list[str]:
+    """Every site-packages and dist-packages directory the sandbox would otherwise show: the system's
+    (/usr, /usr/local) and those of the interpreter's trees. They hold whatever is installed on the host,
+    the grader's own package and its bundled tests included; the interpreter needs none of them (-S)."""
+    visible = ("/usr", *interpreter.prefixes)
+    roots = {"/usr", "/usr/local", *visible, *([interpreter.venv] if interpreter.venv else [])}
+    found = {os.path.realpath(path) for root in roots for pattern in _PACKAGE_DIR_PATTERNS
+             for path in glob.glob(os.path.join(root, pattern))}
+    return sorted(path for path in found if os.path.isdir(path)
+                  and any(path == tree or path.startswith(tree + "/") for tree in visible))
 
 
 @functools.lru_cache(maxsize=8)

@@ -42,7 +42,7 @@ from sdpo_code.sandbox.base import HARNESS_SOURCE, ExecutionRequest, ExecutionRe
 
 logger = logging.getLogger(__name__)
 
-_UNSHARE = ["--user", "--net", "--pid", "--fork", "--kill-child", "--mount-proc"]
+_UNSHARE = ["--user", "--net", "--ipc", "--uts", "--pid", "--fork", "--kill-child", "--mount-proc"]
 _PROBE_UID = _system.UID_BASE + _system.UID_SLOTS
 
 
