@@ -193,3 +193,129 @@ def _host_ipc_of_sandboxes() -> list[str]:
         cuid = header.index("cuid")
         found += [f"{kind} {row[1]}" for row in rows if UID_BASE <= int(row[cuid]) <= UID_BASE + UID_SLOTS]
     return found
+
+
+# ----------------------------------------------------------------------------------- the grader's own data
+# A program that looks for the bundled problems (sdpo_code/data/problems.jsonl, with their hidden tests) in
+# the places given as ROOTS, and answers from them: stdin problems by printing the output stored for the
+# input it reads, functional ones through a `Solution` whose every method returns the stored output.
+LOOKUP = """
+import glob, gzip, json, os, sys
+ROOTS = LOOKUP_ROOTS
+seen, found, tests = 0, [], []
+for top in ROOTS:
+    for root, dirs, files in os.walk(top):
+        dirs[:] = [d for d in dirs if os.path.join(root, d) not in ('/proc', '/sys')]
+        for name in files:
+            seen += 1
+            path = os.path.join(root, name)
+            if not name.endswith(('.jsonl', '.jsonl.gz', '.json')):
+                continue
+            try:
+                raw = open(path, 'rb').read()
+                text = (gzip.decompress(raw) if name.endswith('.gz') else raw).decode()
+            except (OSError, ValueError):
+                continue
+            for line in text.splitlines():
+                try:
+                    row = json.loads(line)
+                    cases = [c for k in ('public_test_cases', 'private_test_cases') for c in json.loads(row[k])]
+                except (ValueError, KeyError, TypeError):
+                    continue
+                found.append(path)
+                tests += cases
+print('seen %d files; grader data in %s' % (seen, sorted(set(found))), file=sys.stderr)
+stdin = sys.stdin.read()
+for case in tests:
+    if stdin and case['input'] == stdin:
+        print(case['output'], end='')
+class Solution:
+    def __getattr__(self, name):
+        def answer(*args):
+            for case in tests:
+                if [json.loads(x) for x in case['input'].split(chr(10))] == list(args):
+                    return json.loads(case['output'])
+        return answer
+"""
+
+
+CENSUS = ("[VENV, '/usr/local', *glob.glob('/usr/lib*/python3*'), *(os.path.join('/', d) for d in"
+          " os.listdir('/') if d not in ('usr', 'proc', 'sys') and not os.path.islink(os.path.join('/', d)))]")
+
+
+def lookup(roots: list[str] | str) -> str:
+    return LOOKUP.replace("LOOKUP_ROOTS", repr(roots) if isinstance(roots, list) else roots)
+
+
+@pytest.fixture(scope="module")
+def installed_venv(tmp_path_factory):
+    """A virtual environment with sdpo-code installed the regular way (a wheel, not editable), made from the
+    interpreter the bwrap sandbox runs, in a directory the sandbox user can read."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from sdpo_code.sandbox import SandboxUnavailable, get_sandbox
+
+    try:
+        base = get_sandbox("bwrap", reuse=False).interpreter.path
+    except SandboxUnavailable as exc:
+        pytest.skip(str(exc))
+    top = Path(tempfile.mkdtemp(prefix="sdpo-code-venv-", dir="/var/tmp"))
+    top.chmod(0o755)
+    try:
+        venv = top / "venv"
+        subprocess.run([base, "-m", "venv", "--without-pip", str(venv)], check=True, capture_output=True)
+        plugin = Path(__file__).resolve().parents[1]
+        wheels = tmp_path_factory.mktemp("wheel")
+        pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+        subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(plugin)],
+                       check=True, capture_output=True, cwd=wheels)
+        (wheel,) = wheels.glob("sdpo_code-*.whl")
+        subprocess.run([*pip, "--python", str(venv / "bin" / "python"), "install", "--no-deps", "--no-index",
+                        str(wheel)], check=True, capture_output=True)
+        for path in top.rglob("*"):
+            path.chmod(path.stat().st_mode | 0o444 | (0o111 if path.is_dir() else 0))
+        yield venv
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_the_grader_installed_in_the_interpreters_venv_is_out_of_reach(installed_venv):
+    import subprocess
+
+    from sdpo_code import load_bundled
+    from sdpo_code.sandbox.bwrap import BwrapSandbox
+
+    python = str(installed_venv / "bin" / "python")
+    data = list(installed_venv.glob("lib/python3*/site-packages/sdpo_code/data/problems.jsonl"))
+    assert data, "the regular install did not ship the bundled problems"
+    # Outside a sandbox the lookup program finds them (so it is a real attack)...
+    outside = subprocess.run([python, "-c", lookup([str(installed_venv)])], input="2 3\n", capture_output=True,
+                             text=True, timeout=60)
+    assert outside.stdout == "5\n"
+    assert str(data[0]) in outside.stderr
+    sandbox = BwrapSandbox(python=python, reuse=True)
+    try:
+        assert sandbox.interpreter.venv == str(installed_venv)
+        # ...inside, a search of every place it could be (all but the system's own /usr, of which the Python
+        # trees and /usr/local) finds nothing of the grader,
+        census_roots = CENSUS.replace("VENV", repr(str(installed_venv)))
+        census = sandbox.run(ExecutionRequest(mode="stdin", code=lookup(census_roots), inputs=("",),
+                                              cpu_limits=(30.0,), wall_limits=(90.0,)))
+        assert census.done, census
+        report = census.results[0]["stderr"]
+        assert int(report.split()[1]) > 1000, report  # it did walk the file system
+        assert report.rstrip().endswith("grader data in []"), report
+        # and no bundled problem is solved by looking its answers up where the package is installed.
+        env = CodeEnvironment(backend=sandbox, time_limit=5.0)
+        roots = f"[{str(installed_venv)!r}, *sys.path]"
+        rows = load_bundled()
+        rewards = [fb.reward for fb in env.evaluate(rows, [f"```python\n{lookup(roots)}\n```"] * len(rows))]
+        assert rewards == [0.0] * len(rows)
+    finally:
+        sandbox.close()
