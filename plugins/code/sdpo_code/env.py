@@ -36,8 +36,9 @@ class CodeEnvironment(Environment):
 
     Args:
         backend (`str` or `Sandbox`, *optional*, defaults to `"auto"`): ``"bwrap"``, ``"process"``,
-            ``"docker"``, any backend a plugin registers, ``"auto"`` (bwrap if it works here, else process),
-            or a ready sandbox object. A backend that cannot work here raises.
+            ``"docker"``, any backend a plugin registers, ``"auto"`` (bwrap, or an error saying how to opt in
+            to ``"process"``, which does not isolate enough for untrusted code), or a ready sandbox object.
+            A backend that cannot work here raises.
         sandbox_options (`dict`, *optional*): keyword arguments for the backend (e.g. ``{"image": ...}`` for
             docker, ``{"python": "/usr/bin/python3"}``).
         reward (`str`, *optional*, defaults to `"all"`): ``"all"`` gives 1 only when every test passes (as

@@ -268,7 +268,9 @@ def installed_venv(tmp_path_factory):
     try:
         venv = top / "venv"
         subprocess.run([base, "-m", "venv", "--without-pip", str(venv)], check=True, capture_output=True)
-        plugin = Path(__file__).resolve().parents[1]
+        plugin = tmp_path_factory.mktemp("src") / "sdpo-code"  # a copy: building writes build/ next to the source
+        shutil.copytree(Path(__file__).resolve().parents[1], plugin,
+                        ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__", "tests"))
         wheels = tmp_path_factory.mktemp("wheel")
         pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
         subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(plugin)],

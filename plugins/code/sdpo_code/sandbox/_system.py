@@ -32,7 +32,10 @@ UID_BASE = 1_879_000_000
 """First host uid handed to sandboxes (no account has it; far from /etc/subuid ranges)."""
 UID_SLOTS = 256
 
-SYSTEM_READ_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc", "/proc", "/dev", "/sys")
+LOADER_ETC_FILES = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime", "/etc/alternatives")
+"""What of /etc programs need to start (the dynamic loader's cache and configuration, the time zone)."""
+SYSTEM_READ_PATHS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", *LOADER_ETC_FILES, "/proc", "/dev")
+"""What a program may read besides its interpreter and work dir, where the backend can restrict reads."""
 
 
 def is_root() -> bool:

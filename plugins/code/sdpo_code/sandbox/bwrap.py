@@ -35,7 +35,6 @@ from sdpo_code.sandbox.process import _drive_popen
 logger = logging.getLogger(__name__)
 
 _PROBE_UID = _system.UID_BASE + _system.UID_SLOTS
-_ETC_FILES = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime", "/etc/alternatives")
 
 
 def find_bwrap() -> str | None:
@@ -66,6 +65,8 @@ class BwrapSandbox:
     """
 
     name = "bwrap"
+    not_isolated = ("the host kernel (every system call; no seccomp filter)",
+                    "CPU time and memory bandwidth shared with the trainer")
 
     def __init__(
         self,
@@ -87,13 +88,24 @@ class BwrapSandbox:
         self._check(probe_uid)
         self.reuse = reuse
         self._pool = self._new_pool() if reuse else None
+        self.isolates = (
+            "every namespace: no network, a private PID 1, IPC, UTS, mounts",
+            "a read-only file system: /usr, the loader's /etc files and the interpreter; no site-packages, no repo, "
+            "no home",
+            f"writable only: /tmp and /dev/shm ({tmpfs_mb} MiB tmpfs each) and /dev/mqueue",
+            "uid 65534, no capabilities, NO_NEW_PRIVS" + (", a dedicated host uid per sandbox" if self.switch_uid
+                                                          else ""),
+            "rlimits AS, CPU, FSIZE, NOFILE, NPROC, CORE",
+            "reused: processes, files, IPC and keyrings wiped after each solution" if reuse
+            else "a new sandbox per solution",
+        )
         self.isolation = (
-            "bubblewrap: all namespaces (no network, private PID 1), read-only system and interpreter, "
-            f"{tmpfs_mb} MiB tmpfs work dir, uid 65534, no capabilities, NO_NEW_PRIVS"
+            "bubblewrap: all namespaces (no network, private PID 1), read-only system and interpreter, no "
+            f"site-packages, {tmpfs_mb} MiB tmpfs work dir, uid 65534, no capabilities, NO_NEW_PRIVS"
             + (", dedicated host uid per sandbox" if self.switch_uid else "")
             + "; rlimits AS,CPU,FSIZE,NOFILE,NPROC,CORE"
-            + ("; reused across solutions (processes killed and /tmp, /dev/shm, IPC wiped after each)" if reuse
-               else "; a new sandbox per solution")
+            + ("; reused across solutions (processes killed and /tmp, /dev/shm, IPC, keyrings wiped after each)"
+               if reuse else "; a new sandbox per solution")
             + ". NOT isolated: kernel system calls"
         )
 
@@ -131,7 +143,7 @@ class BwrapSandbox:
                 args += ["--symlink", os.readlink(top), top]
             elif os.path.isdir(top):
                 args += ["--ro-bind", top, top]
-        for path in _ETC_FILES:
+        for path in _system.LOADER_ETC_FILES:
             if os.path.exists(path):
                 args += ["--ro-bind", path, path]
         args += interpreter_mounts(self.interpreter)
