@@ -5,9 +5,12 @@ What it isolates:
 - every namespace (``--unshare-all``): no network (a private loopback only), a private PID namespace whose
   PID 1 is the harness supervisor (``--as-pid-1``; nothing outlives it), private IPC and hostname;
 - the file system: an empty root with read-only binds of /usr (and the /bin, /lib symlinks), a few /etc
-  files the dynamic loader needs, and the interpreter's prefixes; a fresh size-capped tmpfs as /tmp (the
-  only writable place and the work dir); a minimal /dev and a private /proc. The repo, /root, /home,
-  /etc/shadow are simply not there;
+  files the dynamic loader needs, and the interpreter's prefixes (of a virtual environment only its
+  ``pyvenv.cfg`` and executable); every site-packages and dist-packages directory covered by an empty
+  read-only one (`package_dirs`), so no installed package, the grader's own included, can be read; a minimal
+  /dev and a private /proc. Once built, the root and /dev are remounted read-only: the only writable places
+  are /tmp (the work dir and home) and /dev/shm, fresh size-capped tmpfs, and /dev/mqueue. The repo, /root,
+  /home, /etc/shadow are simply not there;
 - identity: uid/gid 65534 inside, all capabilities dropped, ``NO_NEW_PRIVS``, a new session (no TTY
   injection), ``--die-with-parent``; as root the sandbox runs on a dedicated host uid per sandbox so
   ``RLIMIT_NPROC`` applies and clean-up is one ``kill(-1)``;
