@@ -139,3 +139,28 @@ def test_sandbox_doctor_probes_every_backend_in_a_real_subprocess(backend_by_nam
     assert reports["bwrap"]["works"] is True, reports["bwrap"]
     assert any("read-only" in item for item in reports["bwrap"]["isolates"])
     assert out.returncode == 0
+
+
+def test_bwrap_hides_every_package_directory_it_would_show(tmp_path):
+    """`package_dirs`: the site-/dist-packages of every tree the sandbox shows (the system's and the
+    interpreter's, any environment inside the latter included), none of a venv it does not show;
+    `interpreter_mounts` shows of a venv only its pyvenv.cfg and executable."""
+    from sdpo_code.sandbox._system import Interpreter
+    from sdpo_code.sandbox.bwrap import interpreter_mounts, package_dirs
+
+    base, venv, inner = tmp_path / "base", tmp_path / "venv", tmp_path / "base" / "envs" / "inner"
+    shown = [base / "lib/python3.11/site-packages", base / "lib/python3/dist-packages",
+             base / "lib64/python3.11/site-packages", inner / "lib/python3.12/site-packages"]
+    hidden_elsewhere = [venv / "lib/python3.11/site-packages"]
+    for path in [*shown, *hidden_elsewhere]:
+        path.mkdir(parents=True)
+    python = Interpreter(path=str(venv / "bin/python"), version=(3, 11, 0), prefixes=(str(base),), venv=str(venv))
+    found = package_dirs(python)
+    assert {p for p in found if p.startswith(str(tmp_path))} == {str(p) for p in shown}
+    assert all(p.startswith("/usr/") for p in found if not p.startswith(str(tmp_path)))
+    assert interpreter_mounts(python) == ["--ro-bind", str(base), str(base),
+                                          "--ro-bind", str(venv / "pyvenv.cfg"), str(venv / "pyvenv.cfg"),
+                                          "--ro-bind", str(venv / "bin/python"), str(venv / "bin/python")]
+    in_base = Interpreter(path=str(inner / "bin/python"), version=(3, 12, 0), prefixes=(str(base),),
+                          venv=str(inner))
+    assert str(inner / "lib/python3.12/site-packages") in package_dirs(in_base)  # visible through base: hidden

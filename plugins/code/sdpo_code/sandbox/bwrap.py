@@ -218,13 +218,31 @@ _PACKAGE_DIR_PATTERNS = ("lib*/python3*/site-packages", "lib*/python3*/dist-pack
 def package_dirs(interpreter: _system.Interpreter) -> list[str]:
     """Every site-packages and dist-packages directory the sandbox would otherwise show: the system's
     (/usr, /usr/local) and those of the interpreter's trees. They hold whatever is installed on the host,
-    the grader's own package and its bundled tests included; the interpreter needs none of them (-S)."""
+    the grader's own package and its bundled tests included; the interpreter needs none of them (-S). In an
+    installation outside /usr every such directory counts, however deep (pyenv and conda keep environments
+    inside it)."""
     visible = ("/usr", *interpreter.prefixes)
     roots = {"/usr", "/usr/local", *visible, *([interpreter.venv] if interpreter.venv else [])}
     found = {os.path.realpath(path) for root in roots for pattern in _PACKAGE_DIR_PATTERNS
              for path in glob.glob(os.path.join(root, pattern))}
-    return sorted(path for path in found if os.path.isdir(path)
-                  and any(path == tree or path.startswith(tree + "/") for tree in visible))
+    for prefix in interpreter.prefixes:  # a separate installation (pyenv, conda) may hold more environments
+        if not _under(prefix, "/usr"):
+            found |= {os.path.realpath(path) for path in _named_dirs(prefix, ("site-packages", "dist-packages"))}
+    return sorted(path for path in found if os.path.isdir(path) and any(_under(path, tree) for tree in visible))
+
+
+def _under(path: str, tree: str) -> bool:
+    return path == tree or path.startswith(tree.rstrip("/") + "/")
+
+
+def _named_dirs(top: str, names: tuple[str, ...]) -> list[str]:
+    """Directories under `top` with one of `names` (not looking inside them)."""
+    found = []
+    for root, dirs, _ in os.walk(top):
+        for name in [d for d in dirs if d in names]:
+            found.append(os.path.join(root, name))
+            dirs.remove(name)
+    return found
 
 
 @functools.lru_cache(maxsize=8)
