@@ -11,6 +11,8 @@ What it isolates:
   /dev and a private /proc. Once built, the root and /dev are remounted read-only: the only writable places
   are /tmp (the work dir and home) and /dev/shm, fresh size-capped tmpfs, and /dev/mqueue. The repo, /root,
   /home, /etc/shadow are simply not there;
+- no nested user namespaces (``--disable-userns``, bwrap 0.8+): inside one a program could mount a private
+  tmpfs as large as it likes;
 - identity: uid/gid 65534 inside, all capabilities dropped, ``NO_NEW_PRIVS``, a new session (no TTY
   injection), ``--die-with-parent``; as root the sandbox runs on a dedicated host uid per sandbox so
   ``RLIMIT_NPROC`` applies and clean-up is one ``kill(-1)``;
@@ -154,6 +156,9 @@ class BwrapSandbox:
         assert self.bwrap is not None
         args = [self.bwrap, "--unshare-all", "--uid", "65534", "--gid", "65534", "--cap-drop", "ALL",
                 "--die-with-parent", "--new-session", "--as-pid-1", "--hostname", "sandbox"]
+        if _supports(self.bwrap, "--disable-userns"):  # bwrap 0.8+
+            # No user namespace of its own: in one, a program could mount a private tmpfs of any size.
+            args += ["--unshare-user", "--disable-userns"]
         for top in ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32"):
             if os.path.islink(top):
                 args += ["--symlink", os.readlink(top), top]
@@ -243,6 +248,16 @@ def _named_dirs(top: str, names: tuple[str, ...]) -> list[str]:
             found.append(os.path.join(root, name))
             dirs.remove(name)
     return found
+
+
+@functools.lru_cache(maxsize=8)
+def _supports(bwrap: str, option: str) -> bool:
+    """Whether this bwrap knows `option` (from its ``--help``)."""
+    try:
+        out = subprocess.run([bwrap, "--help"], capture_output=True, timeout=30, text=True)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return option in out.stdout + out.stderr
 
 
 @functools.lru_cache(maxsize=8)
