@@ -7,6 +7,7 @@ names into plain objects (environments, configs) and hand them to the library.
     sdpo envs list             environments with description, distribution and version
     sdpo envs show NAME        an environment's parameters (from its factory's signature and docstring)
     sdpo envs plugins          installed plugins, their hooks and load errors
+    sdpo sandbox doctor        each registered sandbox backend: does it work here, what it isolates
 """
 
 from __future__ import annotations
@@ -131,6 +132,40 @@ def _add_envs_parser(subparsers: Any) -> None:
     plugins.set_defaults(func=_envs_plugins)
 
 
+# ------------------------------------------------------------------------------------------ sdpo sandbox
+def _sandbox_doctor(args: argparse.Namespace) -> int:
+    """Probe every registered backend (through its factory's optional ``describe()``); 1 if none works."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sdpo_plugins.PluginLoadWarning)
+        reports = [registry.describe_sandbox(f) for f in registry.list_sandboxes()]
+    if args.json:
+        print(json.dumps([vars(r) for r in reports], indent=2))
+    elif not reports:
+        print("No sandbox backends registered (install a plugin that provides one, e.g. sdpo-code).")
+    for report in [] if args.json else reports:
+        state = {True: "works here", False: "does NOT work here", None: "unknown (no probe)"}[report.works]
+        print(f"{report.name}: {state}  ({report.source})")
+        if report.description:
+            print(f"  {report.description}")
+        if report.detail:
+            print(f"  {report.detail}")
+        for title, items in (("isolates", report.isolates), ("NOT isolated", report.not_isolated)):
+            if items:
+                print(f"  {title}:")
+                print("\n".join(f"    - {item}" for item in items))
+    return 0 if any(r.works for r in reports) else 1
+
+
+def _add_sandbox_parser(subparsers: Any) -> None:
+    sandbox = subparsers.add_parser("sandbox", help="code-execution backends",
+                                    description="Sandbox backends come from plugins (the register_sandboxes hook).")
+    commands = sandbox.add_subparsers(dest="sandbox_command", metavar="COMMAND", required=True)
+    doctor = commands.add_parser("doctor", help="for each backend: whether it works here, what it isolates and "
+                                                "what it does not")
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.set_defaults(func=_sandbox_doctor)
+
+
 # ------------------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     """The ``sdpo`` parser; each command group is added by its ``_add_*_parser`` function."""
@@ -138,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_envs_parser(subparsers)
+    _add_sandbox_parser(subparsers)
     add_train_parser(subparsers)
     add_eval_parser(subparsers)
     return parser

@@ -212,6 +212,47 @@ def make_sandbox(name: str, /, **kwargs: Any) -> Any:
     return get_factory(name, "sandbox").build(**kwargs)
 
 
+@dataclass(frozen=True)
+class SandboxReport:
+    """Whether a registered sandbox backend works on this machine, and what it isolates (``sdpo sandbox
+    doctor``). `works` is `None` when the factory has no ``describe()`` probe."""
+
+    name: str
+    source: str
+    description: str
+    works: bool | None
+    detail: str
+    isolates: tuple[str, ...] = ()
+    not_isolated: tuple[str, ...] = ()
+
+
+def describe_sandbox(factory: RegisteredFactory) -> SandboxReport:
+    """Ask a registered sandbox factory's optional ``describe()`` about this machine (see docs/plugins/hooks.md);
+    a probe that raises or answers out of protocol is reported as not working, with why."""
+    report = functools.partial(SandboxReport, factory.name, factory.source, factory.description)
+    describe = getattr(factory.factory, "describe", None)
+    if not callable(describe):
+        return report(None, "no describe() probe: cannot tell")
+    try:
+        info = describe()
+    except Exception as exc:
+        return report(False, f"describe() raised {type(exc).__name__}: {exc}")
+    if not _is_sandbox_description(info):
+        return report(False, f"describe() answered {info!r}, not {{'works': bool, 'detail': str, 'isolates': [str], "
+                             "'not_isolated': [str]}")
+    return report(info["works"], info.get("detail", ""), tuple(info.get("isolates", ())),
+                  tuple(info.get("not_isolated", ())))
+
+
+def _is_sandbox_description(info: Any) -> bool:
+    def strings(value: Any) -> bool:
+        return isinstance(value, list | tuple) and all(isinstance(x, str) for x in value)
+
+    return (isinstance(info, Mapping) and isinstance(info.get("works"), bool)
+            and isinstance(info.get("detail", ""), str)
+            and strings(info.get("isolates", ())) and strings(info.get("not_isolated", ())))
+
+
 EnvironmentSpec = str | Mapping[str, Any] | Environment
 """A name, ``"name:{json kwargs}"``, ``{"name": ..., **kwargs}``, or an environment (passed through)."""
 

@@ -68,3 +68,58 @@ def test_parser_is_built_from_small_functions():
     with pytest.raises(SystemExit):
         parser.parse_args([])
     assert parser.parse_args(["envs", "show", "x"]).name == "x"
+
+
+class _Described:
+    """A sandbox factory with a describe() probe that answers `info`."""
+
+    def __init__(self, info):
+        self.info = info
+
+    def __call__(self, **options):
+        raise AssertionError("doctor must not build through the factory itself")
+
+    def describe(self):
+        if isinstance(self.info, Exception):
+            raise self.info
+        return self.info
+
+
+@pytest.fixture
+def sandbox_plugin():
+    @hookimpl
+    def register_sandboxes(register):
+        register("good", _Described({"works": True, "detail": "ran", "isolates": ["the network"],
+                                     "not_isolated": ["the kernel"]}), description="A working backend.")
+        register("broken", _Described({"works": False, "detail": "no binary"}))
+        register("raising", _Described(OSError("no socket")))
+        register("garbled", _Described({"works": "yes"}))
+        register("silent", lambda **options: None)
+
+    with registered_plugin(types.SimpleNamespace(register_sandboxes=register_sandboxes), name="sandbox-plugin"):
+        yield
+
+
+def test_sandbox_doctor_reports_each_backend(sandbox_plugin, capsys):
+    assert main(["sandbox", "doctor"]) == 0  # one backend works
+    out = capsys.readouterr().out
+    assert "good: works here  (plugin 'sandbox-plugin')\n  A working backend.\n  ran\n" in out
+    assert "  isolates:\n    - the network\n  NOT isolated:\n    - the kernel\n" in out
+    assert "broken: does NOT work here" in out
+    assert "raising: does NOT work here  (plugin 'sandbox-plugin')" in out
+    assert "describe() raised OSError: no socket" in out
+    assert "garbled: does NOT work here" in out
+    assert "describe() answered {'works': 'yes'}" in out
+    assert "silent: unknown (no probe)" in out
+
+
+def test_sandbox_doctor_json_and_exit_code_when_nothing_works(capsys):
+    @hookimpl
+    def register_sandboxes(register):
+        register("broken", _Described({"works": False, "detail": "no binary", "not_isolated": ["all"]}))
+
+    with registered_plugin(types.SimpleNamespace(register_sandboxes=register_sandboxes), name="only-broken"):
+        assert main(["sandbox", "doctor", "--json"]) == 1
+    (report,) = json.loads(capsys.readouterr().out)
+    assert report == {"name": "broken", "source": "plugin 'only-broken'", "description": report["description"],
+                      "works": False, "detail": "no binary", "isolates": [], "not_isolated": ["all"]}

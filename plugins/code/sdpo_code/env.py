@@ -1,10 +1,11 @@
 """The ``code`` environment: run a completion's program against a task's tests in a sandbox.
 
 Differences from the SDPO reference's harness (lasgroup/SDPO ``feedback/code.py``), each a defect there
-(``sandbox.md`` §3): CPU time, not wall time from the batch start, is what is limited, so contention does not
-turn correct programs into timeouts; the tests of one solution run sequentially in one sandboxed process;
-syntax errors are their own verdict; line numbers are the submitted code's; sandbox faults abstain (reward
-`None`, no text) instead of being blamed on the model; the memory limit is always applied.
+(``sandbox.md`` §3): CPU time, not wall time from the batch start, is what is limited, so contention alone does
+not turn correct programs into timeouts (a badly overloaded machine still can, through the wall backstop); the
+tests of one solution run sequentially in one sandboxed process; syntax errors are their own verdict; line
+numbers are the submitted code's; sandbox faults abstain (reward `None`, no text) instead of being blamed on
+the model; the memory limit is always applied.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ class CodeEnvironment(Environment):
 
     Args:
         backend (`str` or `Sandbox`, *optional*, defaults to `"auto"`): ``"bwrap"``, ``"process"``,
-            ``"docker"``, any backend a plugin registers, ``"auto"`` (bwrap if it works here, else process),
-            or a ready sandbox object. A backend that cannot work here raises.
+            ``"docker"``, any backend a plugin registers, ``"auto"`` (bwrap, or an error saying how to opt in
+            to ``"process"``, which does not isolate enough for untrusted code), or a ready sandbox object.
+            A backend that cannot work here raises.
         sandbox_options (`dict`, *optional*): keyword arguments for the backend (e.g. ``{"image": ...}`` for
             docker, ``{"python": "/usr/bin/python3"}``).
         reward (`str`, *optional*, defaults to `"all"`): ``"all"`` gives 1 only when every test passes (as

@@ -46,14 +46,19 @@ def code_plugin() -> Iterator[str]:
 
 
 def sandbox_processes() -> list[tuple[int, str]]:
-    """Processes that belong to a sandbox: a sandbox uid (as root) or the harness in their command line.
+    """Processes that belong to a sandbox of this test run: a sandbox uid (as root) or the harness in their
+    command line, descending from this process or orphaned.
 
     An idle reused bwrap sandbox is not a leftover: its bwrap and its PID 1 (the harness in ``--serve`` mode)
-    wait for the next solution. Anything else in its namespace is.
+    wait for the next solution. Anything else in its namespace is. Sandboxes of other test runs on the same
+    machine (whose ancestry reaches a process outside any sandbox that is not this one) are theirs, not ours.
     """
-    found = []
+    me = os.getpid()
+    parents: dict[int, int] = {}
+    sandboxed: set[int] = set()  # every sandbox process, idle served ones included
+    candidates = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
+        if not entry.isdigit() or int(entry) == me:
             continue
         try:
             with open(f"/proc/{entry}/status", "rb") as f:
@@ -62,14 +67,30 @@ def sandbox_processes() -> list[tuple[int, str]]:
                 argv = f.read().split(b"\0")[:-1]
             uid = next(int(line.split()[1]) for line in status if line.startswith(b"Uid:"))
             nspid = next(line.split()[1:] for line in status if line.startswith(b"NSpid:"))
+            parents[int(entry)] = next(int(line.split()[1]) for line in status if line.startswith(b"PPid:"))
         except (OSError, StopIteration, ValueError):
             continue
         cmdline = b" ".join(argv).decode(errors="replace")
-        if argv[-1:] == [b"--serve"] and (nspid[-1] == b"1" or argv[0].endswith(b"bwrap")):
+        if not (UID_BASE <= uid < UID_BASE + UID_SLOTS + 1 or "sdpo-code-harness" in cmdline):
             continue
-        if UID_BASE <= uid < UID_BASE + UID_SLOTS + 1 or "sdpo-code-harness" in cmdline:
-            found.append((int(entry), cmdline[:80]))
-    return found
+        sandboxed.add(int(entry))
+        if not (argv[-1:] == [b"--serve"] and (nspid[-1] == b"1" or argv[0].endswith(b"bwrap"))):
+            candidates.append((int(entry), cmdline[:80]))
+    return [(pid, cmdline) for pid, cmdline in candidates if _ours_or_orphaned(pid, me, parents, sandboxed)]
+
+
+def _ours_or_orphaned(pid: int, me: int, parents: dict[int, int], sandboxed: set[int]) -> bool:
+    """Whether `pid`'s ancestors reach `me`, or reach PID 1 through sandbox processes only (an orphan: nobody
+    else's either). An ancestor outside any sandbox that is not `me` is another test run: theirs."""
+    seen = set()
+    while pid in parents and pid not in seen:
+        seen.add(pid)
+        pid = parents[pid]
+        if pid == me:
+            return True
+        if pid not in sandboxed:
+            return pid in (0, 1)
+    return True
 
 
 def assert_no_leftovers(timeout: float = 3.0) -> None:

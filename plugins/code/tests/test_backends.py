@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import sdpo_code
@@ -51,16 +52,30 @@ def test_auto_picks_bwrap_and_logs_it(caplog, backend_by_name):
     assert "sandbox backend 'bwrap'" in caplog.text  # the backend and its isolation, once per environment
 
 
-def test_auto_without_bwrap_drops_bwrap_options_with_a_warning(caplog, monkeypatch):
-    """`reuse` means nothing to the process backend: falling back logs it as ignored instead of crashing."""
+@pytest.mark.parametrize("why", ["no binary", "unusable binary"])
+def test_auto_never_falls_back_to_the_process_backend(monkeypatch, why):
+    """Without a working bwrap, `auto` is an error that says how to opt in to `process` and what that backend
+    does not isolate, never a silent switch to it."""
     import sdpo_code.sandbox.bwrap
 
-    monkeypatch.setattr(sdpo_code.sandbox.bwrap, "find_bwrap", lambda *args, **kwargs: None)
-    with caplog.at_level(logging.INFO, logger="sdpo_code"):
-        sandbox = get_sandbox("auto", reuse=False, drop_privileges=False)
-    assert sandbox.name == "process"
-    assert "no option 'reuse'; ignored" in caplog.text
-    assert not sandbox.switch_uid  # the options it does take still reach it
+    if why == "no binary":
+        monkeypatch.setattr(sdpo_code.sandbox.bwrap, "find_bwrap", lambda *args, **kwargs: None)
+    else:
+        monkeypatch.setattr(sdpo_code.sandbox.bwrap, "find_bwrap", lambda *args, **kwargs: "/nonexistent/bwrap")
+    with pytest.raises(SandboxUnavailable) as error:
+        get_sandbox("auto", reuse=False)
+    message = str(error.value)
+    assert "backend='process'" in message
+    assert "does NOT isolate: unix-domain sockets" in message
+    assert "sdpo sandbox doctor" in message
+
+
+def test_the_process_backend_warns_what_it_does_not_isolate(caplog):
+    with caplog.at_level(logging.WARNING, logger="sdpo_code"):
+        sandbox = get_sandbox("process")
+    assert "does NOT isolate: " in caplog.text
+    assert "unix-domain sockets" in caplog.text
+    assert sandbox.not_isolated[-4:] == sandbox.ALWAYS_NOT_ISOLATED
 
 
 def test_missing_bwrap_binary_is_a_clear_error():
@@ -99,3 +114,53 @@ def test_docker_verdicts(docker_sandbox):
     bad = env.score(task, "```python\nwhile True:\n    pass\n```")
     assert good.details["verdict"] == "Accepted"
     assert bad.details["verdict"] == "Time Limit Exceeded"
+
+
+def test_sandbox_doctor_probes_every_backend_in_a_real_subprocess(backend_by_name):
+    """`sdpo sandbox doctor` through the installed entry points: each backend says whether it works here and
+    what it does and does not isolate; the process backend names what it leaves open."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SDPO_LOAD_PLUGINS": "sdpo-code", "DOCKER_HOST": "unix:///nonexistent/docker.sock"}
+    out = subprocess.run([sys.executable, "-m", "sdpo_core.cli", "sandbox", "doctor", "--json"], capture_output=True,
+                         text=True, timeout=120, env=env)
+    reports = {r["name"]: r for r in json.loads(out.stdout)}
+    assert {"bwrap", "process", "docker"} <= set(reports)
+    docker = reports["docker"]
+    assert docker["works"] is False
+    assert "no Docker engine answers" in docker["detail"]
+    assert docker["not_isolated"]
+    process = reports["process"]
+    assert any("unix-domain sockets" in item for item in process["not_isolated"])
+    assert "does NOT isolate" in out.stderr  # and the log says so when it is built
+    backend_by_name("bwrap")  # the rest needs a working bwrap
+    assert reports["bwrap"]["works"] is True, reports["bwrap"]
+    assert any("read-only" in item for item in reports["bwrap"]["isolates"])
+    assert out.returncode == 0
+
+
+def test_bwrap_hides_every_package_directory_it_would_show(tmp_path):
+    """`package_dirs`: the site-/dist-packages of every tree the sandbox shows (the system's and the
+    interpreter's, any environment inside the latter included), none of a venv it does not show;
+    `interpreter_mounts` shows of a venv only its pyvenv.cfg and executable."""
+    from sdpo_code.sandbox._system import Interpreter
+    from sdpo_code.sandbox.bwrap import interpreter_mounts, package_dirs
+
+    base, venv, inner = tmp_path / "base", tmp_path / "venv", tmp_path / "base" / "envs" / "inner"
+    shown = [base / "lib/python3.11/site-packages", base / "lib/python3/dist-packages",
+             base / "lib64/python3.11/site-packages", inner / "lib/python3.12/site-packages"]
+    hidden_elsewhere = [venv / "lib/python3.11/site-packages"]
+    for path in [*shown, *hidden_elsewhere]:
+        path.mkdir(parents=True)
+    python = Interpreter(path=str(venv / "bin/python"), version=(3, 11, 0), prefixes=(str(base),), venv=str(venv))
+    found = package_dirs(python)
+    assert {p for p in found if p.startswith(str(tmp_path))} == {str(p) for p in shown}
+    assert all(p.startswith("/usr/") for p in found if not p.startswith(str(tmp_path)))
+    assert interpreter_mounts(python) == ["--ro-bind", str(base), str(base),
+                                          "--ro-bind", str(venv / "pyvenv.cfg"), str(venv / "pyvenv.cfg"),
+                                          "--ro-bind", str(venv / "bin/python"), str(venv / "bin/python")]
+    in_base = Interpreter(path=str(inner / "bin/python"), version=(3, 12, 0), prefixes=(str(base),),
+                          venv=str(inner))
+    assert str(inner / "lib/python3.12/site-packages") in package_dirs(in_base)  # visible through base: hidden

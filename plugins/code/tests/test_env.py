@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from sdpo_code import CodeEnvironment
@@ -52,18 +53,47 @@ def test_accepted_stdin_and_functional(make_env):
         assert (fb.reward, fb.text, fb.success, fb.details["verdict"]) == (1.0, "", True, "Accepted")
 
 
-def test_what_site_provides_still_works_without_it(make_env):
-    """The harness runs with -S: `exit()`/`quit()` and third-party packages must behave as with `site`."""
+THIRD_PARTY = py("import yaml\na, b = map(int, input().split())\nprint(yaml.safe_load(str(a + b)))")
+
+
+def test_what_site_provides_still_works_without_it(make_env, sandbox):
+    """The harness runs with -S: `exit()`/`quit()` and third-party packages must behave as with `site`, where
+    the backend shows installed packages (bwrap shows them only when asked, see the next test)."""
     env = make_env()
     ok_exit, bad_quit, third_party = env.evaluate(
         [ADD] * 3,
         [py("a, b = map(int, input().split())\nprint(a + b)\nexit()"),
          py("a, b = map(int, input().split())\nprint(a + b)\nquit(3)"),
-         py("import yaml\na, b = map(int, input().split())\nprint(yaml.safe_load(str(a + b)))")])
+         THIRD_PARTY])
     assert ok_exit.details["verdict"] == "Accepted"
     assert bad_quit.details["verdict"] == "Runtime Error"
     assert "exit code 3" in bad_quit.text
-    assert third_party.details["verdict"] == "Accepted", third_party.text
+    if sandbox.name == "bwrap":
+        assert third_party.details["verdict"] == "Runtime Error"
+        assert "ModuleNotFoundError: No module named 'yaml'" in third_party.text
+    else:
+        assert third_party.details["verdict"] == "Accepted", third_party.text
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_bwrap_shows_the_package_directories_it_is_given(backend_by_name, reuse):
+    from sdpo_code.sandbox.bwrap import BwrapSandbox
+
+    site_paths = backend_by_name("bwrap").interpreter.site_paths
+    where = next((p for p in site_paths if os.path.isdir(os.path.join(p, "yaml"))), None)
+    if where is None:
+        pytest.skip(f"no yaml in the sandbox interpreter's site-packages {site_paths}")
+    sandbox = BwrapSandbox(packages=[where], reuse=reuse)
+    try:
+        fb = CodeEnvironment(backend=sandbox).score(ADD, THIRD_PARTY)
+        assert fb.details["verdict"] == "Accepted", fb.text
+    finally:
+        sandbox.close()
+    import sdpo_code
+
+    grader = os.path.dirname(os.path.dirname(sdpo_code.__file__))
+    with pytest.raises(ValueError, match="holds sdpo_code, the grader"):
+        BwrapSandbox(packages=[grader])
 
 
 def test_prelude_names_without_imports_and_a_fresh_module_per_test(make_env):

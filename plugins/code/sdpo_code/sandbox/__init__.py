@@ -4,13 +4,14 @@ Backends register through the ``register_sandboxes`` hook; sdpo-code registers i
 ``process``, ``docker``) through that same hook. `get_sandbox` looks a name up in the project's registry
 (`sdpo_envs.list_sandboxes` / `sdpo_envs.make_sandbox`), so a third-party backend is used like a built-in,
 and falls back to the built-ins when the plugin is not loaded (tests, ``SDPO_LOAD_PLUGINS=""``).
-``"auto"`` picks ``bwrap`` when its binary works here, else ``process``, and logs which. Asking for a
+``"auto"`` is ``bwrap`` when it works here and otherwise an error saying how to go on: it never falls back
+to ``process``, which does not isolate enough for untrusted code and must be asked for by name. Asking for a
 backend that cannot work here raises `SandboxUnavailable`: there is no silent downgrade.
 """
 
 from __future__ import annotations
 
-import inspect
+import importlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -25,34 +26,71 @@ from sdpo_code.sandbox.base import (
 logger = logging.getLogger(__name__)
 
 
-def _bwrap(**options: Any) -> Sandbox:
-    """Bubblewrap: every namespace, read-only system, tmpfs work dir, uid 65534 (the default where it works)."""
-    from sdpo_code.sandbox.bwrap import BwrapSandbox
+class BuiltinBackend:
+    """A built-in backend as registered: calling it builds one (its module is imported only then), and
+    `describe` says whether it works on this machine and what it isolates (``sdpo sandbox doctor``)."""
 
-    return BwrapSandbox(**options)
+    def __init__(self, name: str, module: str, cls: str, summary: str) -> None:
+        self.name, self._module, self._cls = name, module, cls
+        self.__doc__ = summary
+
+    def _class(self) -> Any:
+        return getattr(importlib.import_module(self._module), self._cls)
+
+    def __call__(self, **options: Any) -> Sandbox:
+        sandbox: Sandbox = self._class()(**options)
+        return sandbox
+
+    def describe(self) -> dict[str, Any]:
+        """Build the backend with its defaults and run one tiny program in it."""
+        return describe_sandbox(self, self._class())
 
 
-def _process(**options: Any) -> Sandbox:
-    """A subprocess with rlimits, a per-sandbox uid (root), namespaces and Landlock where available."""
-    from sdpo_code.sandbox.process import ProcessSandbox
-
-    return ProcessSandbox(**options)
-
-
-def _docker(**options: Any) -> Sandbox:
-    """A throw-away container per solution on a local or remote Docker engine (DOCKER_HOST)."""
-    from sdpo_code.sandbox.docker import DockerSandbox
-
-    return DockerSandbox(**options)
-
-
-BUILTIN_SANDBOXES: dict[str, Callable[..., Sandbox]] = {"bwrap": _bwrap, "process": _process, "docker": _docker}
+BUILTIN_SANDBOXES: dict[str, BuiltinBackend] = {
+    "bwrap": BuiltinBackend("bwrap", "sdpo_code.sandbox.bwrap", "BwrapSandbox",
+                            "Bubblewrap: every namespace, read-only system, tmpfs work dir, uid 65534 (the default "
+                            "where it works)."),
+    "process": BuiltinBackend("process", "sdpo_code.sandbox.process", "ProcessSandbox",
+                              "A subprocess with rlimits, a per-sandbox uid (root), namespaces and Landlock where "
+                              "available; NOT a full sandbox: ask for it by name to opt in."),
+    "docker": BuiltinBackend("docker", "sdpo_code.sandbox.docker", "DockerSandbox",
+                             "A throw-away container per solution on a local or remote Docker engine "
+                             "(DOCKER_HOST)."),
+}
 
 
 def register_builtin_sandboxes(register: Callable[..., None]) -> None:
     """What sdpo-code's ``register_sandboxes`` hook registers."""
     for name, factory in BUILTIN_SANDBOXES.items():
         register(name, factory, description=(factory.__doc__ or "").strip())
+
+
+def describe_sandbox(build: Callable[[], Sandbox], cls: Any = None) -> dict[str, Any]:
+    """Whether `build()` gives a sandbox that runs a program here, and what it isolates and does not.
+
+    The answer follows the ``describe()`` protocol of sandbox factories (docs/plugins/hooks.md): ``works``,
+    ``detail`` (how long the test program took, or why it did not run), ``isolates`` and ``not_isolated``
+    (from the sandbox, or from its class `cls` when it cannot be built).
+    """
+    def claims(source: Any) -> dict[str, list[str]]:
+        return {key: list(getattr(source, key, ()) or ()) for key in ("isolates", "not_isolated")}
+
+    try:
+        sandbox = build()
+    except (SandboxUnavailable, RuntimeError, OSError) as exc:
+        return {"works": False, "detail": str(exc), **claims(cls)}
+    try:
+        result = sandbox.run(ExecutionRequest(mode="stdin", code="print(input()[::-1])", inputs=("krow\n",),
+                                              cpu_limits=(5.0,), wall_limits=(20.0,)))
+    finally:
+        close = getattr(sandbox, "close", None)
+        if callable(close):
+            close()
+    printed = result.results.get(0, {}).get("stdout")
+    works = result.done and printed == "work\n"
+    detail = f"a test program ran in {result.seconds:.2f} s" if works else (
+        f"a test program did not run: {result.harness_error or f'printed {printed!r}, exit {result.exit}'}")
+    return {"works": works, "detail": detail, **claims(sandbox)}
 
 
 def _registered_names() -> set[str]:
@@ -70,17 +108,15 @@ def available_sandboxes() -> list[str]:
     return sorted(_registered_names() | set(BUILTIN_SANDBOXES))
 
 
-def _options_for_process(options: dict[str, Any]) -> dict[str, Any]:
-    """`options` without those the process backend does not take (``auto`` was given them for bwrap, such as
-    ``reuse``), each dropped one logged: falling back must not turn a bwrap option into a crash."""
+def _opt_in() -> str:
+    """How to go on without bwrap, naming what the process backend does not isolate."""
     from sdpo_code.sandbox.process import ProcessSandbox
 
-    accepted = inspect.signature(ProcessSandbox).parameters
-    dropped = sorted(set(options) - set(accepted))
-    if dropped:
-        logger.warning("sdpo-code: backend='auto' uses 'process', which has no option %s; ignored",
-                       ", ".join(map(repr, dropped)))
-    return {name: value for name, value in options.items() if name in accepted}
+    return ("Install bubblewrap (Debian's 'bubblewrap', or pip install 'sdpo-code[bwrap]'), use another isolating "
+            "backend such as backend='docker', or opt in to running untrusted code without a full sandbox with "
+            "backend='process', which does NOT isolate: " + "; ".join(ProcessSandbox.ALWAYS_NOT_ISOLATED)
+            + " (and more where the kernel lacks namespaces or Landlock). 'sdpo sandbox doctor' shows what works "
+            "here")
 
 
 def get_sandbox(backend: str | Sandbox = "auto", **options: Any) -> Sandbox:
@@ -95,18 +131,14 @@ def get_sandbox(backend: str | Sandbox = "auto", **options: Any) -> Sandbox:
     if backend == "auto":
         from sdpo_code.sandbox.bwrap import find_bwrap
 
-        if find_bwrap() is not None:
-            try:
-                sandbox = get_sandbox("bwrap", **options)
-            except SandboxUnavailable as exc:
-                logger.warning("sdpo-code: backend='auto': bwrap is installed but unusable here (%s); "
-                               "using the 'process' backend", exc)
-            else:
-                logger.info("sdpo-code: backend='auto' chose 'bwrap'")
-                return sandbox
-        else:
-            logger.info("sdpo-code: backend='auto': no bwrap binary; using the 'process' backend")
-        return get_sandbox("process", **_options_for_process(options))
+        if find_bwrap() is None:
+            raise SandboxUnavailable(f"backend='auto': no bwrap binary here. {_opt_in()}")
+        try:
+            sandbox = get_sandbox("bwrap", **options)
+        except SandboxUnavailable as exc:
+            raise SandboxUnavailable(f"backend='auto': {exc}. {_opt_in()}") from exc
+        logger.info("sdpo-code: backend='auto' chose 'bwrap'")
+        return sandbox
     if backend in _registered_names():
         import sdpo_envs
 
@@ -123,11 +155,13 @@ def get_sandbox(backend: str | Sandbox = "auto", **options: Any) -> Sandbox:
 
 __all__ = [
     "BUILTIN_SANDBOXES",
+    "BuiltinBackend",
     "ExecutionRequest",
     "ExecutionResult",
     "Sandbox",
     "SandboxUnavailable",
     "available_sandboxes",
+    "describe_sandbox",
     "get_sandbox",
     "register_builtin_sandboxes",
 ]

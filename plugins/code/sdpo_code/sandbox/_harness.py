@@ -625,6 +625,29 @@ def _remove_sysv_ipc(libc):
                 remove(int(fields[1]))
 
 
+_KEYCTL = {"x86_64": 250, "aarch64": 219}.get(os.uname().machine)  # the keyctl system call's number
+_KEYCTL_JOIN_SESSION_KEYRING, _KEYCTL_CLEAR, _KEYCTL_GET_PERSISTENT = 1, 7, 22
+_USER_KEYRINGS = (-4, -5)  # KEY_SPEC_USER_KEYRING, KEY_SPEC_USER_SESSION_KEYRING
+
+
+def _own_session_keyring(libc):
+    """Give the worker a new, anonymous session keyring: what it adds there goes away with its processes."""
+    if _KEYCTL is not None:
+        libc.syscall(_KEYCTL, _KEYCTL_JOIN_SESSION_KEYRING, None)
+
+
+def _clear_keyrings(libc):
+    """Empty the keyrings that outlive a worker: the kernel keeps the user, user-session and persistent
+    keyrings per uid of the sandbox's user namespace, which a fresh sandbox would not share."""
+    if _KEYCTL is None:
+        return
+    for ring in _USER_KEYRINGS:
+        libc.syscall(_KEYCTL, _KEYCTL_CLEAR, ring)
+    persistent = libc.syscall(_KEYCTL, _KEYCTL_GET_PERSISTENT, -1, -3)  # linked to our session keyring; -1 if none
+    if persistent >= 0:
+        libc.syscall(_KEYCTL, _KEYCTL_CLEAR, persistent)
+
+
 def _not_a_sandbox():
     """Why this is not a sandbox whose /tmp, /dev/shm and /dev/mqueue we may empty, or "" when it is one.
 
@@ -672,6 +695,7 @@ def serve():
         def fresh_worker():
             os.close(requests)
             libc.prctl(4, 1, 0, 0, 0)  # the worker is an ordinary process again (its own /proc/self)
+            _own_session_keyring(libc)
 
         pid = _start_worker(p, fresh_worker)
         token = _read_exact(requests, TOKEN_LINE_BYTES)
@@ -680,6 +704,7 @@ def serve():
         for top, mode in modes.items():
             _wipe(top, mode)
         _remove_sysv_ipc(libc)
+        _clear_keyrings(libc)
         if token is None:
             os._exit(0)
         _exit_event(status, usage, token=token.decode("ascii", "replace").strip())

@@ -2,10 +2,10 @@
 
 Why: building a sandbox and starting an interpreter costs ~45 ms a solution, more than judging a short
 solution. A served sandbox pays it once; each solution then runs in a worker forked from a PID 1 that never
-runs model code, and after each one PID 1 kills every other process of the namespace, empties /tmp,
-/dev/shm and /dev/mqueue, restores their modes and deletes System V IPC objects before it reports ``exit``.
-What one solution can leave for the next is therefore limited to what the kernel keeps per uid (the user
-keyring), as with a fresh sandbox that gets the same leased uid.
+runs model code. Everything but /tmp, /dev/shm and /dev/mqueue is read-only (see `bwrap`), and after each
+solution PID 1 kills every other process of the namespace, empties those three directories, restores their
+modes, deletes System V IPC objects and empties the keyrings that outlive a process before it reports
+``exit``: the next solution finds the sandbox as a fresh one would be.
 
 A sandbox is discarded, never reused, once anything went wrong with it (a deadline kill, a flood, a harness
 error, a missing ``exit``). Each sandbox holds one leased host uid (as root) for its whole life.

@@ -32,7 +32,10 @@ UID_BASE = 1_879_000_000
 """First host uid handed to sandboxes (no account has it; far from /etc/subuid ranges)."""
 UID_SLOTS = 256
 
-SYSTEM_READ_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc", "/proc", "/dev", "/sys")
+LOADER_ETC_FILES = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime", "/etc/alternatives")
+"""What of /etc programs need to start (the dynamic loader's cache and configuration, the time zone)."""
+SYSTEM_READ_PATHS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", *LOADER_ETC_FILES, "/proc", "/dev")
+"""What a program may read besides its interpreter and work dir, where the backend can restrict reads."""
 
 
 def is_root() -> bool:
@@ -165,12 +168,18 @@ HARNESS_FLAGS = ("-I", "-S")
 
 @dataclass(frozen=True)
 class Interpreter:
-    """A Python the sandbox runs, with the directories it needs to read."""
+    """A Python the sandbox runs, with the directories it needs to read.
+
+    `prefixes` are the installation's own trees (the standard library lives there); `venv` is the virtual
+    environment the path belongs to, if any: the interpreter needs only its ``pyvenv.cfg`` and executable
+    from it, not its site-packages (which hold the grader itself when sdpo-code is installed there).
+    """
 
     path: str
     version: tuple[int, int, int]
     prefixes: tuple[str, ...]
     site_paths: tuple[str, ...] = ()  # its site-packages, put on sys.path by the harness (it runs with -S)
+    venv: str | None = None
 
     @property
     def version_text(self) -> str:
@@ -179,8 +188,8 @@ class Interpreter:
 
 _PROBE = (
     "import sys, json, os; print(json.dumps({'v': list(sys.version_info[:3]), 'p': sorted({os.path.realpath(x) "
-    "for x in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)} | {sys.prefix}), "
-    "'s': [x for x in sys.path if os.path.basename(x) in ('site-packages', 'dist-packages')]}))"
+    "for x in (sys.base_prefix, sys.base_exec_prefix)}), 'venv': sys.prefix if sys.prefix != sys.base_prefix "
+    "else None, 's': [x for x in sys.path if os.path.basename(x) in ('site-packages', 'dist-packages')]}))"
 )
 
 
@@ -199,7 +208,7 @@ def probe_interpreter(path: str, uid: int | None) -> Interpreter | None:
     real = os.path.realpath(path)
     prefixes = set(info["p"]) | {os.path.dirname(os.path.dirname(real))}
     return Interpreter(path=path, version=(version[0], version[1], version[2]), prefixes=tuple(sorted(prefixes)),
-                       site_paths=tuple(info.get("s", ())))
+                       site_paths=tuple(info.get("s", ())), venv=info.get("venv"))
 
 
 def find_interpreter(preferred: str | None, uid: int | None) -> Interpreter:

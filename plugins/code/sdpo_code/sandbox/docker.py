@@ -61,6 +61,10 @@ class DockerSandbox:
     """
 
     name = "docker"
+    isolates = ("the container's namespaces, no network", "a read-only root, a size-capped tmpfs /tmp",
+                "user 65534, no capabilities, no-new-privileges", "memory, PIDs and CPU caps, plus the rlimits",
+                "a new container per solution, force-removed")
+    not_isolated = ("the engine's kernel (shared with its other containers)",)
 
     def __init__(
         self,

@@ -1,4 +1,7 @@
-"""The ``process`` backend: a plain subprocess with kernel limits; the fallback when bwrap is missing.
+"""The ``process`` backend: a plain subprocess with kernel limits, for trusted code or machines without bwrap.
+
+It is never chosen by ``auto``: asking for it by name is the opt-in, and building one logs what it does not
+isolate (``sdpo sandbox doctor`` prints the same).
 
 What it does:
 
@@ -7,18 +10,24 @@ What it does:
 - as root, runs as a dedicated unprivileged uid per sandbox (``_system.lease_uid``), so NPROC applies, the
   program cannot signal or read anything of root's, and every leftover process is killed with one
   ``kill(-1)`` as that uid;
-- ``unshare --user --net --pid --fork --kill-child`` when the kernel allows it: no network (not even the
-  host's loopback) and a PID namespace whose init is the harness supervisor, so nothing outlives it;
-- Landlock when the kernel has it: writes only in the temporary work dir, reads only in system dirs, the
-  interpreter and the work dir; no TCP; signals and abstract sockets scoped to the sandbox;
+- ``unshare --user --net --ipc --uts --pid --fork --kill-child`` when the kernel allows it: no network (not
+  even the host's loopback), System V IPC of its own, and a PID namespace whose init is the harness
+  supervisor, so nothing outlives it;
+- Landlock when the kernel has it: writes only in the temporary work dir, reads only in system dirs (of /etc
+  only what the loader needs), the interpreter and the work dir; no TCP; signals and abstract sockets scoped
+  to the sandbox;
 - a scrubbed environment and a fresh temporary work dir, removed afterwards.
 
 What it does NOT isolate (use ``bwrap`` or ``docker`` for that):
 
-- without Landlock, the file system: anything world-readable can be read (the repo, /etc, home dirs with
-  lax modes) and world-writable dirs (/tmp, /dev/shm) can be written;
-- without user namespaces, the network (the program can connect anywhere the host can) and the process tree
-  (a daemon that calls ``setsid`` escapes ``killpg``; as root the uid clean-up still gets it);
+- the host's file system namespace: a unix-domain socket the host listens on by path can be connected to
+  (Landlock does not cover ``connect``), and the work dir is on the host's disk with no size cap;
+- world-readable files in the directories it may read, the installed packages included (the grader's own,
+  with its bundled tests, when it is installed in the interpreter's environment);
+- without Landlock, the rest of the file system: anything world-readable can be read (the repo, /etc, home
+  dirs with lax modes) and world-writable dirs (/tmp, /dev/shm) can be written;
+- without user namespaces, the network (the program can connect anywhere the host can), System V IPC and
+  the process tree (a daemon that calls ``setsid`` escapes ``killpg``; as root the uid clean-up still gets it);
 - when the trainer is not root: another process of the same user can be signalled or killed, and NPROC is
   shared with the user's other processes;
 - kernel attack surface: it is the host kernel with every system call available.
@@ -42,7 +51,7 @@ from sdpo_code.sandbox.base import HARNESS_SOURCE, ExecutionRequest, ExecutionRe
 
 logger = logging.getLogger(__name__)
 
-_UNSHARE = ["--user", "--net", "--pid", "--fork", "--kill-child", "--mount-proc"]
+_UNSHARE = ["--user", "--net", "--ipc", "--uts", "--pid", "--fork", "--kill-child", "--mount-proc"]
 _PROBE_UID = _system.UID_BASE + _system.UID_SLOTS
 
 
@@ -87,6 +96,13 @@ class ProcessSandbox:
     """
 
     name = "process"
+    ALWAYS_NOT_ISOLATED = (
+        "unix-domain sockets the host listens on by path (e.g. in /tmp)",
+        "world-readable files in system directories (/usr, /dev, /proc), installed packages included",
+        "the work dir's size (it is on the host's disk)",
+        "the host kernel (every system call)",
+    )
+    """What this backend never isolates, whatever the machine offers."""
 
     def __init__(
         self,
@@ -106,19 +122,24 @@ class ProcessSandbox:
         if landlock and not abi:
             raise _system_error("Landlock is not available in this kernel")
         self.landlock = abi > 0
-        layers = ["session+killpg", "rlimits(AS,CPU,FSIZE,NOFILE,CORE" + (",NPROC)" if self.switch_uid else ")")]
+        isolates = ["a session of its own (killpg)", "rlimits AS, CPU, FSIZE, NOFILE, CORE"
+                    + (", NPROC" if self.switch_uid else "")]
         if self.switch_uid:
-            layers.append("dedicated uid per sandbox")
+            isolates.append("a dedicated host uid per sandbox")
         if self.unshare:
-            layers.append("no network, private PID namespace")
+            isolates.append("no network, private PID, IPC and UTS namespaces")
         if self.landlock:
-            layers.append(f"Landlock ABI {abi} (writes only in the work dir, reads only system dirs)")
-        unisolated = []
-        if not self.landlock:
-            unisolated.append("file-system reads and writes of world-accessible paths")
-        if not self.unshare:
-            unisolated.append("network")
-        self.isolation = "; ".join(layers) + (f". NOT isolated: {', '.join(unisolated)}" if unisolated else "")
+            isolates.append(f"Landlock ABI {abi}: writes only in its work dir, reads only system directories")
+        self.isolates = tuple(isolates)
+        self.not_isolated = (
+            *(() if self.landlock else ("file-system reads and writes of world-accessible paths",)),
+            *(() if self.unshare else ("the network and the process tree", "System V IPC")),
+            *(() if self.switch_uid else ("signals to the trainer's other processes (same uid)",)),
+            *self.ALWAYS_NOT_ISOLATED,
+        )
+        self.isolation = "; ".join(self.isolates) + ". NOT isolated: " + "; ".join(self.not_isolated)
+        logger.warning("sdpo-code: the 'process' backend runs untrusted code without a sandbox of its own; it "
+                       "does NOT isolate: %s. Use 'bwrap' for untrusted code", "; ".join(self.not_isolated))
 
     def __repr__(self) -> str:
         return f"ProcessSandbox(python={self.interpreter.path!r}, isolation={self.isolation!r})"
@@ -130,7 +151,8 @@ class ProcessSandbox:
                 argv = [self.unshare, *_UNSHARE, *argv]
             extra: dict[str, Any] = {}
             if self.landlock:
-                read = [*_system.SYSTEM_READ_DIRS, *self.interpreter.prefixes, workdir]
+                venv = [self.interpreter.venv] if self.interpreter.venv else []
+                read = [*_system.SYSTEM_READ_PATHS, *self.interpreter.prefixes, *venv, workdir]
                 extra["landlock"] = {"read": read, "write": [workdir], "required": True}
             nproc = request.nproc
             if uid is None:  # NPROC counts all our processes: allow the current ones plus the budget
