@@ -46,12 +46,16 @@ def code_plugin() -> Iterator[str]:
 
 
 def sandbox_processes() -> list[tuple[int, str]]:
-    """Processes that belong to a sandbox: a sandbox uid (as root) or the harness in their command line.
+    """Processes that belong to a sandbox of this test process: a sandbox uid (as root) or the harness in their
+    command line, descending from us or orphaned (their ancestry leads to the host's init through sandbox
+    processes only). Other test runs on the same machine have their own sandboxes: those are not ours.
 
     An idle reused bwrap sandbox is not a leftover: its bwrap and its PID 1 (the harness in ``--serve`` mode)
     wait for the next solution. Anything else in its namespace is.
     """
-    found = []
+    candidates: dict[int, str] = {}
+    parents: dict[int, int] = {}
+    idle: set[int] = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
@@ -62,14 +66,31 @@ def sandbox_processes() -> list[tuple[int, str]]:
                 argv = f.read().split(b"\0")[:-1]
             uid = next(int(line.split()[1]) for line in status if line.startswith(b"Uid:"))
             nspid = next(line.split()[1:] for line in status if line.startswith(b"NSpid:"))
+            parents[int(entry)] = next(int(line.split()[1]) for line in status if line.startswith(b"PPid:"))
         except (OSError, StopIteration, ValueError):
             continue
         cmdline = b" ".join(argv).decode(errors="replace")
         if argv[-1:] == [b"--serve"] and (nspid[-1] == b"1" or argv[0].endswith(b"bwrap")):
-            continue
-        if UID_BASE <= uid < UID_BASE + UID_SLOTS + 1 or "sdpo-code-harness" in cmdline:
-            found.append((int(entry), cmdline[:80]))
-    return found
+            idle.add(int(entry))
+        elif UID_BASE <= uid < UID_BASE + UID_SLOTS + 1 or "sdpo-code-harness" in cmdline:
+            candidates[int(entry)] = cmdline[:80]
+    return [(pid, cmdline) for pid, cmdline in candidates.items() if _ours(pid, parents, set(candidates) | idle)]
+
+
+def _ours(pid: int, parents: dict[int, int], sandboxed: set[int]) -> bool:
+    """Whether `pid` descends from this process, or is an orphan whose ancestors are all sandbox processes."""
+    seen = set()
+    while pid not in seen:
+        seen.add(pid)
+        parent = parents.get(pid, 0)
+        if parent == os.getpid():
+            return True
+        if parent in (0, 1) or parent not in parents:
+            return True  # reparented to the host's init (or its parent is already gone): an escaped orphan
+        if parent not in sandboxed:
+            return parent == os.getpid()
+        pid = parent
+    return True
 
 
 def assert_no_leftovers(timeout: float = 3.0) -> None:
