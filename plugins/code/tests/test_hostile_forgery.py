@@ -142,8 +142,9 @@ def test_forged_protocol_lines_do_not_turn_a_wrong_answer_into_an_abstention(att
 
 
 def test_forged_events_do_not_stretch_the_wall_budget(attack):
-    """Three tests with a 1 s wall limit each, a program that keeps announcing tests while it sleeps."""
-    code = _SPRAY.format(forged=_FORGED) + "import time\nwhile True:\n    spray()\n    time.sleep(0.05)"
+    """Three tests with 1.5 s of wall each, a program that ignores its timers and keeps announcing tests."""
+    code = _SPRAY.format(forged=_FORGED) + ("import signal, time\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\n"
+                                            "while True:\n    spray()\n    time.sleep(0.05)")
     started = time.monotonic()
     fb = attack(code, task=THREE_SLEEPY_TESTS, time_limit=0.25, wall_factor=2.0)  # 1.5 s of wall a test
     assert verdict(fb) == "Time Limit Exceeded"
