@@ -209,3 +209,17 @@ def test_an_8_mib_line_within_the_limit_is_a_wrong_answer_at_bounded_cost(attack
 def test_one_byte_past_the_output_limit_is_output_limit_exceeded(attack):
     fb = attack("import sys\nsys.stdout.buffer.write(b'\\xff' * (1 << 20) + b'\\n')", output_limit_bytes=1 << 20)
     assert verdict(fb) == "Output Limit Exceeded"
+
+
+def test_a_test_the_judge_ends_leaves_the_sandbox_reusable(backend_by_name, no_leftovers):
+    """The judge, not the trainer, ends a test past its wall limit, so the sandbox is clean and kept."""
+    backend_by_name("bwrap")
+    sandbox = BwrapSandbox(reuse=True)
+    env = CodeEnvironment(backend=sandbox, time_limit=0.5, wall_factor=2.0)
+    blocked = ("import signal, time\nsignal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM, signal.SIGPROF})\n"
+               "time.sleep(60)")
+    assert verdict(env.score(ADD, py(blocked))) == "Time Limit Exceeded"
+    assert env.score(ADD, py(GOOD)).reward == 1.0
+    assert sandbox._pool.started == 1
+    sandbox.close()
+    no_leftovers()

@@ -671,6 +671,18 @@ def _close_fds_except(keep):
     os.closerange(low, 1 << 20)
 
 
+def _int_or_none(x):
+    return x if type(x) is int else None
+
+
+def _plain_frames(frames):
+    """A worker's traceback frames as [line, function, source] of plain types (at most the last 50)."""
+    if not isinstance(frames, list):
+        return []
+    return [[_int_or_none(f[0]), _safe_str(f[1], 200), _safe_str(f[2], 500)] for f in frames[-50:]
+            if isinstance(f, list) and len(f) == 3]
+
+
 class _Replies:
     """The worker's pipe, read with a deadline and a CPU check every `_POLL` seconds; never blocks."""
 
@@ -784,6 +796,9 @@ class Judge:
             try:
                 _close_fds_except((req_r, rep_w))
                 _libc().prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0)  # an ordinary process again (its own /proc/self)
+                for key in ("test_code", "check_prefix"):  # no reference to the checks (see the docs' limits)
+                    self.p.pop(key, None)
+                self.test_lines = ()
                 _worker(self.p, req_r, rep_w)
             finally:
                 os._exit(72)
@@ -802,6 +817,7 @@ class Judge:
         send({"ev": "ready", "pid": self.pid, "uid": ready.get("uid"), "landlock": ready.get("landlock"),
               "python": ready.get("python")})
         if self.mode == "humaneval":
+            _site_setup(self.p.get("site_paths") or ())
             self._load_checks()
         msg, out = self._step(-1, {"op": "setup"}, self.limits[0], self.walls[0])
         if msg.get("ev") == "compile_error":
@@ -906,7 +922,10 @@ class Judge:
             return self._result(index, self._failure(why, cpu, cpu_limit), cpu, wall, cpu_limit, 0), b""
         header, out, err, value = answer
         if isinstance(header.get("compile_error"), dict):
-            return {"ev": "compile_error", **header["compile_error"]}, b""
+            ce = header["compile_error"]
+            return {"ev": "compile_error", "type": _safe_str(ce.get("type", "SyntaxError"), 200),
+                    "msg": _safe_str(ce.get("msg", "")), "lineno": _int_or_none(ce.get("lineno")),
+                    "offset": _int_or_none(ce.get("offset")), "text": _safe_str(ce.get("text", ""))}, b""
         msg = self._claimed(header)
         if self.mode == "functional" and index >= 0 and msg["status"] == "ok":
             msg["value"] = value.decode("ascii", "replace") if value else None
@@ -924,8 +943,7 @@ class Judge:
         if msg["status"] == "exception":
             exc = header.get("exc") if isinstance(header.get("exc"), dict) else {}
             msg["exc"] = {"type": _safe_str(exc.get("type", "Error"), 200), "msg": _safe_str(exc.get("msg", "")),
-                          "frames": exc.get("frames") if isinstance(exc.get("frames"), list) else [],
-                          "in_test": False}
+                          "frames": _plain_frames(exc.get("frames")), "in_test": False}
         elif msg["status"] == "exit":
             msg["exit_code"] = header["exit_code"] if type(header.get("exit_code")) is int else 1
         return msg
