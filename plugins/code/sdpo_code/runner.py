@@ -149,7 +149,7 @@ def _outcome_from_result(task: CodeTask, index: int, msg: Mapping[str, Any], *, 
 
 def _death_verdict(result: ExecutionResult, request: ExecutionRequest) -> tuple[Verdict, str]:
     """Why the sandbox stopped in the middle of a test (the program killed or exited it)."""
-    if result.killed in ("wall", "task_wall"):
+    if result.killed == "task_wall":
         return Verdict.TIME_LIMIT, ""
     if result.killed == "flood":
         return Verdict.OUTPUT_LIMIT, ""
