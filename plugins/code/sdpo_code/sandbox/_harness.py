@@ -9,7 +9,8 @@ Three roles, three processes, and only the first two are trusted:
 
 - the *supervisor* reads the payload on stdin and holds the protocol channel to the host (its stdout). In
   ``--serve`` mode it is the sandbox's PID 1 and runs one submission after another, each in a fresh judge.
-- the *judge* (the supervisor itself outside serve mode, a fork of it inside) never runs model code. It
+- the *judge* (the supervisor itself, or for HumanEval in serve mode a fork of it that the task's checks
+  cannot outlive) never runs model code. It
   is not dumpable (no ptrace, no ``/proc/<pid>/fd`` for others of its uid) and a child subreaper (every
   orphan of the program is handed to it). It forks the worker, tells it which test to run, enforces each
   test's CPU and wall limits from outside, measures CPU time itself over the whole process tree
@@ -1237,9 +1238,14 @@ def serve():
         p = _read_request(requests)
         if p is None:
             os._exit(0)
-        pid = _start_judge(p, functools.partial(os.close, requests))
-        token = _read_exact(requests, TOKEN_LINE_BYTES)
-        status, usage = _reap(pid)
+        if p["mode"] == "humaneval":  # the checks run in a judge of their own, which then ends
+            pid = _start_judge(p, functools.partial(os.close, requests))
+            token = _read_exact(requests, TOKEN_LINE_BYTES)
+            status, usage = _reap(pid)
+        else:  # no task code to run: PID 1 judges (one fork a submission fewer)
+            token = _read_exact(requests, TOKEN_LINE_BYTES)
+            Judge(p).run()
+            status, usage = 0, resource.getrusage(resource.RUSAGE_CHILDREN)
         _kill_everyone_else()
         for top, mode in modes.items():
             _wipe(top, mode)
