@@ -776,6 +776,7 @@ class Judge:
         self.garbage = 0
         self.dead = False
         self.checks = None
+        self.fds = []
 
     def run(self):
         libc = _libc()
@@ -788,6 +789,8 @@ class Judge:
             send({"ev": "judge_error", "reason": f"{type(exc).__name__}: {_safe_str(exc, 500)}"})
         finally:
             _kill_descendants()
+            for fd in self.fds:  # PID 1 judges one submission after another: it must not collect descriptors
+                os.close(fd)
 
     def _start_worker(self):
         req_r, req_w = os.pipe()
@@ -807,6 +810,7 @@ class Judge:
         os.close(rep_w)
         self.pid, self.req = pid, req_w
         self.replies = _Replies(rep_r, os.pidfd_open(pid))
+        self.fds = [req_w, rep_r, self.replies.pidfd]
 
     def _session(self):
         answer, why = self._answer(0, time.monotonic() + 20.0, lambda: False)
