@@ -6,8 +6,9 @@ a line matches when equal, or when both lines are whitespace-separated numbers t
 whose tokens are equal but separated by different runs of whitespace match. An optional absolute/relative
 float tolerance applies to tokens that are floats on the expected side.
 
-functional tests: the returned value (tuples already turned into lists by the harness, JSON round-tripped)
-must ``==`` the expected JSON value.
+functional tests: the returned value (encoded by the harness as plain JSON, tuples as lists, at most the
+output limit in size and 500 levels deep) must ``==`` the expected JSON value. Both sides are built-in
+objects decoded here, so no method of the program's runs; a value that does not decode is a wrong answer.
 """
 
 from __future__ import annotations
@@ -73,9 +74,9 @@ def value_matches(got_json: str | None, expected_json: str) -> bool:
     """Whether a functional test's JSON-encoded return value equals the expected JSON value."""
     if got_json is None:
         return False
+    expected = json.loads(expected_json)
     try:
         got: Any = json.loads(got_json)
-    except ValueError:
+        return bool(got == expected)
+    except (ValueError, RecursionError):  # not JSON, or nested past the recursion limit
         return False
-    expected = json.loads(expected_json)
-    return bool(got == expected)

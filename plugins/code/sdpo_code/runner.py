@@ -89,6 +89,7 @@ def build_request(task: CodeTask, code: str, limits: Limits, *, stop_early: bool
         prefix=prefix,
         test_code=task.test_code,
         entry_point=task.entry_point,
+        check_prefix=task.code_prefix if task.kind == "humaneval" else None,
         memory_bytes=limits.memory_mb << 20,
         output_bytes=limits.output_bytes,
         nproc=limits.nproc,
@@ -122,6 +123,9 @@ def _outcome_from_result(task: CodeTask, index: int, msg: Mapping[str, Any], *, 
     if status == "exit":
         return TestOutcome(verdict=Verdict.RUNTIME_ERROR, trace=f"SystemExit: exit code {msg.get('exit_code')}",
                            debug=debug, **base)
+    if status == "died":  # the judge saw the program's process end (or wreck its pipe) in the middle of the test
+        return TestOutcome(verdict=Verdict.RUNTIME_ERROR, trace=str(msg.get("why", "the program died")),
+                           debug=debug, **base)
     if status == "exception":
         exc = msg.get("exc") or {}
         if task.kind == "humaneval" and exc.get("in_test"):
@@ -131,7 +135,7 @@ def _outcome_from_result(task: CodeTask, index: int, msg: Mapping[str, Any], *, 
         return TestOutcome(verdict=Verdict.RUNTIME_ERROR, trace=_trace(exc), debug=debug, **base)
     if status != "ok":
         return TestOutcome(verdict=Verdict.RUNTIME_ERROR, trace=f"unexpected harness status {status!r}", **base)
-    if task.kind == "humaneval":
+    if task.kind == "humaneval":  # the judge ran check() to its end on plain values
         return TestOutcome(verdict=Verdict.ACCEPTED, debug=debug, **base)
     if task.kind == "functional":
         value = msg.get("value")
@@ -145,7 +149,7 @@ def _outcome_from_result(task: CodeTask, index: int, msg: Mapping[str, Any], *, 
 
 def _death_verdict(result: ExecutionResult, request: ExecutionRequest) -> tuple[Verdict, str]:
     """Why the sandbox stopped in the middle of a test (the program killed or exited it)."""
-    if result.killed in ("wall", "task_wall"):
+    if result.killed == "task_wall":
         return Verdict.TIME_LIMIT, ""
     if result.killed == "flood":
         return Verdict.OUTPUT_LIMIT, ""

@@ -1,8 +1,10 @@
-"""Reads the harness's protocol from a running sandbox and enforces the wall-clock backstops.
+"""Reads the harness's protocol from a running sandbox and enforces the whole-run wall-clock budget.
 
-Why here and not in the harness: the harness shares a process with the submitted program, which can disable
-timers or hang in C code. The trainer side only trusts what it measures itself: a start-up deadline until
-``ready``, a per-test deadline from each ``start`` event, a whole-run deadline, and a cap on bytes read.
+Only the harness's supervisor and judge hold the channel read here (the worker that runs the program has no
+descriptor of it), so every event is the harness's own. The trainer side still bounds what it spends: a
+start-up deadline until ``ready``, then one wall budget for the whole submission fixed at ``ready`` (no event
+extends it; the judge enforces each test's limits inside), a cap on bytes read, and a test's stdout arrives
+as raw bytes of a length the line states, decoded once here.
 """
 
 from __future__ import annotations
@@ -20,12 +22,10 @@ from sdpo_code.sandbox.base import ExecutionRequest, ExecutionResult
 
 logger = logging.getLogger(__name__)
 
-_GRACE = 2.0  # seconds past the harness's own wall timer before the trainer kills the sandbox
-_BETWEEN_TESTS = 10.0  # harness bookkeeping between two tests
-
 
 class _Events:
-    """Accumulates protocol events."""
+    """Accumulates protocol events. `feed` returns how many raw stdout bytes follow the line (a ``result``
+    carries them), which the caller hands back through `attach_stdout`."""
 
     def __init__(self, token: str | None = None) -> None:
         self.token = token
@@ -37,20 +37,23 @@ class _Events:
         self.harness_error: str | None = None
         self.done = False
         self.garbage = 0
+        self._awaiting: dict[str, Any] | None = None
 
-    def feed(self, line: bytes) -> None:
+    def feed(self, line: bytes) -> int:
         if not line.strip():
-            return
+            return 0
         try:
             msg = json.loads(line)
             ev = msg["ev"]
         except (ValueError, KeyError, TypeError):
-            self.garbage += 1  # the program wrote on our channel; it cannot forge a pass, so ignore it
-            return
+            self.garbage += 1
+            return 0
         if ev == "exit" and self.token is not None and msg.get("token") != self.token:
-            self.garbage += 1  # a forged end of run: only the served sandbox's PID 1 knows the token
-            return
-        if ev == "ready" and self.ready is None:
+            self.garbage += 1  # an exit of another run (only the served sandbox's PID 1 knows the token)
+            return 0
+        if ev == "judge_error":
+            self.harness_error = str(msg.get("reason", ev))
+        elif ev == "ready" and self.ready is None:
             self.ready = msg
         elif self.ready is None and ev in ("harness_error", "setup_failed"):
             self.harness_error = str(msg.get("reason", ev))
@@ -61,12 +64,25 @@ class _Events:
             self.started.append(msg["i"])
         elif ev == "result" and isinstance(msg.get("i"), int):
             self.results[msg["i"]] = msg
+            raw = msg.get("stdout_raw", 0)
+            if isinstance(raw, int) and raw > 0:
+                self._awaiting = msg
+                return raw
         elif ev == "compile_error":
             self.compile_error = msg
         elif ev == "exit":
             self.exit = msg
         elif ev == "done":
             self.done = True
+            garbage = msg.get("garbage", 0)
+            self.garbage += garbage if isinstance(garbage, int) else 0
+        return 0
+
+    def attach_stdout(self, raw: bytes) -> None:
+        """The raw stdout that followed the last ``result`` line, decoded once (bounded by the output cap)."""
+        if self._awaiting is not None:
+            self._awaiting["stdout"] = raw.decode("utf-8", errors="replace")
+            self._awaiting = None
 
 
 def drive(
@@ -102,33 +118,29 @@ def drive(
         writer.start()
     else:
         _write()
-    read_cap = len(request.inputs) * (request.output_bytes * 2 + (1 << 20)) + (32 << 20)
+    # every result may carry a whole stdout (raw) and a few KiB of JSON; anything beyond is not the harness
+    read_cap = (len(request.inputs) + 1) * (request.output_bytes + (1 << 20)) + (32 << 20)
     n_read = 0
     buf = bytearray()
+    scanned = 0  # bytes of `buf` known to hold no newline: each byte is searched once
+    raw_left = 0  # raw stdout bytes still to come for the last result
     killed: str | None = None
     startup_seconds = 0.0
     deadline = t0 + request.startup_timeout
-    run_deadline: float | None = None
     sel = selectors.DefaultSelector()
     os.set_blocking(read_fd, False)
     sel.register(read_fd, selectors.EVENT_READ)
     try:
         while True:
             now = time.monotonic()
-            limit = deadline if run_deadline is None else min(deadline, run_deadline)
-            if now >= limit:
-                if events.ready is None:
-                    killed = "startup"
-                elif run_deadline is not None and now >= run_deadline:
-                    killed = "task_wall"
-                else:
-                    killed = "wall"
+            if now >= deadline:
+                killed = "startup" if events.ready is None else "task_wall"
                 kill()
                 break
-            if not sel.select(timeout=min(0.5, limit - now)):
+            if not sel.select(timeout=min(0.5, deadline - now)):
                 continue
             try:
-                chunk = os.read(read_fd, 1 << 16)
+                chunk = os.read(read_fd, 1 << 20)
             except BlockingIOError:
                 continue
             except OSError:
@@ -142,31 +154,29 @@ def drive(
                 break
             buf += chunk
             while True:
-                nl = buf.find(b"\n")
+                if raw_left:
+                    if len(buf) < raw_left:
+                        break
+                    events.attach_stdout(bytes(buf[:raw_left]))
+                    del buf[:raw_left]
+                    raw_left = scanned = 0
+                nl = buf.find(b"\n", scanned)
                 if nl < 0:
+                    scanned = len(buf)
                     break
                 line = bytes(buf[:nl])
                 del buf[: nl + 1]
+                scanned = 0
                 was_ready = events.ready is not None
-                n_before = len(events.started)
-                results_before = len(events.results)
-                events.feed(line)
-                now = time.monotonic()
-                if events.ready is not None and not was_ready:
-                    startup_seconds = now - t0
-                    run_deadline = now + request.total_wall_limit
-                    deadline = now + _BETWEEN_TESTS
-                if len(events.started) > n_before:
-                    index = events.started[-1]
-                    wall = request.wall_limits[max(0, min(index, len(request.wall_limits) - 1))]
-                    deadline = now + wall + _GRACE
-                elif len(events.results) > results_before:
-                    deadline = now + _BETWEEN_TESTS
+                raw_left = min(events.feed(line), request.output_bytes + 1)
+                if events.ready is not None and not was_ready:  # the budget is fixed once, here
+                    startup_seconds = time.monotonic() - t0
+                    deadline = t0 + startup_seconds + request.total_wall_limit
             if events.exit is not None:
                 break
     finally:
         sel.close()
-    if buf.strip():
+    if buf.strip() and not raw_left:
         events.feed(bytes(buf))
     served_on = token is not None and killed is None and events.exit is not None
     if not served_on and killed is None and not finished():

@@ -3,19 +3,31 @@
 """The program that runs inside every sandbox (``python -I -S -c <this source>``: no `site`, see `_site_setup`).
 
 Why a separate, stdlib-only script: it must run on whatever interpreter the sandbox has (a Docker image, the
-system Python) and must not import sdpo_code. It is trusted code that shares a process with untrusted code, so
-it never holds anything secret: expected outputs stay in the trainer, which compares.
+system Python) and must not import sdpo_code. Expected outputs never enter it: the trainer compares.
 
-Shape: the payload (code, test inputs, limits) arrives as one JSON document on stdin. A *supervisor* process
-forks one *worker* that applies the limits, says ``ready``, then runs every test sequentially in-process (no
-per-test process), each with its own CPU timer (``ITIMER_PROF``), wall timer (``ITIMER_REAL``) and
-``RLIMIT_CPU`` backstop. stdin/stdout/stderr of each test are memfds dup2'ed onto fds 0/1/2, so ``print``,
-``sys.stdout.buffer``, ``os.write(1, ...)`` and ``open(0)`` all work, and ``RLIMIT_FSIZE`` bounds the output.
-The supervisor reaps, reports the worker's exit status and CPU time, and, as PID 1 of a PID namespace, takes
-every leftover process down with it when it exits.
+Three roles, three processes, and only the first two are trusted:
 
-Protocol (stdout, one JSON object per line): ``ready``, ``start`` (test i), ``result`` (test i), ``done`` from
-the worker; ``exit`` from the supervisor. Index -1 is the module set-up of functional/HumanEval code.
+- the *supervisor* reads the payload on stdin and holds the protocol channel to the host (its stdout). In
+  ``--serve`` mode it is the sandbox's PID 1 and runs one submission after another, each in a fresh judge.
+- the *judge* (the supervisor itself, or for HumanEval in serve mode a fork of it that the task's checks
+  cannot outlive) never runs model code. It
+  is not dumpable (no ptrace, no ``/proc/<pid>/fd`` for others of its uid) and a child subreaper (every
+  orphan of the program is handed to it). It forks the worker, tells it which test to run, enforces each
+  test's CPU and wall limits from outside, measures CPU time itself over the whole process tree
+  (``/proc/<pid>/task/*/children``, the process CPU clocks, ``RUSAGE_CHILDREN`` of what it reaped), reads
+  the test's stdout, and is the only writer of result events on the host channel. HumanEval ``check``
+  functions run here, on plain values decoded from the worker's answers, so a program never compares its
+  own results and never sees the checks.
+- the *worker* runs the model's code, in-process, one test per request: stdin/stdout/stderr are memfds on
+  fds 0/1/2 (so ``print``, ``os.write(1, ...)`` and ``open(0)`` work), with the rlimits (AS, CPU, FSIZE,
+  NOFILE, NPROC, CORE) set before any model code runs and CPU (``ITIMER_PROF``) and wall (``ITIMER_REAL``)
+  timers for a graceful verdict. It holds only its own two pipes to the judge; whatever it writes there is
+  the program's output, never a verdict.
+
+Host protocol (the supervisor's stdout, one JSON object per line): ``ready``; ``start`` and ``result`` (test
+i, -1 for the module set-up of functional/HumanEval code), a result's line followed by ``stdout_raw`` bytes
+of raw stdout; ``compile_error``; ``done``; ``judge_error`` (a fault of the grader itself); ``exit`` from
+the supervisor. Worker protocol (its pipe to the judge): a header line per request, then raw bytes.
 """
 
 import builtins
@@ -28,6 +40,7 @@ import json
 import math
 import os
 import resource
+import select
 import signal
 import sys
 import time
@@ -81,29 +94,33 @@ def _module_namespace():
     return namespace
 
 
-_proto_fd = -1
 
-
+# --------------------------------------------------------------------------------------- host channel
+_proto_fd = -1  # held by the supervisor and the judge only; closed in the worker before any model code
 _held = []  # protocol lines waiting to share the next write
 
 
-def send(msg, hold=False):
-    """Write one protocol line; a failure means the model closed our channel, so stop quietly.
+def send(msg, hold=False, raw=b""):
+    """Write one protocol line (then `raw` bytes, whose count the line gives); if the host went away, stop.
 
     `hold` keeps the line for the next write: a test's result then travels with the next test's ``start``
-    (or ``done``), one wake-up of the trainer instead of two. Only harness code runs in between."""
-    _held.append((json.dumps(msg, ensure_ascii=True) + "\n").encode())
+    (or ``done``), one wake-up of the trainer instead of two. Strings go out as UTF-8, lone surrogates as
+    JSON escapes."""
+    _held.append(json.dumps(msg, ensure_ascii=False).encode("utf-8", "backslashreplace") + b"\n" + raw)
     if hold:
         return
     data = b"".join(_held)
     _held.clear()
     try:
-        view = memoryview(data)
-        while view:
-            n = os.write(_proto_fd, view)
-            view = view[n:]
+        _write_all(_proto_fd, data)
     except OSError:
         os._exit(70)
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 class CpuLimit(BaseException):
@@ -187,31 +204,157 @@ def _landlock(read_paths, write_paths):
     return abi
 
 
-# ----------------------------------------------------------------------------------------------- per test
+
+# -------------------------------------------------------------------------------------------- values
+MAX_DEPTH = 500  # nesting the value codec accepts; deeper (or cyclic) values are not comparable
+_BIG_INT_BITS = 13000  # ~3900 digits: below Python's int/str conversion limit
+
+
+class Unencodable(Exception):
+    """A value the codec does not carry: an exotic type, too deep or cyclic."""
+
+
+class TooLarge(Exception):
+    """A value whose encoding passes the output limit."""
+
+
+def _float_text(x):
+    text = float.__repr__(x)
+    return {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}.get(text, text)
+
+
+def encode_value(value, cap, tagged=False):
+    """JSON text of `value`, built iteratively from the built-in types' own accessors (a subclass's
+    overridden ``__eq__``, ``__iter__``, ``__str__`` or ``__repr__`` is never called).
+
+    Plain (`tagged=False`, LeetCode return values): lists and tuples become arrays, dicts objects with
+    json's key rules. Tagged (HumanEval calls, both ways): arrays are lists, and tuples, sets, frozensets,
+    dicts, bytes and huge ints are one-key objects, so the judge gets back the exact types."""
+    parts, size, stack = [], 0, [(value, 0)]
+    while stack:
+        item = stack.pop()
+        if type(item) is str:
+            text = item
+        else:
+            obj, depth = item
+            if depth > MAX_DEPTH:
+                raise Unencodable(f"nested deeper than {MAX_DEPTH} levels (or cyclic)")
+            text = _encode_one(obj, depth, stack, tagged)
+        parts.append(text)
+        size += len(text)
+        if size > cap:
+            raise TooLarge(f"more than {cap} bytes")
+    return "".join(parts)
+
+
+def _push_items(stack, items, depth, open_, close):
+    stack.append(close)
+    for k in range(len(items) - 1, -1, -1):
+        stack.append((items[k], depth + 1))
+        if k:
+            stack.append(",")
+    return open_
+
+
+def _encode_one(obj, depth, stack, tagged):
+    """The text that opens `obj` (pushing its items and its closing text on `stack`)."""
+    if obj is None:
+        return "null"
+    if obj is True or obj is False:
+        return "true" if obj else "false"
+    if isinstance(obj, int):
+        n = int.__int__(obj)
+        if n.bit_length() <= _BIG_INT_BITS:
+            return int.__repr__(n)
+        if not tagged:
+            raise Unencodable("an int with more than 3900 digits")
+        return json.dumps({"h": hex(n)})
+    if isinstance(obj, float):
+        return _float_text(float.__float__(obj))
+    if isinstance(obj, str):
+        return json.dumps(str.__str__(obj))
+    if isinstance(obj, list):
+        return _push_items(stack, list(list.__iter__(obj)), depth, "[", "]")
+    if isinstance(obj, tuple):
+        items = list(tuple.__iter__(obj))
+        return _push_items(stack, items, depth, '{"t":[' if tagged else "[", "]}" if tagged else "]")
+    if isinstance(obj, dict):
+        pairs = list(dict.items(obj))
+        if tagged:
+            return _push_items(stack, [[k, v] for k, v in pairs], depth, '{"d":[', "]}")
+        stack.append("}")
+        for k in range(len(pairs) - 1, -1, -1):
+            stack.append((pairs[k][1], depth + 1))
+            stack.append(_plain_key(pairs[k][0]) + ":")
+            if k:
+                stack.append(",")
+        return "{"
+    if tagged and isinstance(obj, (set, frozenset)):
+        base = set if isinstance(obj, set) else frozenset
+        return _push_items(stack, list(base.__iter__(obj)), depth, '{"s":[' if base is set else '{"f":[', "]}")
+    if tagged and isinstance(obj, bytes):
+        return json.dumps({"b": b"".join((obj,)).hex()})
+    raise Unencodable(f"an object of type {type.__getattribute__(type(obj), '__name__')}")
+
+
+def _plain_key(key):
+    """A dict key as json.dumps writes it (str as is; int, float, bool and None as their JSON text)."""
+    if isinstance(key, str):
+        return json.dumps(str.__str__(key))
+    if key is None or key is True or key is False:
+        return json.dumps({None: "null", True: "true", False: "false"}[key])
+    if isinstance(key, int):
+        return json.dumps(int.__repr__(int.__int__(key)))
+    if isinstance(key, float):
+        return json.dumps(_float_text(float.__float__(key)))
+    raise Unencodable(f"a dict key of type {type.__getattribute__(type(key), '__name__')}")
+
+
+_TAGS = {"t": tuple, "s": set, "f": frozenset}
+
+
+def decode_tagged(text):
+    """The value `encode_value(..., tagged=True)` wrote, as plain built-in objects; ValueError (or
+    RecursionError) for anything else."""
+    return _untag(json.loads(text))
+
+
+def _untag(obj):
+    if isinstance(obj, list):
+        return [_untag(x) for x in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if len(obj) != 1:
+        raise ValueError("not a tagged value")
+    (tag, body), = obj.items()
+    if tag in _TAGS and isinstance(body, list):
+        return _TAGS[tag](_untag(x) for x in body)
+    if tag == "d" and isinstance(body, list) and all(isinstance(kv, list) and len(kv) == 2 for kv in body):
+        return {_untag(k): _untag(v) for k, v in body}
+    if tag == "b" and isinstance(body, str):
+        return bytes.fromhex(body)
+    if tag == "h" and isinstance(body, str):
+        return int(body, 16)
+    raise ValueError(f"unknown tag {tag!r}")
+
+
+# ------------------------------------------------------------------------------------ worker (untrusted)
 def _memfd(name, data=b""):
     fd = os.memfd_create(name, os.MFD_CLOEXEC)
     if data:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        _write_all(fd, data)
         os.lseek(fd, 0, os.SEEK_SET)
     return fd
 
 
-def _read_capped(fd, cap):
-    size = os.fstat(fd).st_size
-    data = os.pread(fd, min(size, cap), 0)
-    return data.decode("utf-8", errors="replace"), size
-
-
-def _frames(summary, code_lines):
+def _frames(summary, code_lines, keep=50):
     """The submitted code's frames (not the harness's), innermost last, with its own line numbers."""
     out = []
     for fs in summary:
         if fs.filename == SOLUTION_FILE:
             line = code_lines[fs.lineno - 1].strip() if fs.lineno and 0 < fs.lineno <= len(code_lines) else ""
             out.append([fs.lineno, fs.name, line])
-    return out
+    return out[-keep:]
 
 
 def _exc_info(exc, code_lines, test_lines):
@@ -233,32 +376,44 @@ def _flush_stdout():
         sys.stdout.flush()
 
 
-def _safe_str(obj, cap=2000):
+def _safe_str(obj, cap=2000, text=str):
     try:
-        text = str(obj)
+        out = text(obj)
     except BaseException:
-        text = "<unprintable>"
-    return text[:cap]
+        out = "<unprintable>"
+    return out[:cap] if isinstance(out, str) else "<unprintable>"
 
 
 class Worker:
-    """Runs the tests of one solution in this process."""
+    """Runs the model's code in this process, one step per request of the judge, and answers on its pipe.
 
-    def __init__(self, p):
+    Nothing here is trusted: the program can rewrite any of it. What it answers is the program's output
+    (what it printed, what it returned, the exception it says it raised); the judge measures time itself."""
+
+    def __init__(self, p, req_fd, rep_fd):
         self.p = p
-        self.code = p["code"]
-        self.code_lines = self.code.splitlines()
-        self.test_lines = (p.get("test_code") or "").splitlines()
+        self.code_lines = p["code"].splitlines()
         self.out_cap = int(p["output_bytes"])
         self.err_cap = int(p.get("debug_bytes", 4096))
         self.fsize_hard = int(p["fsize_hard"])
+        self.cpu_hard = int(p["cpu_hard"])
         self.devnull = os.open(os.devnull, os.O_RDWR)
+        self.requests = open(req_fd, "rb", buffering=0)  # noqa: SIM115 (the worker's whole life)
+        self.rep_fd = rep_fd
+        self.namespace = {}
+        self.compiled = None
 
-    # ---------------------------------------------------------------- one timed step with captured fds
-    def run(self, index, stdin_bytes, cpu_limit, wall_limit, body):
-        send({"ev": "start", "i": index})
+    def reply(self, header, out=b"", err=b"", value=b""):
+        header["n"] = [len(out), len(err), len(value)]
+        data = b"\n" + json.dumps(header, ensure_ascii=True).encode() + b"\n" + out + err + value
+        try:
+            _write_all(self.rep_fd, data)
+        except OSError:
+            os._exit(70)
+
+    def step(self, seq, stdin_bytes, cpu_limit, wall_limit, body, exit_ok=True):
+        """Run `body` with the test's streams and timers; answer with its status, output and value."""
         _fired["cpu"] = _fired["wall"] = False
-        resource.setrlimit(resource.RLIMIT_FSIZE, (self.fsize_hard, self.fsize_hard))
         in_fd = _memfd("stdin", stdin_bytes)
         out_fd = _memfd("stdout")
         err_fd = _memfd("stderr")
@@ -274,132 +429,130 @@ class Worker:
             io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace", line_buffering=True
         )
         used = resource.getrusage(resource.RUSAGE_SELF)
-        cpu0 = used.ru_utime + used.ru_stime
-        soft = min(math.ceil(cpu0 + cpu_limit) + 1, self.cpu_hard)
+        soft = min(math.ceil(used.ru_utime + used.ru_stime + cpu_limit) + 1, self.cpu_hard)
         resource.setrlimit(resource.RLIMIT_CPU, (soft, self.cpu_hard))
-        status, value, exc_info, exit_code = "ok", None, None, None
-        wall0 = time.monotonic()
+        header = {"seq": seq, "status": "ok"}
+        value = b""
         try:
             try:
                 signal.setitimer(signal.ITIMER_REAL, wall_limit)
                 signal.setitimer(signal.ITIMER_PROF, cpu_limit)
-                value = body()
+                value = body() or b""
             finally:
                 signal.setitimer(signal.ITIMER_PROF, 0)
                 signal.setitimer(signal.ITIMER_REAL, 0)
             _flush_stdout()
         except CpuLimit:
-            status = "timeout"
+            header["status"] = "timeout"
         except WallLimit:
-            status = "wall_timeout"
+            header["status"] = "wall_timeout"
         except MemoryError:
-            status = "memory"
+            header["status"] = "memory"
+        except TooLarge:
+            header["status"] = "output_limit"
         except SystemExit as exc:
             code = exc.code
-            if code not in (None, 0):
-                status, exit_code = "exit", code if isinstance(code, int) else 1
+            if code not in (None, 0) or not exit_ok:
+                header["status"] = "exit"
+                header["exit_code"] = code if isinstance(code, int) and not isinstance(code, bool) else (
+                    0 if code is None else 1)
             with contextlib.suppress(BaseException):
                 _flush_stdout()
         except BaseException as exc:
-            status, exc_info = "exception", _exc_info(exc, self.code_lines, self.test_lines)
+            header["status"] = "exception"
+            header["exc"] = _exc_info(exc, self.code_lines, ())
             if isinstance(exc, OSError) and exc.errno == 27:  # EFBIG: wrote past RLIMIT_FSIZE
-                status = "output_limit"
+                header["status"] = "output_limit"
         finally:
             signal.setitimer(signal.ITIMER_PROF, 0)
             signal.setitimer(signal.ITIMER_REAL, 0)
-        wall = time.monotonic() - wall0
-        used = resource.getrusage(resource.RUSAGE_SELF)
-        cpu = used.ru_utime + used.ru_stime - cpu0
-        if _fired["cpu"] or cpu > cpu_limit + 0.1:
-            status = "timeout"
+        if _fired["cpu"]:
+            header["status"] = "timeout"
         elif _fired["wall"]:
-            status = "wall_timeout"
+            header["status"] = "wall_timeout"
         for fd in (0, 1, 2):
             os.dup2(self.devnull, fd)
-        stdout, out_size = _read_capped(out_fd, self.out_cap)
-        stderr, _ = _read_capped(err_fd, self.err_cap)
+        header["out_size"] = os.fstat(out_fd).st_size
+        out = os.pread(out_fd, self.out_cap + 1, 0)
+        err = os.pread(err_fd, self.err_cap, 0)
         for fd in (in_fd, out_fd, err_fd):
             os.close(fd)
-        if out_size > self.out_cap and status in ("ok", "exception", "exit"):
-            status = "output_limit"
-        msg = {"ev": "result", "i": index, "status": status, "stdout": stdout, "stdout_bytes": out_size,
-               "stderr": stderr, "cpu": round(cpu, 4), "wall": round(wall, 4)}
-        if exc_info is not None:
-            msg["exc"] = exc_info
-        if exit_code is not None:
-            msg["exit_code"] = exit_code
-        if value is not None:
-            msg.update(value)
-        send(msg, hold=True)
-        return status
+        if isinstance(value, tuple):  # (None, why): the value could not be encoded
+            header["val_error"], value = value[1], b""
+        self.reply(header, out, err, value)
 
-    # ------------------------------------------------------------------------------------- main loop
-    def main(self):
+    def setup(self, seq):
         p = self.p
-        mode = p["mode"]
-        limits = p["cpu_limits"]
-        walls = p["wall_limits"]
-        self.cpu_hard = int(p["cpu_hard"])
         try:
-            compiled = compile(self.code, SOLUTION_FILE, "exec", dont_inherit=True)
+            self.compiled = compile(p["code"], SOLUTION_FILE, "exec", dont_inherit=True)
         except (SyntaxError, ValueError, OverflowError, MemoryError, RecursionError) as exc:
-            err = {"ev": "compile_error", "type": type(exc).__name__, "msg": _safe_str(getattr(exc, "msg", exc))}
+            err = {"type": type(exc).__name__, "msg": _safe_str(getattr(exc, "msg", exc))}
             if isinstance(exc, SyntaxError):
                 err.update(lineno=exc.lineno, offset=exc.offset, text=(exc.text or "").rstrip("\n"))
-            send(err)
+            self.reply({"seq": seq, "compile_error": err})
             return
-        stop_on = set(p.get("stop_on", ()))
-        if mode == "stdin":
-            for i, stdin_text in enumerate(p["inputs"]):
-                def body(compiled=compiled):
-                    exec(compiled, _module_namespace())
-                status = self.run(i, stdin_text.encode("utf-8", errors="surrogateescape"), limits[i], walls[i], body)
-                if status in stop_on:
-                    break
+        if p["mode"] == "stdin":
+            self.reply({"seq": seq, "status": "ok"})
             return
-        namespace = {}
 
-        def setup():
-            namespace.update(_module_namespace())
+        def body():
+            self.namespace.update(_module_namespace())
             if p.get("prefix"):
-                exec(compile(p["prefix"], PROMPT_FILE, "exec", dont_inherit=True), namespace)
-            exec(compiled, namespace)
-            if mode == "humaneval":
-                exec(compile(p["test_code"], TEST_FILE, "exec", dont_inherit=True), namespace)
+                exec(compile(p["prefix"], PROMPT_FILE, "exec", dont_inherit=True), self.namespace)
+            exec(self.compiled, self.namespace)
+        self.step(seq, b"", p["cpu_limits"][0], p["wall_limits"][0], body)
 
-        if self.run(-1, b"", limits[0], walls[0], setup) != "ok":
-            return
-        for i, args in enumerate(p["inputs"]):
-            if mode == "humaneval":
-                def body(ns=namespace):
-                    ns["check"](ns[p["entry_point"]])
+    def serve(self):
+        """Answer the judge's requests until it closes the pipe."""
+        p = self.p
+        while True:
+            line = self.requests.readline()
+            if not line:
+                os._exit(0)
+            req = json.loads(line)
+            seq, op, i = req["seq"], req["op"], req.get("i", 0)
+            if op == "setup":
+                self.setup(seq)
+                continue
+            cpu, wall = p["cpu_limits"][i], p["wall_limits"][i]
+            if op == "test" and p["mode"] == "stdin":
+                data = p["inputs"][i].encode("utf-8", errors="surrogateescape")
+                self.step(seq, data, cpu, wall, lambda: exec(self.compiled, _module_namespace()))
+            elif op == "test":
+                args = json.loads(json.dumps(p["inputs"][i]))
+                self.step(seq, b"", cpu, wall, lambda args=args: self.call_leetcode(args), exit_ok=False)
             else:
-                def body(args=args, ns=namespace):
-                    return _call(ns, p["func_name"], args)
-            status = self.run(i, b"", limits[i], walls[i], body)
-            if status in stop_on:
-                break
+                args, kwargs = decode_tagged(req["args"])
+                self.step(seq, b"", cpu, wall, lambda a=args, k=kwargs: self.call_entry_point(a, k),
+                          exit_ok=False)
+
+    def call_leetcode(self, args):
+        """Solution().func_name(*args) (or a top-level func_name), encoded as plain JSON."""
+        ns, name = self.namespace, self.p["func_name"]
+        cls = ns.get("Solution")
+        if isinstance(cls, type) and hasattr(cls, name):
+            fn = getattr(cls(), name)
+        elif callable(ns.get(name)):
+            fn = ns[name]
+        else:
+            raise AttributeError(f"no method {name!r} in class Solution")
+        return self.encoded(fn(*args), tagged=False)
+
+    def call_entry_point(self, args, kwargs):
+        return self.encoded(self.namespace[self.p["entry_point"]](*args, **kwargs), tagged=True)
+
+    def encoded(self, result, tagged):
+        try:
+            return encode_value(result, self.out_cap, tagged).encode("ascii")
+        except Unencodable as exc:
+            limit = sys.getrecursionlimit()
+            sys.setrecursionlimit(1000)  # repr of a deep value fails cleanly instead of overflowing the C stack
+            try:
+                return None, f"{exc}: {_safe_str(result, 1000, repr)}"
+            finally:
+                sys.setrecursionlimit(limit)
 
 
-def _call(namespace, func_name, args):
-    """Call Solution().func_name(*args) (or a top-level func_name) and encode the result as JSON."""
-    cls = namespace.get("Solution")
-    if isinstance(cls, type) and hasattr(cls, func_name):
-        fn = getattr(cls(), func_name)
-    elif callable(namespace.get(func_name)):
-        fn = namespace[func_name]
-    else:
-        raise AttributeError(f"no method {func_name!r} in class Solution")
-    result = fn(*json.loads(json.dumps(args)))
-    if isinstance(result, tuple):
-        result = list(result)
-    try:
-        return {"value": json.dumps(result, allow_nan=True)}
-    except (TypeError, ValueError):
-        return {"value": None, "value_repr": _safe_str(repr(result), 1000)}
-
-
-# ------------------------------------------------------------------------------------------- supervisor
 def _apply_limits(p):
     limits = [
         (resource.RLIMIT_CORE, 0),
@@ -417,22 +570,456 @@ def _apply_limits(p):
     resource.setrlimit(resource.RLIMIT_FSIZE, (int(p["fsize_hard"]), int(p["fsize_hard"])))
 
 
-def _worker(p):
+def _worker(p, req_fd, rep_fd):
+    """The worker process: limits, then ``ready``, then the judge's requests. Runs after the fork, with no
+    descriptor of the supervisor's or the judge's."""
     signal.signal(signal.SIGPROF, _on_prof)
     signal.signal(signal.SIGALRM, _on_alarm)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    _site_setup(p.get("site_paths") or ())
+    worker = Worker(p, req_fd, rep_fd)
     _apply_limits(p)
     ll = p.get("landlock")
     abi = _landlock(ll["read"], ll["write"]) if ll else 0
     if ll and not abi and ll.get("required"):
-        send({"ev": "setup_failed", "reason": "landlock unavailable"})
+        worker.reply({"seq": 0, "setup_failed": "landlock unavailable"})
         os._exit(71)
     sys.setrecursionlimit(max(sys.getrecursionlimit(), int(p.get("recursion_limit", RECURSION_LIMIT))))
-    send({"ev": "ready", "pid": os.getpid(), "uid": os.getuid(), "landlock": abi, "python": sys.version.split()[0]})
-    Worker(p).main()
-    send({"ev": "done"})
+    worker.reply({"seq": 0, "ready": True, "uid": os.getuid(), "landlock": abi, "python": sys.version.split()[0]})
+    worker.serve()
 
 
+# ----------------------------------------------------------------------------------------- judge (trusted)
+_PR_SET_DUMPABLE, _PR_SET_CHILD_SUBREAPER = 4, 36
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+_POLL = 0.1  # seconds between two readings of a running test's CPU time
+_CPU_SLACK = 0.1  # CPU seconds past a test's limit that timer granularity may take
+_HEADER_CAP = 1 << 20
+_STATUSES = ("ok", "exception", "exit", "timeout", "wall_timeout", "memory", "output_limit")
+
+
+@functools.cache
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _children(pid):
+    kids = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return kids
+    for tid in tids:
+        with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+            kids.extend(int(x) for x in f.read().split())
+    return kids
+
+
+def _descendants(root):
+    found, frontier = [], [root]
+    while frontier:
+        kids = _children(frontier.pop())
+        found.extend(kids)
+        frontier.extend(kids)
+    return found
+
+
+def _process_cpu(pid):
+    """CPU seconds of one live (or zombie) process: all its threads (the kernel's CPU clock of the process,
+    else /proc ticks) plus the children it reaped."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        fields = stat[stat.rfind(b")") + 2:].split()
+        own = (int(fields[11]) + int(fields[12])) / _CLK_TCK
+        reaped = (int(fields[13]) + int(fields[14])) / _CLK_TCK
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    clock = ctypes.c_int()
+    if _libc().clock_getcpuclockid(pid, ctypes.byref(clock)) == 0:
+        with contextlib.suppress(OSError):
+            own = time.clock_gettime(clock.value)
+    return own + reaped
+
+
+def tree_cpu():
+    """CPU seconds of everything this process started: what it reaped, and every live descendant."""
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime + sum(_process_cpu(pid) for pid in _descendants(os.getpid()))
+
+
+def _kill_descendants():
+    """SIGKILL every descendant and reap them all (orphans come to us: we are a subreaper or PID 1)."""
+    while True:
+        pids = _descendants(os.getpid())
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.wait4(-1, 0)
+    with contextlib.suppress(ChildProcessError):
+        while os.wait4(-1, os.WNOHANG)[0]:
+            pass
+
+
+def _close_fds_except(keep):
+    low = 3
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 20)
+
+
+def _int_or_none(x):
+    return x if type(x) is int else None
+
+
+def _plain_frames(frames):
+    """A worker's traceback frames as [line, function, source] of plain types (at most the last 50)."""
+    if not isinstance(frames, list):
+        return []
+    return [[_int_or_none(f[0]), _safe_str(f[1], 200), _safe_str(f[2], 500)] for f in frames[-50:]
+            if isinstance(f, list) and len(f) == 3]
+
+
+class _Replies:
+    """The worker's pipe, read with a deadline and a CPU check every `_POLL` seconds; never blocks."""
+
+    def __init__(self, fd, pidfd):
+        self.fd, self.pidfd = fd, pidfd
+        self.buf = bytearray()
+        self.eof = False
+        self.next_check = 0.0
+        os.set_blocking(fd, False)
+
+    def _fill(self, deadline, over_cpu):
+        """Read more; None when bytes arrived, else why not: "wall", "cpu" or "exit" (the worker is gone)."""
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                return "wall"
+            if now >= self.next_check:
+                if over_cpu():
+                    return "cpu"
+                self.next_check = now + _POLL
+            watch = [self.pidfd] if self.eof else [self.fd, self.pidfd]
+            ready, _, _ = select.select(watch, [], [], max(0.0, min(self.next_check, deadline) - now))
+            if self.fd in ready:
+                try:
+                    chunk = os.read(self.fd, 1 << 20)
+                except BlockingIOError:
+                    continue
+                if chunk:
+                    self.buf += chunk
+                    return None
+                self.eof = True
+            elif self.pidfd in ready:
+                return "exit"
+
+    def line(self, deadline, over_cpu):
+        start = 0
+        while True:
+            nl = self.buf.find(b"\n", start)
+            if nl >= 0:
+                line = bytes(self.buf[:nl])
+                del self.buf[:nl + 1]
+                return line, None
+            if len(self.buf) > _HEADER_CAP:
+                return None, "flood"
+            start = len(self.buf)
+            why = self._fill(deadline, over_cpu)
+            if why:
+                return None, why
+
+    def exact(self, n, deadline, over_cpu):
+        while len(self.buf) < n:
+            why = self._fill(deadline, over_cpu)
+            if why:
+                return None, why
+        data = bytes(self.buf[:n])
+        del self.buf[:n]
+        return data, None
+
+
+class _Stop(BaseException):
+    """A candidate call ended the check: the worker timed out, died, exited or ran out of memory."""
+
+    def __init__(self, msg):
+        super().__init__(msg.get("status"))
+        self.msg = msg
+
+
+class _CandidateRaised(BaseException):
+    def __init__(self, exc):
+        super().__init__(exc.get("type"))
+        self.exc = exc
+
+
+class _Unreadable(BaseException):
+    """The candidate returned something the judge does not compare (an exotic type, a cycle, too deep)."""
+
+
+class Judge:
+    """Runs one submission's tests through a worker and reports every verdict-bearing fact itself."""
+
+    def __init__(self, p):
+        self.p = p
+        self.mode = p["mode"]
+        self.limits, self.walls = p["cpu_limits"], p["wall_limits"]
+        self.out_cap = int(p["output_bytes"])
+        self.err_cap = int(p.get("debug_bytes", 4096))
+        self.test_lines = (p.get("test_code") or "").splitlines()
+        self.stop_on = set(p.get("stop_on", ()))
+        self.seq = 0
+        self.garbage = 0
+        self.dead = False
+        self.checks = None
+        self.fds = []
+
+    def run(self):
+        libc = _libc()
+        libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)  # no ptrace of us, no /proc/<pid>/{fd,mem} for the worker
+        libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # the program's orphans are ours to count and kill
+        try:
+            self._start_worker()
+            self._session()
+        except BaseException as exc:  # the judge's own fault (or the task's test code): the host abstains
+            send({"ev": "judge_error", "reason": f"{type(exc).__name__}: {_safe_str(exc, 500)}"})
+        finally:
+            _kill_descendants()
+            for fd in self.fds:  # PID 1 judges one submission after another: it must not collect descriptors
+                os.close(fd)
+
+    def _start_worker(self):
+        req_r, req_w = os.pipe()
+        rep_r, rep_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _close_fds_except((req_r, rep_w))
+                _libc().prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0)  # an ordinary process again (its own /proc/self)
+                _own_session_keyring(_libc())
+                for key in ("test_code", "check_prefix"):  # no reference to the checks (see the docs' limits)
+                    self.p.pop(key, None)
+                self.test_lines = ()
+                _worker(self.p, req_r, rep_w)
+            finally:
+                os._exit(72)
+        os.close(req_r)
+        os.close(rep_w)
+        self.pid, self.req = pid, req_w
+        self.replies = _Replies(rep_r, os.pidfd_open(pid))
+        self.fds = [req_w, rep_r, self.replies.pidfd]
+
+    def _session(self):
+        answer, why = self._answer(0, time.monotonic() + 20.0, lambda: False)
+        if answer is None or not answer[0].get("ready"):
+            reason = answer[0].get("setup_failed") if answer else None
+            send({"ev": "harness_error", "reason": str(reason or f"the worker did not start ({why})")})
+            return
+        ready = answer[0]
+        send({"ev": "ready", "pid": self.pid, "uid": ready.get("uid"), "landlock": ready.get("landlock"),
+              "python": ready.get("python")})
+        if self.mode == "humaneval":
+            _site_setup(self.p.get("site_paths") or ())
+            self._load_checks()
+        msg, out = self._step(-1, {"op": "setup"}, self.limits[0], self.walls[0])
+        if msg.get("ev") == "compile_error":
+            send(msg)
+            return
+        if self.mode != "stdin" or msg["status"] != "ok":
+            self._report(msg, out)
+        if msg["status"] == "ok":
+            for i in range(len(self.p["inputs"])):
+                if self.mode == "humaneval":
+                    msg, out = self._check(i)
+                else:
+                    msg, out = self._step(i, {"op": "test", "i": i}, self.limits[i], self.walls[i])
+                self._report(msg, out)
+                if msg["status"] in self.stop_on or self.dead:
+                    break
+        send({"ev": "done", "garbage": self.garbage})
+
+    def _report(self, msg, out):
+        send({**msg, "stdout_raw": len(out)}, hold=True, raw=out)
+
+    # ------------------------------------------------------------------------- one request, one answer
+    def _ask(self, request, deadline, cpu0, cpu_limit):
+        self.seq += 1
+        _write_all(self.req, (json.dumps({**request, "seq": self.seq}) + "\n").encode())
+        return self._answer(self.seq, deadline, lambda: tree_cpu() - cpu0 > cpu_limit + _CPU_SLACK)
+
+    def _answer(self, seq, deadline, over_cpu):
+        """The worker's answer to request `seq`: ((header, out, err, value), None) or (None, why not).
+        Lines that are not that answer (the program writing on its own pipe) are counted and skipped."""
+        caps = (self.out_cap + 1, self.err_cap, self.out_cap)
+        while True:
+            line, why = self.replies.line(deadline, over_cpu)
+            if line is None:
+                return None, why
+            if not line.strip():
+                continue
+            try:
+                header = json.loads(line)
+                sizes = header["n"] if isinstance(header, dict) and header.get("seq") == seq else None
+            except (ValueError, RecursionError, KeyError, TypeError):
+                sizes = None
+            if not (isinstance(sizes, list) and len(sizes) == 3 and all(type(k) is int for k in sizes)):
+                self.garbage += 1
+                continue
+            if any(not 0 <= k <= cap for k, cap in zip(sizes, caps, strict=True)):
+                return None, "flood"
+            data, why = self.replies.exact(sum(sizes), deadline, over_cpu)
+            if data is None:
+                return None, why
+            a, b = sizes[0], sizes[0] + sizes[1]
+            return (header, data[:a], data[a:b], data[b:]), None
+
+    def _failure(self, why, cpu, cpu_limit):
+        """The status of a test that got no answer; the worker is gone afterwards."""
+        self.dead = True
+        if why == "exit":
+            _, status = os.waitpid(self.pid, 0)
+        else:
+            with contextlib.suppress(OSError):
+                os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+            status = None
+        _kill_descendants()
+        if why == "wall":
+            return {"status": "wall_timeout"}
+        if why == "cpu" or cpu > cpu_limit + _CPU_SLACK:
+            return {"status": "timeout"}
+        if why == "flood":
+            return {"status": "died", "why": "the program flooded the harness's pipe"}
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            if sig == signal.SIGXCPU:
+                return {"status": "timeout"}
+            if sig == signal.SIGXFSZ:
+                return {"status": "output_limit"}
+            try:
+                name = signal.Signals(sig).name
+            except ValueError:
+                name = f"signal {sig}"
+            return {"status": "died", "why": f"the program was killed by {name}"}
+        return {"status": "died",
+                "why": f"the program exited with code {os.WEXITSTATUS(status)} in the middle of the test"}
+
+    def _result(self, index, msg, cpu, wall, cpu_limit, out_size, stderr=""):
+        if cpu > cpu_limit + _CPU_SLACK:
+            msg["status"] = "timeout"
+        elif out_size > self.out_cap and msg["status"] in ("ok", "exception", "exit"):
+            msg["status"] = "output_limit"
+        msg.update(ev="result", i=index, cpu=round(cpu, 4), wall=round(wall, 4), stdout_bytes=out_size,
+                   stderr=stderr)
+        return msg
+
+    def _step(self, index, request, cpu_limit, wall_limit):
+        """One test (or the set-up) in the worker: (result event, stdout bytes)."""
+        send({"ev": "start", "i": index})
+        t0, cpu0 = time.monotonic(), tree_cpu()
+        self.replies.next_check = t0 + _POLL
+        answer, why = self._ask(request, t0 + wall_limit, cpu0, cpu_limit)
+        wall, cpu = time.monotonic() - t0, tree_cpu() - cpu0
+        if answer is None:
+            return self._result(index, self._failure(why, cpu, cpu_limit), cpu, wall, cpu_limit, 0), b""
+        header, out, err, value = answer
+        if isinstance(header.get("compile_error"), dict):
+            ce = header["compile_error"]
+            return {"ev": "compile_error", "type": _safe_str(ce.get("type", "SyntaxError"), 200),
+                    "msg": _safe_str(ce.get("msg", "")), "lineno": _int_or_none(ce.get("lineno")),
+                    "offset": _int_or_none(ce.get("offset")), "text": _safe_str(ce.get("text", ""))}, b""
+        msg = self._claimed(header)
+        if self.mode == "functional" and index >= 0 and msg["status"] == "ok":
+            msg["value"] = value.decode("ascii", "replace") if value else None
+            if header.get("val_error"):
+                msg["value_repr"] = _safe_str(header["val_error"], 1000)
+        out_size = max(len(out), header["out_size"] if type(header.get("out_size")) is int else 0)
+        msg = self._result(index, msg, cpu, wall, cpu_limit, out_size, err.decode("utf-8", "replace"))
+        return msg, out[:self.out_cap]
+
+    @staticmethod
+    def _claimed(header):
+        """What the worker says happened (the program's to say: an exception, an exit, its own timeout)."""
+        status = header.get("status")
+        msg = {"status": status if status in _STATUSES else "exception"}
+        if msg["status"] == "exception":
+            exc = header.get("exc") if isinstance(header.get("exc"), dict) else {}
+            msg["exc"] = {"type": _safe_str(exc.get("type", "Error"), 200), "msg": _safe_str(exc.get("msg", "")),
+                          "frames": _plain_frames(exc.get("frames")), "in_test": False}
+        elif msg["status"] == "exit":
+            msg["exit_code"] = header["exit_code"] if type(header.get("exit_code")) is int else 1
+        return msg
+
+    # ------------------------------------------------------------------------------ HumanEval checks
+    def _load_checks(self):
+        """The task's prompt (helpers the checks use) and test code, run here: the worker never sees them."""
+        namespace = {"__name__": "__main__", "__builtins__": solution_builtins()}
+        if self.p.get("check_prefix"):
+            exec(compile(self.p["check_prefix"], PROMPT_FILE, "exec", dont_inherit=True), namespace)
+        exec(compile(self.p["test_code"], TEST_FILE, "exec", dont_inherit=True), namespace)
+        self.checks = namespace
+
+    def _test_line(self, tb):
+        line = ""
+        for frame, lineno in traceback.walk_tb(tb):
+            if frame.f_code.co_filename == TEST_FILE and 0 < lineno <= len(self.test_lines):
+                line = self.test_lines[lineno - 1].strip()
+        return line
+
+    def _check(self, index):
+        """One run of ``check(candidate)`` here, on plain values: a test passes only when it returns."""
+        send({"ev": "start", "i": index})
+        cpu_limit = self.limits[index]
+        t0, cpu0 = time.monotonic(), tree_cpu()
+        self.replies.next_check = t0 + _POLL
+        deadline = t0 + self.walls[index]
+        outs, errs = [], []
+
+        def candidate(*args, **kwargs):
+            request = {"op": "call", "i": index, "args": encode_value([list(args), kwargs], 1 << 30, True)}
+            answer, why = self._ask(request, deadline, cpu0, cpu_limit)
+            if answer is None:
+                raise _Stop(self._failure(why, tree_cpu() - cpu0, cpu_limit))
+            header, out, err, value = answer
+            outs.append(out)
+            errs.append(err)
+            msg = self._claimed(header)
+            if msg["status"] == "exception":
+                raise _CandidateRaised(msg["exc"])
+            if msg["status"] != "ok":
+                raise _Stop(msg)
+            if header.get("val_error") or not value:
+                raise _Unreadable(_safe_str(header.get("val_error") or "no value", 1000))
+            try:
+                return decode_tagged(value.decode("ascii"))
+            except Exception as exc:  # malformed, or nested past our recursion limit
+                raise _Unreadable(f"an answer the judge cannot decode ({type(exc).__name__})") from None
+
+        candidate.__name__ = candidate.__qualname__ = str(self.p["entry_point"])
+        self.checks[candidate.__name__] = candidate  # some checks call the function by its name (HumanEval/33)
+        try:
+            self.checks["check"](candidate)
+            msg = {"status": "ok"}
+        except _Stop as stop:
+            msg = stop.msg
+        except _CandidateRaised as raised:
+            msg = {"status": "exception", "exc": raised.exc}
+        except _Unreadable as bad:
+            msg = {"status": "exception", "exc": {"type": "UnreadableValue", "msg": str(bad), "frames": [],
+                                                   "in_test": True, "test_line": self._test_line(bad.__traceback__)}}
+        except Exception as exc:  # the check's own assertion (or an error on the candidate's values)
+            msg = {"status": "exception", "exc": _exc_info(exc, (), self.test_lines)}
+        wall, cpu = time.monotonic() - t0, tree_cpu() - cpu0
+        out = b"".join(outs)
+        stderr = b"".join(errs)[:self.err_cap].decode("utf-8", "replace")
+        return self._result(index, msg, cpu, wall, cpu_limit, len(out), stderr), out[:self.out_cap]
+
+
+# ------------------------------------------------------------------------------------------- supervisor
 def _site_setup(site_paths):
     """What `site` would have given the program (we run with -S): site-packages, and `exit`/`quit` for the
     modules it imports (its own code sees them in `solution_builtins`)."""
@@ -474,30 +1061,25 @@ def _read_request(fd):
 
 
 def _take_protocol_channel():
-    """Keep stdout as the protocol channel (``_proto_fd``, inherited by the worker) and point fds 0-2 at
-    /dev/null, so nothing else lands on the channel by accident."""
+    """Keep stdout as the protocol channel (``_proto_fd``, which only the judge inherits) and point fds 0-2
+    at /dev/null, so nothing else lands on the channel by accident."""
     global _proto_fd
     _proto_fd = os.dup(1)
-    os.set_inheritable(_proto_fd, True)
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
     os.close(null)
 
 
-def _start_worker(p, child_setup=None):
-    """Fork the worker that runs the tests of payload `p` (after `child_setup`, in the child); its pid."""
+def _start_judge(p, child_setup):
+    """Fork the judge of payload `p` (after `child_setup`, in the child); its pid."""
     pid = os.fork()
     if pid == 0:
         try:
-            if child_setup is not None:
-                child_setup()
-            _site_setup(p.get("site_paths") or ())
-            _worker(p)
-        except BaseException as exc:  # a harness fault before or between tests
-            send({"ev": "harness_error", "reason": f"{type(exc).__name__}: {_safe_str(exc, 500)}"})
-            os._exit(72)
-        os._exit(0)
+            child_setup()
+            Judge(p).run()
+        finally:
+            os._exit(0)
     return pid
 
 
@@ -520,7 +1102,7 @@ def _exit_event(status, usage, **extra):
         msg["signal"] = os.WTERMSIG(status)
     else:
         msg["code"] = os.WEXITSTATUS(status)
-    _held.append(b"\n")  # ends any line the worker was killed in the middle of (one write with the event)
+    _held.append(b"\n")  # ends any line the judge was killed in the middle of (one write with the event)
     send(msg)
 
 
@@ -530,19 +1112,14 @@ def _ignore_signals():
 
 
 def main():
-    """One solution: read its payload, run it in a worker, report, exit (taking any leftovers down)."""
+    """One submission: read its payload, judge it in this process, report, exit."""
     p = _read_request(0)
     if p is None:
         os._exit(74)
     _take_protocol_channel()
-    pid = _start_worker(p)
-    # Supervisor: never runs model code.
     _ignore_signals()
-    status, usage = _reap(pid)
-    _exit_event(status, usage)
-    if os.getpid() != 1:
-        with contextlib.suppress(OSError):
-            os.killpg(0, signal.SIGKILL)  # leftovers of the worker in our process group, and us
+    Judge(p).run()
+    _exit_event(0, resource.getrusage(resource.RUSAGE_CHILDREN))
     os._exit(0)
 
 
@@ -671,16 +1248,14 @@ def _not_a_sandbox():
 
 
 def serve():
-    """Answer requests on fd 0 until it closes: payload, then (read only after the fork, so the worker never
-    sees it) a token line that the ``exit`` event echoes. The host trusts only an ``exit`` carrying the
-    token, so a program printing a fake ``exit`` on the protocol channel cannot end a run early or shift the
-    next run's events."""
+    """Answer requests on fd 0 until it closes: payload, then (read only after the fork) a token line that
+    the ``exit`` event echoes, so that each ``exit`` the host reads belongs to the run it sent."""
     refusal = _not_a_sandbox()
     if refusal:
         sys.stderr.write(f"--serve refuses to run: {refusal}\n")
         os._exit(75)
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: no ptrace of us and no /proc/1/{mem,fd} for the workers
+    libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: no ptrace of us and no /proc/1/{mem,fd} for the worker
     requests = os.dup(0)
     _take_protocol_channel()
     _ignore_signals()
@@ -691,15 +1266,14 @@ def serve():
         p = _read_request(requests)
         if p is None:
             os._exit(0)
-
-        def fresh_worker():
-            os.close(requests)
-            libc.prctl(4, 1, 0, 0, 0)  # the worker is an ordinary process again (its own /proc/self)
-            _own_session_keyring(libc)
-
-        pid = _start_worker(p, fresh_worker)
-        token = _read_exact(requests, TOKEN_LINE_BYTES)
-        status, usage = _reap(pid)
+        if p["mode"] == "humaneval":  # the checks run in a judge of their own, which then ends
+            pid = _start_judge(p, functools.partial(os.close, requests))
+            token = _read_exact(requests, TOKEN_LINE_BYTES)
+            status, usage = _reap(pid)
+        else:  # no task code to run: PID 1 judges (one fork a submission fewer)
+            token = _read_exact(requests, TOKEN_LINE_BYTES)
+            Judge(p).run()
+            status, usage = 0, resource.getrusage(resource.RUSAGE_CHILDREN)
         _kill_everyone_else()
         for top, mode in modes.items():
             _wipe(top, mode)

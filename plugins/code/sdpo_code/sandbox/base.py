@@ -29,7 +29,9 @@ class ExecutionRequest:
 
     `inputs` are stdin strings (`mode="stdin"`), argument lists (`"functional"`), or one placeholder per
     `check` call (`"humaneval"`). Limits are per test: `cpu_limits` in CPU seconds (the real limit),
-    `wall_limits` in wall seconds (a backstop for sleeping or blocked programs).
+    `wall_limits` in wall seconds (a backstop for sleeping or blocked programs). HumanEval's `test_code` and
+    `check_prefix` (the prompt, whose helpers the checks may call) run in the harness's judge, never in the
+    process that runs `code`.
     """
 
     mode: Mode
@@ -41,6 +43,7 @@ class ExecutionRequest:
     prefix: str | None = None
     test_code: str | None = None
     entry_point: str | None = None
+    check_prefix: str | None = None
     memory_bytes: int = 1 << 30
     output_bytes: int = 8 << 20
     nproc: int = 64
@@ -82,6 +85,7 @@ class ExecutionRequest:
             "prefix": self.prefix,
             "test_code": self.test_code,
             "entry_point": self.entry_point,
+            "check_prefix": self.check_prefix,
             "memory_bytes": self.memory_bytes,
             "output_bytes": self.output_bytes,
             "fsize_hard": max(biggest_input, self.output_bytes) + 1,
@@ -107,7 +111,7 @@ class ExecutionResult:
         compile_error (`Mapping` or `None`): the `compile_error` event, if the code did not compile.
         started (`tuple[int, ...]`): indices the harness said it started, in order.
         exit (`Mapping` or `None`): the supervisor's report on the worker (exit `code` or `signal`, `cpu`).
-        killed (`str` or `None`): why the trainer killed the sandbox (`"wall"`, `"task_wall"`, `"flood"`).
+        killed (`str` or `None`): why the trainer killed the sandbox (`"startup"`, `"task_wall"`, `"flood"`).
         harness_error (`str` or `None`): set when the sandbox itself failed: the reward must abstain.
         done (`bool`): the harness finished every test it meant to run.
         seconds (`float`): wall time of the whole execution, start-up included.
