@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import re
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -213,4 +214,19 @@ def test_a_plain_grpo_trainer_runs_multi_turn_episodes(no_network, tmp_path):
         assert e.last_feedback == "The completion does not contain the answer (1 characters)."
         assert len(e.episode.history) <= 2
     assert any(len(e.episode.history) == 2 for e in failed), "no episode got a second turn after the feedback"
+    assert no_network == []
+
+
+def test_the_documented_example_runs(no_network, tmp_path, monkeypatch):
+    import sdpo_math
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "environments.md").read_text()
+    section = docs[docs.index("## Inside a plain TRL `GRPOTrainer`"):]
+    example = re.findall(r"```python\n(.*?)```", section, re.DOTALL)[0]
+    monkeypatch.chdir(tmp_path)
+    printed: list[object] = []
+    with registered_plugin(sdpo_math, "math"):
+        exec(compile(example, "docs/environments.md", "exec"), {"print": printed.append})
+    assert len(printed) == 1
+    assert isinstance(printed[0], float)
     assert no_network == []
