@@ -374,3 +374,14 @@ def test_a_hanging_respond_fails_the_episode_after_respond_timeout():
     assert time.monotonic() - started < 5
     assert (result.done, result.reward, env.error_count) == (True, 0.0, 1)
     assert result.feedback.details["error"] == "Broken.respond() did not return within 0.2 s"
+
+
+def test_check_environment_plays_a_multi_turn_step():
+    from sdpo_envs.testing import check_environment
+
+    env = retry(max_turns=3)
+    check_environment(env, tasks=[{"prompt": "p", "answer": "42"}], completions=["41"])
+    broken = Broken(_boom)
+    broken.configure_episodes(max_turns=2)
+    with pytest.raises(AssertionError, match=r"Broken: the episode failed: Broken.respond\(\) raised KeyError"):
+        check_environment(broken, tasks=[{"prompt": "p", "answer": "42"}], completions=["41"])
