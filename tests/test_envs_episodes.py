@@ -385,3 +385,18 @@ def test_check_environment_plays_a_multi_turn_step():
     broken.configure_episodes(max_turns=2)
     with pytest.raises(AssertionError, match=r"Broken: the episode failed: Broken.respond\(\) raised KeyError"):
         check_environment(broken, tasks=[{"prompt": "p", "answer": "42"}], completions=["41"])
+
+
+def test_a_router_is_multi_turn_when_every_environment_is():
+    mixed = sdpo_envs.MultiEnvironment({"a": Retry(), "b": FakeEnvironment()})
+    assert not mixed.multi_turn
+    with pytest.raises(ValueError, match="environment 'MultiEnvironment' cannot run multi-turn episodes"):
+        mixed.configure_episodes(max_turns=2)
+    router = sdpo_envs.MultiEnvironment({"a": Retry(), "b": Retry(answer_column="solution")})
+    router.configure_episodes(max_turns=2)
+    router.reset({"env": "b", "prompt": "p", "solution": "xyz"})
+    first = router.step("no")
+    assert first.observation == "attempt 1: The completion does not contain the answer (3 characters). Try again."
+    assert router.environments["b"].seen
+    assert not router.environments["a"].seen
+    assert router.step("xyz").reward == 1.0
