@@ -1,9 +1,11 @@
-"""The Gym-style environment base class.
+"""The Gym-style environment base class: the contract plugin authors subclass.
 
 An environment turns a task (a dataset row) into a prompt and scores completions with structured
-`Feedback`. Single-turn by default: `reset(task)` returns the prompt, `step(completion)` ends the
-episode. `evaluate` scores many (task, completion) pairs concurrently; `score` is the one method a
-subclass must write. Every `Environment` is also a TRL reward function (see `sdpo_envs.reward`).
+`Feedback`. `score` is the one method a subclass must write; `prompt`, `respond` (multi-turn),
+`dataset` and `close` are optional. `reset(task)` returns the prompt and `step(completion)` plays one
+turn of an episode (`sdpo_envs.episode`; single-turn unless `max_turns` > 1). `evaluate` scores many
+(task, completion) pairs concurrently (the engine is `sdpo_envs.executors`). Every `Environment` is
+also a TRL reward function (see `sdpo_envs.reward`).
 
 Failure policy: an episode whose `score` raises, times out or kills its worker process gets a failed
 `Feedback` (`error_reward`, the reason in `details["error"]`) and is counted in `error_count`; the
@@ -15,34 +17,40 @@ run at all (an unpicklable process environment) raises `EnvironmentSetupError`: 
 from __future__ import annotations
 
 import abc
-import asyncio
 import inspect
 import logging
 import os
-import queue
 import threading
-import time
 import traceback
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, ClassVar, Literal
 
-from sdpo_envs._workers import WorkerPool
+from sdpo_envs.episode import Episode, check_episode_options
+from sdpo_envs.executors import WorkerPool, run_async, run_in_threads
 from sdpo_envs.reward import RewardFunctionMixin, completion_text
 from sdpo_envs.sync import run_sync
-from sdpo_envs.types import Completion, EnvironmentSetupError, Feedback, InvalidResultError, Prompt, StepResult, Task
+from sdpo_envs.types import (
+    Completion,
+    EnvironmentSetupError,
+    Feedback,
+    InvalidResultError,
+    Prompt,
+    StepResult,
+    Task,
+    Turn,
+)
 
 logger = logging.getLogger(__name__)
 
 FeedbackFormatter = Callable[[Task, StepResult], str | None]
 """Re-renders feedback text for the teacher; `make` installs one that calls the `format_feedback` hook."""
 
-_POLL_SECONDS = 0.05  # how late a thread episode's timeout may be noticed
 _count_lock = threading.Lock()
 _pool_lock = threading.Lock()
 # Per-instance state that is not part of the environment's definition: never pickled to workers.
-_TRANSIENT = ("_sdpo_pool", "_sdpo_task", "last_feedback", "last_results")
+_TRANSIENT = ("_sdpo_pool", "_sdpo_episode", "last_feedback", "last_results")
 
 
 class Environment(RewardFunctionMixin, abc.ABC):
@@ -61,8 +69,16 @@ class Environment(RewardFunctionMixin, abc.ABC):
     - `episode_timeout`: seconds one episode may run once started; `None` for no limit. A thread
       cannot be killed, so a thread environment must bound its own work: past the timeout its thread
       (a daemon) is abandoned and replaced. A process episode past it is killed with its worker
-      process, which is then replaced. Process workers are POSIX subprocesses (see `_workers`).
+      process, which is then replaced. Process workers are POSIX subprocesses (see `executors`).
     - `error_reward`: reward of an episode that could not be scored (`None` abstains).
+
+    Attributes of episodes (`reset`/`step`; see `sdpo_envs.episode`), set with `configure_episodes`
+    or by `make(name, max_turns=..., turn_discount=...)`:
+
+    - `max_turns`: attempts per episode (default 1). More than 1 needs `respond`.
+    - `turn_discount`: in (0, 1], default 1: the episode's reward after turn t is the latest
+      attempt's reward times `turn_discount ** (t - 1)`.
+    - `respond_timeout`: seconds `respond` may take before the episode fails (`None`: no limit).
     """
 
     name: str = ""
@@ -74,6 +90,13 @@ class Environment(RewardFunctionMixin, abc.ABC):
     error_count: int = 0
     """Episodes this environment could not score so far (raised, timed out or crashed)."""
     feedback_formatter: FeedbackFormatter | None = None
+    max_turns: int = 1
+    turn_discount: float = 1.0
+    respond_timeout: float | None = 30.0
+    dataset: ClassVar[Callable[..., Any] | None] = None
+    """Optional method `dataset(self, **options)`: the environment's own problem set (a `datasets.Dataset`
+    or a list of rows), which `sdpo train` and `sdpo eval` use when no `--dataset` is given. `None` here:
+    the environment has none."""
 
     # ----------------------------------------------------------------------- what subclasses write
     @abc.abstractmethod
@@ -86,6 +109,16 @@ class Environment(RewardFunctionMixin, abc.ABC):
             raise KeyError(f"{self.label}: task has no 'prompt' field (fields: {sorted(task)})")
         prompt: Prompt = task["prompt"]
         return prompt
+
+    def respond(self, task: Task, history: Sequence[Turn]) -> str | None:
+        """Optional, for multi-turn episodes: what the model reads before its next attempt.
+
+        Called after a failed attempt when turns remain, with every attempt so far (`history[-1]` is
+        the latest, with its `Feedback`). Return the observation (usually built from the feedback
+        text; never the label unless the user asked for it), or `None` to end the episode. An
+        environment that does not override it runs single-turn episodes only.
+        """
+        raise NotImplementedError(f"{self.label} does not implement respond(): it is single-turn")
 
     def score_batch(
         self,
@@ -108,25 +141,43 @@ class Environment(RewardFunctionMixin, abc.ABC):
         if self.concurrency == "process":
             return self._process_pool().run(self, tasks, texts, workers, timeout)
         if inspect.iscoroutinefunction(type(self).score):
-            return run_sync(self._score_all_async(tasks, texts, max_workers or self.max_workers, timeout))
+            return run_sync(run_async(self, tasks, texts, max_workers or self.max_workers, timeout))
         if workers == 1 and timeout is None:
             return [self._score_one(t, c)[0] for t, c in zip(tasks, texts, strict=True)]
-        return self._score_all_threads(tasks, texts, workers, timeout)
+        return run_in_threads(self, tasks, texts, workers, timeout)
 
     # --------------------------------------------------------------------------------- Gym style
+    @property
+    def multi_turn(self) -> bool:
+        """Whether this environment can run episodes of more than one turn (it overrides `respond`)."""
+        return type(self).respond is not Environment.respond
+
+    def configure_episodes(self, *, max_turns: int | None = None, turn_discount: float | None = None) -> None:
+        """Set `max_turns` and `turn_discount` (those given); a bad value raises `ValueError` naming both
+        the environment and the parameter, as does `max_turns` > 1 on an environment without `respond`."""
+        max_turns = self.max_turns if max_turns is None else max_turns
+        turn_discount = self.turn_discount if turn_discount is None else turn_discount
+        check_episode_options(self.label, max_turns, turn_discount, self.multi_turn)
+        self.max_turns, self.turn_discount = max_turns, float(turn_discount)
+
     def reset(self, task: Task) -> Prompt:
         """Start an episode on `task` and return its prompt."""
-        self._sdpo_task = task
-        return self.prompt(task)
+        episode = Episode(self, task)
+        self._sdpo_episode = episode
+        return episode.prompt
 
     def step(self, completion: Completion) -> StepResult:
-        """Score `completion` against the task of the last `reset`; the (single-turn) episode ends."""
-        task: Task | None = getattr(self, "_sdpo_task", None)
-        if task is None:
+        """Play one turn of the episode of the last `reset` (see `sdpo_envs.episode`).
+
+        With `max_turns=1` every call scores a fresh attempt at that task and ends (the behaviour from
+        before episodes existed); with more turns, a call after the episode ended raises `RuntimeError`.
+        """
+        episode: Episode | None = getattr(self, "_sdpo_episode", None)
+        if episode is None:
             raise RuntimeError(f"{self.label}: step() called before reset()")
-        started = time.monotonic()
-        (feedback,) = self.evaluate([task], [completion])
-        return StepResult(feedback=feedback, done=True, info={"seconds": time.monotonic() - started})
+        if episode.done and episode.max_turns == 1:
+            episode = self._sdpo_episode = Episode(self, episode.task)
+        return episode.step(completion)
 
     # ------------------------------------------------------------------------------------ batched
     def evaluate(
@@ -232,88 +283,6 @@ class Environment(RewardFunctionMixin, abc.ABC):
         if not isinstance(result, Feedback):
             raise InvalidResultError(f"{self.label}.score() returned {type(result).__name__}, expected Feedback")
         return result, False
-
-    def _score_all_threads(
-        self, tasks: Sequence[Task], texts: Sequence[str], workers: int, timeout: float | None
-    ) -> list[Feedback]:
-        """Daemon threads pull episodes from a queue. A thread stuck past the timeout is abandoned and replaced,
-        so the remaining episodes still run, and it cannot block interpreter exit (executor threads would)."""
-        todo: queue.SimpleQueue[int] = queue.SimpleQueue()
-        for i in range(len(tasks)):
-            todo.put(i)
-        finished: queue.SimpleQueue[tuple[int, Feedback | None, BaseException | None]] = queue.SimpleQueue()
-        started: dict[int, float] = {}  # the timeout counts from here, not from submission
-        stop = threading.Event()
-
-        def work() -> None:
-            while not stop.is_set():
-                try:
-                    i = todo.get_nowait()
-                except queue.Empty:
-                    return
-                started[i] = time.monotonic()
-                try:
-                    finished.put((i, self._score_one(tasks[i], texts[i])[0], None))
-                except BaseException as exc:  # InvalidResultError: re-raised in the caller's thread
-                    finished.put((i, None, exc))
-
-        def spawn() -> None:
-            threading.Thread(target=work, name=f"sdpo-env-{self.label}", daemon=True).start()
-
-        for _ in range(workers):
-            spawn()
-        results: list[Feedback | None] = [None] * len(tasks)
-        remaining = len(tasks)
-        try:
-            while remaining:
-                try:
-                    i, feedback, error = finished.get(timeout=None if timeout is None else _POLL_SECONDS)
-                except queue.Empty:
-                    pass
-                else:
-                    if results[i] is None:  # else it already timed out
-                        if error is not None:
-                            raise error
-                        results[i], remaining = feedback, remaining - 1
-                if timeout is None:
-                    continue
-                now = time.monotonic()
-                for i, began in list(started.items()):
-                    if results[i] is None and now - began > timeout:
-                        results[i] = self.failed_feedback(f"episode timed out after {timeout:g} s", timed_out=True)
-                        remaining -= 1
-                        spawn()
-        finally:
-            stop.set()
-        return [r if r is not None else self.failed_feedback("episode was not run") for r in results]
-
-    async def _score_all_async(
-        self, tasks: Sequence[Task], texts: Sequence[str], workers: int | None, timeout: float | None
-    ) -> list[Feedback]:
-        limit = asyncio.Semaphore(workers or len(tasks))
-
-        async def one(i: int) -> Feedback:
-            async with limit:
-                try:
-                    return await asyncio.wait_for(self._score_one_async(tasks[i], texts[i]), timeout)
-                except TimeoutError:
-                    return self.failed_feedback(f"episode timed out after {timeout:g} s", timed_out=True)
-
-        return list(await asyncio.gather(*(one(i) for i in range(len(tasks)))))
-
-    async def _score_one_async(self, task: Task, completion: str) -> Feedback:
-        try:
-            result = self.score(task, completion)
-            if inspect.isawaitable(result):
-                result = await result
-        except InvalidResultError:
-            raise
-        except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-            return self.failed_feedback(reason, traceback=traceback.format_exc(limit=5))
-        if not isinstance(result, Feedback):
-            raise InvalidResultError(f"{self.label}.score() returned {type(result).__name__}, expected Feedback")
-        return result
 
     def _check_results(self, results: Any, n: int) -> list[Feedback]:
         if not isinstance(results, list) or len(results) != n:

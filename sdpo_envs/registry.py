@@ -93,6 +93,15 @@ class RegisteredFactory:
             ))
         return params
 
+    def takes(self, name: str) -> bool:
+        """Whether the factory has a parameter called `name` (not merely ``**kwargs``)."""
+        try:
+            parameter = inspect.signature(self.factory).parameters.get(name)
+        except (TypeError, ValueError):
+            return False
+        return parameter is not None and parameter.kind not in (inspect.Parameter.VAR_POSITIONAL,
+                                                                 inspect.Parameter.VAR_KEYWORD)
+
     def build(self, **kwargs: Any) -> Any:
         """Call the factory; arguments it does not take fail with its parameter list."""
         try:
@@ -189,19 +198,28 @@ def _probe(plugin: SkippedPlugin, hook_name: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ building
+EPISODE_OPTIONS = ("max_turns", "turn_discount")
+"""Keywords `make` understands for every environment (`Environment.configure_episodes`)."""
+
+
 def make(env_name: str, /, **kwargs: Any) -> Environment:
     """Build the environment registered as `env_name` with `kwargs` (e.g. ``make("reward", fn=my_fn)``).
 
-    The result is also a TRL reward function. If any plugin implements ``format_feedback``, its
-    results are re-rendered through that hook.
+    ``max_turns`` and ``turn_discount`` configure its episodes (`Environment.configure_episodes`) unless
+    the factory takes them itself; ``max_turns`` > 1 on an environment without `respond` raises
+    `ValueError`. The result is also a TRL reward function. If any plugin implements
+    ``format_feedback``, its results are re-rendered through that hook.
     """
     factory = get_factory(env_name, "environment")
+    episode_options = {key: kwargs.pop(key) for key in EPISODE_OPTIONS if key in kwargs and not factory.takes(key)}
     env = factory.build(**kwargs)
     if not isinstance(env, Environment):
         raise TypeError(f"environment {env_name!r} ({factory.source}): the factory returned "
                         f"{type(env).__name__}, not an sdpo_envs.Environment")
     if not env.name:
         env.name = env_name
+    if episode_options:
+        env.configure_episodes(**episode_options)
     if pm.hook.format_feedback.get_hookimpls():
         env.feedback_formatter = HookFeedbackFormatter(env_name)
     return env

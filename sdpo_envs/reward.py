@@ -1,11 +1,15 @@
-"""The bridge from environments to TRL reward functions.
+"""The feedback channel: how rewards and feedback texts travel from a reward function to the trainer.
 
-TRL calls a reward function as `f(prompts=..., completions=..., completion_ids=..., **columns)` on the
-local rows and wants one number (or `None`) per row back. Feedback cannot travel in that return value,
-so it is kept on the function: `last_feedback` (one text per row, the protocol the seed reference
-documents; `""` when there is nothing to say) and `last_results` (the structured `Feedback` objects).
-Both are reset to `None` when a call starts. `SDPOTrainer` reads them; a plain `GRPOTrainer` ignores
-them and still gets the rewards.
+This module is the one owner of that protocol: writing, resetting and validating `last_feedback`, and
+what a reward value may be. TRL calls a reward function as `f(prompts=..., completions=...,
+completion_ids=..., **columns)` on the local rows and wants one number (or `None`) per row back.
+Feedback cannot travel in that return value, so it is kept on the function: `last_feedback` (one text
+per row, the protocol the seed reference documents; `""` when there is nothing to say) and, for
+environments, `last_results` (the structured `Feedback` objects). A caller resets `last_feedback` to
+`None` before a call (`reset_feedback`) and validates what the call left (`read_feedback`), so a list
+left over from an earlier call is never read as this one's. Every `Environment` writes both itself
+(`RewardFunctionMixin`). `SDPOTrainer` reads them; a plain `GRPOTrainer` ignores them and still gets
+the rewards.
 
 What a raw reward function may return is decided here, once (`check_reward`, `check_rewards`, used
 by `sdpo_core`'s trainer and the `reward` plugin): a finite real number, or `None` to abstain. `inf`
@@ -52,6 +56,55 @@ def check_rewards(name: str, rewards: Any, expected: int) -> list[float | None]:
         raise InvalidResultError(f"reward function {name!r} returned {len(rewards)} rewards for {expected} "
                                  "completions")
     return [check_reward(value, name=name, row=row) for row, value in enumerate(rewards)]
+
+
+def reset_feedback(func: Any, name: str) -> Any:
+    """Set `func.last_feedback` to `None` before a call, if it has one; return the value it held.
+
+    `InvalidResultError` naming the function if the attribute cannot be set (a read-only property).
+    """
+    if not hasattr(func, "last_feedback"):
+        return None
+    previous = func.last_feedback
+    try:
+        func.last_feedback = None
+    except AttributeError as exc:
+        raise InvalidResultError(f"reward function {name!r}: last_feedback must be settable (it is reset to None "
+                                 "before each call)") from exc
+    return previous
+
+
+def read_feedback(func: Any, name: str, expected: int, previous: Any = None) -> list[str] | None:
+    """The feedback texts `func` left in `last_feedback` for a call on `expected` rows; `None` if it left none.
+
+    A list with one text per row is required; a `None` (or NaN, a missing value in a data frame) entry
+    reads as `""`. `previous` is what `reset_feedback` returned: getting that very list back means the
+    function ignored the reset. Anything else is an `InvalidResultError` naming the function.
+    """
+    texts = getattr(func, "last_feedback", None)
+    if texts is None:
+        return None
+    if previous is not None and texts is previous:
+        raise InvalidResultError(f"reward function {name!r}: last_feedback must be a fresh list per call")
+    if not isinstance(texts, Sequence) or isinstance(texts, (str, bytes)) or len(texts) != expected:
+        got = f"{len(texts)} entries" if isinstance(texts, Sequence) else type(texts).__name__
+        raise InvalidResultError(f"reward function {name!r}: last_feedback must be a list with one text per row; "
+                                 f"got {got} for {expected} rows")
+    result = []
+    for row, text in enumerate(texts):
+        if text is None or (isinstance(text, float) and math.isnan(text)):
+            text = ""
+        if not isinstance(text, str):
+            raise InvalidResultError(f"reward function {name!r}: last_feedback[{row}] is {type(text).__name__}, "
+                                     "expected str or None")
+        result.append(text)
+    return result
+
+
+def write_feedback(target: Any, results: Sequence[Feedback] | None) -> None:
+    """Publish a call's results on `target`: `last_results`, and `last_feedback` (their texts); `None` resets."""
+    target.last_results = None if results is None else list(results)
+    target.last_feedback = None if results is None else [r.text for r in results]
 
 
 def completion_text(completion: Completion) -> str:
@@ -116,13 +169,11 @@ class RewardFunctionMixin:
         return self.label
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Completion], **kwargs: Any) -> list[float | None]:
-        self.last_feedback = None
-        self.last_results = None
+        write_feedback(self, None)
         if len(prompts) != len(completions):
             raise ValueError(f"{self.label}: {len(prompts)} prompts but {len(completions)} completions")
         tasks = tasks_from_columns(prompts, kwargs)
         extra = {k: v for k, v in kwargs.items() if k in TRAINER_KWARGS}
         results = self.evaluate(tasks, completions, extra=extra)
-        self.last_results = results
-        self.last_feedback = [r.text for r in results]
+        write_feedback(self, results)
         return [r.reward for r in results]  # Feedback holds only finite floats or None

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from sdpo_envs.env import Environment
-from sdpo_envs.types import Completion, EnvironmentNotFoundError, Feedback, Prompt, Task
+from sdpo_envs.types import Completion, EnvironmentNotFoundError, Feedback, Prompt, Task, Turn
 
 
 class MultiEnvironment(Environment):
@@ -52,6 +52,15 @@ class MultiEnvironment(Environment):
 
     def prompt(self, task: Task) -> Prompt:
         return self.environments[self.route(task)].prompt(task)
+
+    @property
+    def multi_turn(self) -> bool:
+        """Whether every routed environment can run multi-turn episodes."""
+        return all(env.multi_turn for env in self.environments.values())
+
+    def respond(self, task: Task, history: Sequence[Turn]) -> str | None:
+        """The observation of the environment `task` routes to."""
+        return self.environments[self.route(task)].respond(task, history)
 
     def score(self, task: Task, completion: str) -> Feedback:
         (feedback,) = self.environments[self.route(task)].evaluate([task], [completion])

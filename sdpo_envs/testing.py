@@ -102,7 +102,8 @@ def check_environment(env: Environment, tasks: Sequence[Task] | None = None,
                       completions: Sequence[str] | None = None) -> list[Feedback]:
     """Check that `env` keeps the environment contract; raise `AssertionError` saying what broke.
 
-    Checks the Gym interface (`reset`/`step`), batched `evaluate` (count, order, types), the TRL reward
+    Checks the Gym interface (`reset`/`step`; one turn of a multi-turn episode, whose `respond` must work
+    when the completion fails), batched `evaluate` (count, order, types), the TRL reward
     function interface (`__name__`, `list[float | None]`, `last_feedback`, `last_results`, conversational
     completions, extra dataset columns) and, for process environments, picklability. Returns the
     feedback of the batch.
@@ -126,8 +127,12 @@ def check_environment(env: Environment, tasks: Sequence[Task] | None = None,
         step = env.step(completion)
         if not isinstance(step, StepResult) or not isinstance(step.feedback, Feedback):
             _fail(env, f"step() returned {type(step).__name__}, expected a StepResult with a Feedback")
-        if not step.done:
+        if env.max_turns == 1 and not step.done:
             _fail(env, "step() of a single-turn environment must end the episode (done=True)")
+        if not step.done and not (isinstance(step.observation, str) and step.observation.strip()):
+            _fail(env, "a step that does not end the episode must carry the next observation")
+        if step.feedback.failed and env.multi_turn and env.max_turns > 1:
+            _fail(env, f"the episode failed: {step.feedback.details['error']}")
 
     results = env.evaluate(tasks, completions)
     if len(results) != len(tasks) or not all(isinstance(r, Feedback) for r in results):

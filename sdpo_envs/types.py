@@ -102,25 +102,44 @@ class StepResult:
     """The outcome of `Environment.step`, Gym style.
 
     Args:
-        feedback (`Feedback`): reward, text, success and details of the episode.
+        feedback (`Feedback`): the episode so far: the latest attempt's text, success and details, and
+            the episode's reward (the attempt's reward, discounted by the turn; see `sdpo_envs.episode`).
         done (`bool`, *optional*, defaults to `True`): whether the episode ended (single-turn
             environments always end after one step).
-        info (`Mapping[str, Any]`, *optional*): extra diagnostics (timing, the completion's text).
+        info (`Mapping[str, Any]`, *optional*): extra diagnostics (`turn`, `max_turns`, timing).
+        observation (`str`, *optional*): while the episode goes on, what the model reads next turn
+            (the environment's feedback on this attempt); `None` once it is done.
     """
 
     feedback: Feedback
     done: bool = True
     info: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    observation: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.feedback, Feedback):
             raise TypeError(f"StepResult.feedback must be a Feedback, got {type(self.feedback).__name__}")
+        if self.observation is not None and not isinstance(self.observation, str):
+            raise TypeError(f"StepResult.observation must be a str or None, got {type(self.observation).__name__}")
         object.__setattr__(self, "info", _frozen_mapping(self.info))
 
-    def __reduce__(self) -> tuple[type[StepResult], tuple[Feedback, bool, dict[str, Any]]]:
-        return (StepResult, (self.feedback, self.done, dict(self.info)))
+    def __reduce__(self) -> tuple[type[StepResult], tuple[Feedback, bool, dict[str, Any], str | None]]:
+        return (StepResult, (self.feedback, self.done, dict(self.info), self.observation))
 
     @property
     def reward(self) -> float | None:
-        """The episode's reward (`feedback.reward`)."""
+        """The episode's reward so far (`feedback.reward`)."""
         return self.feedback.reward
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One attempt of an episode, as `Environment.respond` sees it in the history.
+
+    Args:
+        completion (`str`): the model's attempt (its text).
+        feedback (`Feedback`): the environment's feedback on that attempt, undiscounted.
+    """
+
+    completion: str
+    feedback: Feedback

@@ -6,7 +6,9 @@ without giving the answer away: that text is what SDPO's teacher reads.
 
 from __future__ import annotations
 
-from sdpo_envs import Environment, Feedback, Register, Task, hookimpl
+from collections.abc import Sequence
+
+from sdpo_envs import Environment, Feedback, Register, Task, Turn, hookimpl
 
 
 class ReverseEnvironment(Environment):
@@ -43,6 +45,10 @@ class ReverseEnvironment(Environment):
             i = next(i for i, (a, b) in enumerate(zip(guess, target, strict=True)) if a != b)
             text = f"Letter {i + 1} of your answer {guess!r} is wrong."
         return Feedback(reward=0.0, text=text, success=False, details={"guess": guess})
+
+    def respond(self, task: Task, history: Sequence[Turn]) -> str:
+        """What the model reads before its next attempt: the feedback on its last one."""
+        return f"{history[-1].feedback.text} Try again: answer with the reversed word only."
 
 
 @hookimpl

@@ -11,21 +11,22 @@ the model; the memory limit is always applied.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 from sdpo_code.extract import Strategy, extract_code
-from sdpo_code.feedback import FeedbackOptions, render
+from sdpo_code.feedback import NO_INFO_TEXT, FeedbackOptions, render
 from sdpo_code.runner import Limits, run_submission
 from sdpo_code.sandbox import Sandbox, get_sandbox
 from sdpo_code.sandbox._system import cpu_count
 from sdpo_code.tasks import TaskFormatError, build_prompt, load_bundled, parse_task
 from sdpo_code.verdicts import Judgement, Verdict
-from sdpo_envs import Environment, Feedback, Task
+from sdpo_envs import Environment, Feedback, Task, Turn
 
 logger = logging.getLogger(__name__)
 
 RewardMode = Literal["all", "fraction"]
+RETRY_TEXT = "Fix the program and reply with the whole corrected program in a ```python block."
 
 
 class CodeEnvironment(Environment):
@@ -159,6 +160,12 @@ class CodeEnvironment(Environment):
         if judgement.verdict is Verdict.HARNESS_ERROR:
             return self._abstain(judgement.message or "sandbox failure", task)
         return self.feedback(judgement)
+
+    def respond(self, task: Task, history: Sequence[Turn]) -> str:
+        """The next turn's observation: the last program's feedback (the failing test with its input, expected
+        and actual output, or the error and traceback), and what to send back."""
+        text = history[-1].feedback.text or NO_INFO_TEXT
+        return f"{text}\n\n{RETRY_TEXT}"
 
     # ------------------------------------------------------------------------------------------ helpers
     def feedback(self, judgement: Judgement) -> Feedback:

@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from sdpo_envs import Completion, Environment, Feedback, Task, completion_text
+from sdpo_envs import Completion, Environment, Feedback, Task, Turn, completion_text
 from sdpo_math.checker import CheckerPool, CheckResult, MathChecker
 from sdpo_math.data import SYSTEM_PROMPTS, AnswerFormat, generate_problems, make_prompt
 from sdpo_math.extract import DEFAULT_ANSWER_PATTERN, Extraction, extract_answer, gold_answer
@@ -280,6 +280,15 @@ class MathEnvironment(Environment):
         if found.source in (None, "last_number") or found.source == self.answer_format:
             return ""
         return f"Also, {self._how}."
+
+    def respond(self, task: Task, history: Sequence[Turn]) -> str:
+        """The next turn's observation: what was wrong with the last answer, and "try again".
+
+        The text is the attempt's feedback, so it names the model's answer and never the reference unless
+        `reveal_answer=True`.
+        """
+        text = history[-1].feedback.text or "Your final answer is not correct."
+        return f"{text} Try again."
 
     def close(self) -> None:
         """Stop this environment's private checker pool, if it has one (the shared pool stops at exit)."""

@@ -32,6 +32,8 @@ from sdpo_envs import (
     Task,
     check_reward,
     hookimpl,
+    read_feedback,
+    reset_feedback,
     run_sync,
 )
 
@@ -141,20 +143,11 @@ class RewardEnvironment(Environment):
                     columns[key] = [t.get(key) for t in tasks]
         kwargs = self._accepted({"prompts": [t.get("prompt") for t in tasks], "completions": list(completions),
                                  **columns, **extra})
-        protocol = hasattr(self.fn, "last_feedback")
         with self._lock:
-            previous = getattr(self.fn, "last_feedback", None)
-            if protocol:
-                try:
-                    self.fn.last_feedback = None  # type: ignore[attr-defined]
-                except AttributeError as exc:
-                    raise InvalidResultError(f"reward function {self.fn_name!r}: last_feedback must be settable "
-                                             "(it is reset to None before each call)") from exc
+            previous = reset_feedback(self.fn, self.fn_name)
             output = run_sync(self.fn(**kwargs))
-            texts = getattr(self.fn, "last_feedback", None) if protocol else None
-        if texts is not None and texts is previous:
-            raise InvalidResultError(f"reward function {self.fn_name!r}: last_feedback must be a fresh list per call")
-        return self._to_feedback(output, self._texts(texts, len(tasks)), len(tasks))
+            texts = read_feedback(self.fn, self.fn_name, len(tasks), previous)
+        return self._to_feedback(output, texts, len(tasks))
 
     @functools.cached_property
     def _parameters(self) -> tuple[frozenset[str], bool]:
@@ -168,19 +161,6 @@ class RewardEnvironment(Environment):
     def _accepted(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         names, var_keyword = self._parameters
         return kwargs if var_keyword else {k: v for k, v in kwargs.items() if k in names}
-
-    def _texts(self, texts: Any, n: int) -> list[str] | None:
-        if texts is None:
-            return None
-        if not isinstance(texts, Sequence) or isinstance(texts, (str, bytes)) or len(texts) != n:
-            got = f"{len(texts)} entries" if isinstance(texts, Sequence) else type(texts).__name__
-            raise InvalidResultError(f"reward function {self.fn_name!r}: last_feedback must be a list with one "
-                                     f"text per row; got {got} for {n} rows")
-        for row, text in enumerate(texts):
-            if text is not None and not isinstance(text, str):
-                raise InvalidResultError(f"reward function {self.fn_name!r}: last_feedback[{row}] is "
-                                         f"{type(text).__name__}, expected str or None")
-        return [text or "" for text in texts]
 
     def _to_feedback(self, output: Any, texts: list[str] | None, n: int) -> list[Feedback]:
         if not isinstance(output, Sequence) or isinstance(output, (str, bytes)):

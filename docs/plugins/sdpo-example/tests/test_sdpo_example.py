@@ -30,3 +30,14 @@ def test_registered(example_plugin):
     env = make("reverse", case_sensitive=True)
     assert env(prompts=["Reverse 'hello'."], completions=["Olleh"], word=["hello"]) == [0.0]
     assert env.last_feedback == ["Letter 1 of your answer 'Olleh' is wrong."]
+
+
+def test_multi_turn_episode():
+    env = sdpo_example.ReverseEnvironment()
+    env.configure_episodes(max_turns=3)
+    env.reset({"word": "hello"})
+    first = env.step("olleg")
+    assert (first.done, first.reward) == (False, 0.0)
+    assert first.observation == "Letter 5 of your answer 'olleg' is wrong. Try again: answer with the reversed word only."
+    second = env.step("olleh")
+    assert (second.done, second.reward) == (True, 1.0)

@@ -1,11 +1,18 @@
-"""Persistent worker processes for `concurrency="process"` environments.
+"""The concurrency engine: how an environment's episodes run at once (threads, one event loop, or
+persistent worker processes), and how a single call is bounded in time.
 
-Why not `ProcessPoolExecutor`: TRL calls a reward function every step, so a pool must outlive one
-`evaluate` call, yet an episode past its timeout must be killed without losing the other workers, and
-the clock must start when the episode starts (not while it waits in the executor's call queue or
-while a fresh worker imports things). Why not `multiprocessing` at all: its spawn and forkserver
-children re-import the parent's `__main__`, i.e. the training script with torch and TRL, in every
-worker. A worker here is `python -c` running `worker_main`, which imports `sdpo_envs` and whatever
+`sdpo_envs.env.Environment` decides *what* an episode is and what a failure is worth; this module only
+runs episodes, through the small `Scorer` protocol, and never imports `env`.
+
+Threads (`run_in_threads`): daemon threads pull episodes from a queue. A thread cannot be killed, so one
+stuck past the timeout is abandoned and replaced, and the remaining episodes still run.
+
+Processes (`WorkerPool`). Why not `ProcessPoolExecutor`: TRL calls a reward function every step, so a
+pool must outlive one `evaluate` call, yet an episode past its timeout must be killed without losing the
+other workers, and the clock must start when the episode starts (not while it waits in the executor's
+call queue or while a fresh worker imports things). Why not `multiprocessing` at all: its spawn and
+forkserver children re-import the parent's `__main__`, i.e. the training script with torch and TRL, in
+every worker. A worker here is `python -c` running `worker_main`, which imports `sdpo_envs` and whatever
 unpickling the environment needs, nothing else. The price: the environment's class must be importable
 by name (defined in a module, not in `__main__`).
 
@@ -18,9 +25,12 @@ idle worker, and an idle worker only reads, so neither side can block the other 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import os
 import pickle
+import queue
 import signal
 import subprocess
 import sys
@@ -28,20 +38,162 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from multiprocessing.connection import Connection, wait
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, TypeVar
 
 from sdpo_envs.types import EnvironmentSetupError, Feedback, InvalidResultError, Task
 
-if TYPE_CHECKING:
-    from sdpo_envs.env import Environment
+T = TypeVar("T")
 
+POLL_SECONDS = 0.05  # how late a thread episode's timeout may be noticed
 # Booting Python, importing sdpo_envs and unpickling the environment (which imports its plugin).
 STARTUP_TIMEOUT = 120.0
-_BOOT = "import sys; from sdpo_envs._workers import worker_main; worker_main(int(sys.argv[1]), int(sys.argv[2]))"
+_BOOT = "import sys; from sdpo_envs.executors import worker_main; worker_main(int(sys.argv[1]), int(sys.argv[2]))"
 
 
+class Scorer(Protocol):
+    """What the engine needs from an environment (`sdpo_envs.Environment` is one)."""
+
+    @property
+    def label(self) -> str: ...
+
+    def score(self, task: Task, completion: str) -> Feedback | Awaitable[Feedback]: ...
+
+    def _score_one(self, task: Task, completion: str) -> tuple[Feedback, bool]:
+        """One episode's feedback and whether it failed; the environment's failure policy applied."""
+        ...
+
+    def failed_feedback(self, reason: str, **details: Any) -> Feedback: ...
+
+    def _note_failure(self, count: int = 1) -> None: ...
+
+
+def timed_out(scorer: Scorer, timeout: float) -> Feedback:
+    """The failed feedback of an episode that ran past `timeout` seconds."""
+    return scorer.failed_feedback(f"episode timed out after {timeout:g} s", timed_out=True)
+
+
+# ------------------------------------------------------------------------------------------ threads
+def run_in_threads(
+    scorer: Scorer, tasks: Sequence[Task], texts: Sequence[str], workers: int, timeout: float | None
+) -> list[Feedback]:
+    """Score every episode on at most `workers` daemon threads (plus replacements of stuck ones).
+
+    A thread stuck past the timeout is abandoned and replaced, so the remaining episodes still run, and
+    it cannot block interpreter exit (executor threads would). `InvalidResultError` from any episode is
+    re-raised here, in the caller's thread.
+    """
+    todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for i in range(len(tasks)):
+        todo.put(i)
+    finished: queue.SimpleQueue[tuple[int, Feedback | None, BaseException | None]] = queue.SimpleQueue()
+    started: dict[int, float] = {}  # the timeout counts from here, not from submission
+    stop = threading.Event()
+
+    def work() -> None:
+        while not stop.is_set():
+            try:
+                i = todo.get_nowait()
+            except queue.Empty:
+                return
+            started[i] = time.monotonic()
+            try:
+                finished.put((i, scorer._score_one(tasks[i], texts[i])[0], None))
+            except BaseException as exc:  # InvalidResultError: re-raised in the caller's thread
+                finished.put((i, None, exc))
+
+    def spawn() -> None:
+        threading.Thread(target=work, name=f"sdpo-env-{scorer.label}", daemon=True).start()
+
+    for _ in range(workers):
+        spawn()
+    results: list[Feedback | None] = [None] * len(tasks)
+    remaining = len(tasks)
+    try:
+        while remaining:
+            try:
+                i, feedback, error = finished.get(timeout=None if timeout is None else POLL_SECONDS)
+            except queue.Empty:
+                pass
+            else:
+                if results[i] is None:  # else it already timed out
+                    if error is not None:
+                        raise error
+                    results[i], remaining = feedback, remaining - 1
+            if timeout is None:
+                continue
+            now = time.monotonic()
+            for i, began in list(started.items()):
+                if results[i] is None and now - began > timeout:
+                    results[i] = timed_out(scorer, timeout)
+                    remaining -= 1
+                    spawn()
+    finally:
+        stop.set()
+    return [r if r is not None else scorer.failed_feedback("episode was not run") for r in results]
+
+
+def call_with_timeout(fn: Callable[[], T], timeout: float | None, name: str) -> T:
+    """`fn()`, or `TimeoutError` once it has run `timeout` seconds (it is then abandoned on a daemon thread).
+
+    For calls into code that may hang and cannot be killed (a plugin's method): the caller goes on.
+    """
+    if timeout is None:
+        return fn()
+    outcome: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
+
+    def run() -> None:
+        try:
+            outcome.put((True, fn()))
+        except BaseException as exc:
+            outcome.put((False, exc))
+
+    threading.Thread(target=run, name=f"sdpo-{name}", daemon=True).start()
+    try:
+        ok, value = outcome.get(timeout=timeout)
+    except queue.Empty:
+        raise TimeoutError(f"{name} did not return within {timeout:g} s") from None
+    if not ok:
+        raise value
+    result: T = value
+    return result
+
+
+# ---------------------------------------------------------------------------------------- event loop
+async def run_async(
+    scorer: Scorer, tasks: Sequence[Task], texts: Sequence[str], workers: int | None, timeout: float | None
+) -> list[Feedback]:
+    """Score every episode of an `async def score` environment on one event loop, `workers` at a time."""
+    limit = asyncio.Semaphore(workers or len(tasks))
+
+    async def one(i: int) -> Feedback:
+        async with limit:
+            try:
+                return await asyncio.wait_for(_score_one_async(scorer, tasks[i], texts[i]), timeout)
+            except TimeoutError:
+                assert timeout is not None
+                return timed_out(scorer, timeout)
+
+    return list(await asyncio.gather(*(one(i) for i in range(len(tasks)))))
+
+
+async def _score_one_async(scorer: Scorer, task: Task, completion: str) -> Feedback:
+    try:
+        result = scorer.score(task, completion)
+        if inspect.isawaitable(result):
+            result = await result
+    except InvalidResultError:
+        raise
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        return scorer.failed_feedback(reason, traceback=traceback.format_exc(limit=5))
+    if not isinstance(result, Feedback):
+        raise InvalidResultError(f"{scorer.label}.score() returned {type(result).__name__}, expected Feedback")
+    return result
+
+
+# ----------------------------------------------------------------------------------------- processes
 def _child_pythonpath() -> str:
     """The parent's `sys.path`, so the worker imports the same modules from the same places."""
     return os.pathsep.join(os.path.abspath(p) if p else os.getcwd() for p in sys.path)
@@ -114,7 +266,7 @@ class WorkerPool:
         self._workers.remove(worker)
 
     def run(
-        self, env: Environment, tasks: Sequence[Task], texts: Sequence[str], workers: int, timeout: float | None
+        self, env: Scorer, tasks: Sequence[Task], texts: Sequence[str], workers: int, timeout: float | None
     ) -> list[Feedback]:
         """Score every episode on at most `workers` processes; see the module docstring for the protocol."""
         label = env.label
@@ -170,7 +322,7 @@ class WorkerPool:
             active[worker] = [index, None, time.monotonic()]
 
     def _receive(
-        self, env: Environment, active: dict[_Worker, list[Any]], results: list[Feedback | None],
+        self, env: Scorer, active: dict[_Worker, list[Any]], results: list[Feedback | None],
         timeout: float | None,
     ) -> None:
         if not active:
@@ -195,7 +347,7 @@ class WorkerPool:
                 self._discard(worker, kill=True)
 
     def _handle(
-        self, env: Environment, worker: _Worker, message: tuple[Any, ...], active: dict[_Worker, list[Any]],
+        self, env: Scorer, worker: _Worker, message: tuple[Any, ...], active: dict[_Worker, list[Any]],
         results: list[Feedback | None],
     ) -> None:
         kind = message[0]
@@ -216,7 +368,7 @@ class WorkerPool:
             raise EnvironmentSetupError(f"{env.label}: a worker process could not load the environment:\n{message[1]}")
 
     def _enforce_timeouts(
-        self, env: Environment, active: dict[_Worker, list[Any]], results: list[Feedback | None],
+        self, env: Scorer, active: dict[_Worker, list[Any]], results: list[Feedback | None],
         timeout: float | None,
     ) -> None:
         now = time.monotonic()
@@ -227,7 +379,7 @@ class WorkerPool:
             if started is not None and timeout is not None and now - started > timeout:
                 del active[worker]
                 self._discard(worker, kill=True)
-                results[index] = env.failed_feedback(f"episode timed out after {timeout:g} s", timed_out=True)
+                results[index] = timed_out(env, timeout)
 
 
 def worker_main(inbox_fd: int, outbox_fd: int) -> None:
@@ -235,7 +387,7 @@ def worker_main(inbox_fd: int, outbox_fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it kills us if needed
     inbox = Connection(inbox_fd, writable=False)
     outbox = Connection(outbox_fd, readable=False)
-    env: Environment | None = None
+    env: Scorer | None = None
     load_error = "no environment was sent"
     while True:
         try:
