@@ -54,7 +54,7 @@ from sdpo_core.config import SDPOConfig
 from sdpo_core.modeling import add_hidden_states_forward, causal_lm, lm_head, supports_hidden_state_path
 from sdpo_core.policy_loss import POLICY_LOSS_TYPES, aggregate_policy_loss, policy_per_token_loss, route_rows
 from sdpo_core.reprompt import build_teacher_batch, strip_thinking
-from sdpo_core.rewards import combine_feedback, read_feedback, reset_feedback, validated_reward_function
+from sdpo_core.rewards import combine_feedback, validated_reward_function
 from sdpo_core.teacher import (
     CopiedModelTeacher,
     DisabledAdapterTeacher,
@@ -65,7 +65,7 @@ from sdpo_core.teacher import (
 )
 from sdpo_core.teacher_drift import TeacherDriftCallback, moving_teacher_parameters
 from sdpo_core.teacher_schedule import generation_batches, reset_due, scheduled_rate
-from sdpo_envs.reward import completion_text
+from sdpo_envs.reward import completion_text, read_feedback, reset_feedback
 
 logger = logging.getLogger(__name__)
 
@@ -274,11 +274,11 @@ class SDPOTrainer(GRPOTrainer):
             rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
             self._log_success_fraction(self._total_rewards(rewards_per_func))
             return rewards_per_func
-        for source in sources:
-            reset_feedback(source)
+        named = list(zip(sources, self.reward_func_names, strict=True))
+        previous = [reset_feedback(source, name) for source, name in named]
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        per_function = [read_feedback(source, name, len(prompts)) for source, name in
-                        zip(sources, self.reward_func_names, strict=True)]
+        per_function = [read_feedback(source, name, len(prompts), before)
+                        for (source, name), before in zip(named, previous, strict=True)]
         local_feedback = combine_feedback(per_function, len(prompts))
         self._stash = {
             "prompts": gather_object(list(prompts)),

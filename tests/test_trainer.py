@@ -354,7 +354,8 @@ def test_stale_or_malformed_feedback_is_rejected(model, tokenizer, chat_dataset,
 
     trainer = SDPOTrainer(model=model, reward_funcs=[WrongLength()], args=make_args(max_steps=1),
                           train_dataset=chat_dataset, processing_class=tokenizer)
-    with pytest.raises(ValueError, match="'wrong_length': last_feedback has 1 entries for 4"):
+    with pytest.raises(ValueError, match="'wrong_length': last_feedback must be a list with one text per row; "
+                                         "got 1 entries for 4"):
         trainer.train()
 
     class Stale:
