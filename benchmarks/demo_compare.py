@@ -3,10 +3,12 @@
     python benchmarks/demo_compare.py                          # 3 seeds x {SDPO, GRPO}, one run at a time
     python benchmarks/demo_compare.py --jobs 2                 # two runs at once, one CPU thread each (2 cores)
     python benchmarks/demo_compare.py --resume                 # finish an interrupted benchmark
+    python benchmarks/demo_compare.py --variants guarded,grpo  # SDPO with the guarded preset against GRPO
     python benchmarks/demo_compare.py --max_steps 60 --preset reference_lcb   # other flags go to `sdpo train`
 
-Each (variant, seed) pair is one `sdpo train --seed S` subprocess (GRPO adds `--no_enabled`; every other flag
-the benchmark does not know is passed through), so a run's numbers are exactly what a user of `sdpo train` sees:
+Each (variant, seed) pair is one `sdpo train --seed S` subprocess (GRPO adds `--no_enabled`, guarded
+`--preset guarded`; every other flag the benchmark does not know is passed through), so a run's numbers are
+exactly what a user of `sdpo train` sees:
 held-out accuracy (greedy, on distinct prompts never trained on) before training, every `--eval_every` steps and
 after, and the per-step metrics of `metrics.jsonl`. Runs go seed-major (both variants of seed 0 first), `--jobs`
 at a time, with the CPU cores split between them (`OMP_NUM_THREADS`); checkpoints are off (`--save_strategy no`)
@@ -41,9 +43,11 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-VARIANTS: dict[str, list[str]] = {"sdpo": [], "grpo": ["--no_enabled"]}
-LABELS = {"sdpo": "SDPO", "grpo": "GRPO"}
-COLORS = {"sdpo": "tab:red", "grpo": "tab:blue"}
+# "guarded" is SDPO with the `guarded` preset (a blend with GRPO's loss and a slower teacher, docs/config.md)
+VARIANTS: dict[str, list[str]] = {"sdpo": [], "guarded": ["--preset", "guarded"], "grpo": ["--no_enabled"]}
+DEFAULT_VARIANTS = ("sdpo", "grpo")
+LABELS = {"sdpo": "SDPO", "guarded": "SDPO, guarded preset", "grpo": "GRPO"}
+COLORS = {"sdpo": "tab:red", "guarded": "tab:orange", "grpo": "tab:blue"}
 SMOOTHING = 5
 
 
@@ -181,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog="Any other flag is passed to every `sdpo train` run.")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per variant (0, 1, ...)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of sdpo, grpo")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                        help=f"comma-separated subset of {', '.join(VARIANTS)}")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once")
     parser.add_argument("--threads", type=int,
                         help="torch CPU threads per run (default: the cores divided among the jobs; 0: let "
