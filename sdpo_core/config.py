@@ -354,6 +354,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "include_environment_feedback": True,
         "environment_feedback_only_without_solution": True,
     },
+    # The seed's defaults, SDPOConfig() as it is: the paper's SDPO (for runs whose default preset is another).
+    "paper": {},
     # Ours, not a paper run: the collapse guards' starting recipe (docs/config.md#guards-against-collapse).
     # Half GRPO's policy gradient keeps the reward signal; a slow EMA keeps the teacher near the initial model.
     "guarded": {

@@ -65,6 +65,10 @@ DEFAULTS: dict[str, Any] = {
     "environment_kwargs": {"difficulty": 0, "unformatted_scale": 1.0},
     "eval_size": 48,
     "eval_every": 10,  # held-out accuracy at steps 0, 10, 20 and 30; an evaluation costs about one step
+    # SDPO with the guards' recipe (half GRPO's loss, a slow EMA teacher): with SDPOConfig()'s paper settings
+    # this 135M model's sampled reward falls and its entropy rises on the demo (docs/benchmarks.md). It applies
+    # to SDPO runs of the math environment; `--no_enabled` is the plain GRPO twin, `--preset paper` the paper's SDPO.
+    "preset": "guarded",
     # GRPOConfig, scaled down for two CPU cores: one prompt x 8 completions of <= 48 tokens per step.
     "output_dir": "runs/sdpo",
     "num_generations": 8,
@@ -158,8 +162,8 @@ class TrainArguments:
     )
     preset: str | None = field(
         default=None,
-        metadata={"help": f"SDPO settings of a paper run script: {' or '.join(sorted(PRESETS))} (explicit "
-                          "SDPOConfig keys still win)."},
+        metadata={"help": f"Named SDPO settings: {' or '.join(sorted(PRESETS))} (explicit SDPOConfig keys "
+                          "still win). The math demo's SDPO runs default to guarded; paper is SDPOConfig()."},
     )
     compare_grpo: bool = field(
         default=False,
@@ -270,8 +274,13 @@ def parse_train_args(argv: Sequence[str]) -> tuple[TrainArguments, GRPOConfig, S
 
     parser = _train_parser()
     base = dict(DEFAULTS) if _has_cuda() else {**DEFAULTS, **CPU_DEFAULTS}
+    demo_preset = base.pop("preset")
     if (known.environment or config.get("environment", base["environment"])) != base["environment"]:
         del base["environment_kwargs"]  # the demo's settings are the math environment's, not another's
+    elif preset is None and not _asks_for_grpo(argv, config):
+        preset = demo_preset  # the demo's SDPO recipe; a GRPO run (--no_enabled) stays plain GRPO
+    if preset is not None:
+        base["preset"] = preset
     for layer, source in ((base, "DEFAULTS"), (PRESETS.get(preset or "", {}), f"preset {preset}"),
                           (config, f"--config {known.config}")):
         leftover = parser.set_defaults_with_config(**layer)  # ["--key", "value", ...] for keys no field takes
@@ -293,6 +302,18 @@ def parse_train_args(argv: Sequence[str]) -> tuple[TrainArguments, GRPOConfig, S
         raise CLIError(f"--compare_grpo runs GRPO beside an SDPO run, but enabled=False {source} makes this run "
                        "GRPO already; drop --compare_grpo or the enabled=False setting")
     return script, training, sdpo
+
+
+def _asks_for_grpo(argv: Sequence[str], config: Mapping[str, Any]) -> bool:
+    """Whether the command line (its last `--enabled`/`--no_enabled`) or the config file turns SDPO off."""
+    for i in range(len(argv) - 1, -1, -1):
+        flag, _, value = argv[i].partition("=")
+        if flag == "--no_enabled":
+            return True
+        if flag == "--enabled":
+            value = value or (argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else "true")
+            return value.strip().lower() in ("false", "f", "no", "n", "0")
+    return config.get("enabled") is False
 
 
 def _has_cuda() -> bool:

@@ -106,6 +106,32 @@ def test_no_arguments_is_the_embedded_demo():
     assert sdpo.distillation_topk == 100
 
 
+def test_the_demo_trains_sdpo_with_the_guarded_preset():
+    script, _, sdpo = parse_train_args([])
+    assert script.preset == "guarded"
+    assert sdpo == SDPOConfig.from_preset("guarded")
+    assert (sdpo.distillation_weight, sdpo.teacher_update_rate) == (0.5, 0.01)
+
+
+@pytest.mark.parametrize("argv", [["--no_enabled"], ["--enabled", "false"], ["--enabled=false"]])
+def test_the_demo_as_grpo_is_plain_grpo(argv):
+    script, _, sdpo = parse_train_args(argv)
+    assert script.preset is None
+    assert sdpo == SDPOConfig(enabled=False)
+
+
+def test_the_demo_with_the_paper_preset_is_sdpo_config_defaults():
+    script, _, sdpo = parse_train_args(["--preset", "paper"])
+    assert script.preset == "paper"
+    assert sdpo == SDPOConfig()
+
+
+def test_the_demo_preset_is_the_math_environment_s_only(toy_env):
+    script, _, sdpo = parse_train_args(["--env", "toy"])
+    assert script.preset is None
+    assert sdpo == SDPOConfig()
+
+
 def test_example_math_config_is_the_embedded_default():
     assert parse_train_args(["--config", str(REPO / "examples/math_cpu.yaml")]) == parse_train_args([])
 

@@ -90,7 +90,8 @@ def test_presets_set_the_run_values():
     generalization = SDPOConfig.from_preset("reference_generalization", alpha=0.3)
     assert not generalization.include_environment_feedback
     assert generalization.alpha == 0.3
-    assert set(PRESETS) == {"reference_lcb", "reference_generalization", "guarded"}
+    assert set(PRESETS) == {"reference_lcb", "reference_generalization", "guarded", "paper"}
+    assert SDPOConfig.from_preset("paper") == SDPOConfig()
     with pytest.raises(ValueError, match="unknown SDPO preset"):
         SDPOConfig.from_preset("nope")
 
