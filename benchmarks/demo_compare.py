@@ -3,7 +3,7 @@
     python benchmarks/demo_compare.py                          # 3 seeds x {SDPO, GRPO}, one run at a time
     python benchmarks/demo_compare.py --jobs 2                 # two runs at once, one CPU thread each (2 cores)
     python benchmarks/demo_compare.py --resume                 # finish an interrupted benchmark
-    python benchmarks/demo_compare.py --variants guarded,grpo  # SDPO with the guarded preset against GRPO
+    python benchmarks/demo_compare.py --variants guarded,paper,grpo   # the guarded preset, the paper's SDPO, GRPO
     python benchmarks/demo_compare.py --max_steps 60 --preset reference_lcb   # other flags go to `sdpo train`
 
 Each (variant, seed) pair is one `sdpo train --seed S` subprocess (GRPO adds `--no_enabled`, guarded
@@ -43,11 +43,14 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-# "guarded" is SDPO with the `guarded` preset (a blend with GRPO's loss and a slower teacher, docs/config.md)
-VARIANTS: dict[str, list[str]] = {"sdpo": [], "guarded": ["--preset", "guarded"], "grpo": ["--no_enabled"]}
+# "sdpo" is the demo as it is (its SDPO runs use the `guarded` preset); "guarded" names that preset explicitly,
+# "paper" is SDPOConfig() (the paper's SDPO), "grpo" the GRPO twin.
+VARIANTS: dict[str, list[str]] = {"sdpo": [], "guarded": ["--preset", "guarded"], "paper": ["--preset", "paper"],
+                                  "grpo": ["--no_enabled"]}
 DEFAULT_VARIANTS = ("sdpo", "grpo")
-LABELS = {"sdpo": "SDPO", "guarded": "SDPO, guarded preset", "grpo": "GRPO"}
-COLORS = {"sdpo": "tab:red", "guarded": "tab:orange", "grpo": "tab:blue"}
+LABELS = {"sdpo": "SDPO", "guarded": "SDPO, guarded preset", "paper": "SDPO, paper settings",
+          "grpo": "GRPO"}
+COLORS = {"sdpo": "tab:red", "guarded": "tab:orange", "paper": "tab:purple", "grpo": "tab:blue"}
 SMOOTHING = 5
 
 
