@@ -293,7 +293,7 @@ def parse_train_args(argv: Sequence[str]) -> tuple[TrainArguments, GRPOConfig, S
         raise CLIError(str(exc)) from None
     script.environment_kwargs = {**script.environment_options, **parse_env_args(extra.env_arg)}
     if script.compare_grpo and not sdpo.enabled:
-        if any(arg.split("=", 1)[0] in ("--enabled", "--no_enabled") for arg in argv):
+        if _asks_for_grpo(argv, {}):
             source = "on the command line (--no_enabled or --enabled false)"
         elif "enabled" in config:
             source = f"in --config {known.config}"
