@@ -12,8 +12,8 @@ What is compared (top-K=100 + tail, α ∈ {0.5, 1.0}, the same fp32 inputs, log
   *config* defaults differ (`distillation_mode="sampled_token"`, no tail), so it is configured explicitly.
 - `sdpo_rl`: PyPI `sdpo-rl` 0.0.3, `sdpo_rl.distillation.top_k_kl_divergence` fed the way its trainer feeds it
   (`trainer.py`: full `log_softmax` of the student, `topk` on it, teacher `log_softmax` under `no_grad` gathered
-  at the student's indices). Same semantics; its trainer does not divide logits by the temperature (peers.md
-  bug 5), which does not matter here since inputs are already tempered. Measuring only: install it with
+  at the student's indices). Same semantics; its trainer does not divide logits by the temperature (docs/peers.md
+  SDPO-RL-5), which does not matter here since inputs are already tempered. Measuring only: install it with
   `pip install --no-deps sdpo-rl`; it is never a dependency of sdpo-gym. Skipped with a message if absent.
 
 A second section sweeps T and V for the path that starts from hidden states (`ours_hidden`:

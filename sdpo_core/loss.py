@@ -1,7 +1,7 @@
 """SDPO's distillation loss as pure tensor functions (no models, no tokenizers).
 
 Reproduces lasgroup/SDPO `compute_self_distillation_loss` (`verl/trainer/ppo/core_algos.py:1085-1188`) and the
-top-K bookkeeping of its actor (`verl/workers/actor/dp_actor.py:364-386`, `:808-832`); `docs/algorithm.md` §2
+top-K bookkeeping of its actor (`verl/workers/actor/dp_actor.py:364-386`, `:808-832`); docs/algorithm.md §2
 is the spec. Conventions shared by every function here:
 
 - Logits are `[..., V]` and already divided by the rollout temperature (or the temperature is passed in and
@@ -495,7 +495,8 @@ def distillation_loss_per_token(
     student_lm_head_bias: Tensor | None = None,
     teacher_lm_head_bias: Tensor | None = None,
 ) -> Tensor:
-    """One entry point for the trainer: hidden states when LM heads are given, logits otherwise. `[...]`."""
+    """Per-token loss from hidden states when LM heads are given, from logits otherwise (`[...]`); the tests'
+    single door to both paths (the trainer calls `chunked_distillation_loss_with_stats`)."""
     if (student_lm_head is None) != (teacher_lm_head is None):
         raise ValueError("pass both student_lm_head and teacher_lm_head, or neither")
     if student_lm_head is not None and teacher_lm_head is not None:
@@ -682,7 +683,7 @@ def aggregate_loss(
     - `"token_mean"`: masked sum divided by `num_active_tokens`, the step's global count of active tokens
       (default: this batch's count, clamped to >= 1). Pass the global count to be micro-batch invariant.
 
-    How this matches lasgroup/SDPO (algorithm.md §2.6): the reference takes a token mean over the unmasked
+    How this matches lasgroup/SDPO (docs/algorithm.md §2.6): the reference takes a token mean over the unmasked
     tokens of each micro-batch (core_algos.py:1182-1187) and multiplies by 1/GA (dp_actor.py:746-773); an
     all-masked micro-batch gives 0 (dp_actor.py:848). Its runs use micro-batch 1 (user.yaml:22), so every
     micro-batch is one sequence and the step's loss is the mean over the step's sequences of each

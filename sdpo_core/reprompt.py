@@ -1,15 +1,15 @@
 """Teacher prompts for SDPO: who gets a demonstration or feedback, and the teacher's prompt token ids.
 
-Reproduces lasgroup/SDPO `ray_trainer.py:611-796` (design notes: `algorithm.md` §4) with these deliberate
+Reproduces lasgroup/SDPO `ray_trainer.py:611-796` (specified in docs/algorithm.md §4) with these deliberate
 differences:
 
 - `{prompt}` is the *content* of the last user message and earlier messages stay as they are, so system text
-  and role names are never duplicated (sdpo-rl bug #3 pasted rendered chat-template text);
+  and role names are never duplicated (docs/peers.md SDPO-RL-3: pasted rendered chat-template text);
 - the thinking strip also drops everything up to an unmatched leading `</think>` (a completion that began inside
   a prefilled `<think>`), which the reference regex misses;
 - over-long teacher prompts are shortened by re-rendering with shorter demonstration, feedback or question
   text, so the chat template and the generation header are never cut (the reference right-truncates the
-  token ids, cutting the assistant header), and the tokenizer is never mutated (sdpo-rl bug #9);
+  token ids, cutting the assistant header), and the tokenizer is never mutated (docs/peers.md SDPO-RL-9);
 - demonstrations can also be chosen at random or as the shortest success, and a lone success may
   opt in to being its own demonstration.
 

@@ -1,13 +1,14 @@
 """The SDPO teacher: a second set of weights that scores the student's tokens under the teacher prompt.
 
-Every strategy answers three calls: `logits(student, input_ids, attention_mask, logits_to_keep)` (raw
-logits, no grad, not temperature-scaled), `update(student)` (once per generation batch, after its
-optimizer steps) and `state_dict()`/`load_state_dict()` (checkpointing).
+Every strategy answers four calls: `logits(student, input_ids, attention_mask, logits_to_keep)` (raw
+logits, no grad, not temperature-scaled), `hidden_states(student, input_ids, attention_mask, keep)` (final
+hidden states and the LM head, for the memory-lean loss path), `update(student)` (once per generation batch,
+after its optimizer steps) and `state_dict()`/`load_state_dict()` (checkpointing).
 
 - `CopiedModelTeacher`: a full copy of the initial student, EMA-updated (`ema`) or never (`frozen`).
   The copy is made *before* GRPOTrainer patches `model.forward` with its fused LM head: a copy made
   after it keeps a closure over the student's original forward, so the "teacher" would silently run
-  the student's weights (sdpo-rl 0.0.3's bug, see docs). `strip_patched_forward` guards against it.
+  the student's weights (docs/peers.md SDPO-RL-1). `strip_patched_forward` guards against it.
 - `LoraEMATeacher`: a second LoRA adapter `sdpo_teacher` on the student's base, initialised from the
   student's adapter; EMA touches the adapter weights only.
 - `DisabledAdapterTeacher`: frozen teacher of a fresh LoRA run: the base with adapters disabled.

@@ -172,7 +172,7 @@ def test_cli_flags_parse_into_config():
 
 
 def test_runtime_dependencies_are_minimal_and_pinned():
-    """sdpo-rl bug 12: test tools as runtime deps and an unbounded trl."""
+    """docs/peers.md SDPO-RL-12: test tools as runtime deps and an unbounded trl."""
     project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
     deps = project["dependencies"]
     assert "trl==1.16.*" in deps

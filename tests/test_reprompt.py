@@ -1,4 +1,4 @@
-"""Teacher-prompt construction against lasgroup/SDPO's rules (algorithm.md §4) and the peers' known bugs."""
+"""Teacher-prompt construction against lasgroup/SDPO's rules (docs/algorithm.md §4) and the peers' known bugs."""
 
 from __future__ import annotations
 
@@ -171,7 +171,7 @@ def test_unknown_mode() -> None:
         select_demonstrations([0.0], 1, threshold=1.0, mode="best")
 
 
-# --- who gets a signal (algorithm.md §4 table) -----------------------------------------------------------
+# --- who gets a signal (docs/algorithm.md §4, the table) -----------------------------------------------------------
 
 # Four groups of 3: (rewards, feedbacks). Failures carry feedback, successes an empty string.
 TABLE_REWARDS = [
@@ -244,7 +244,7 @@ def test_feedback_off_ignores_feedback() -> None:
     assert not teacher.uses_feedback
 
 
-# --- exact teacher strings (algorithm.md §4.1) -----------------------------------------------------------
+# --- exact teacher strings (docs/algorithm.md §4.1) -----------------------------------------------------------
 
 
 def rendered(tok: Any, teacher: TeacherPrompt, **kwargs: Any) -> str:
@@ -580,7 +580,7 @@ def test_batch_length_mismatch(tokenizer: Any) -> None:
 
 
 def test_a_success_never_gets_the_feedback_section(tokenizer):
-    """peers.md TRL #1: even a lone success with non-empty feedback is not told it was unsuccessful."""
+    """docs/peers.md TRL-SDPO-1: even a lone success with non-empty feedback is not told it was unsuccessful."""
     prompts = [[{"role": "user", "content": "Q"}]] * 2
     batch = build_teacher_batch(prompts, ["good", "bad"], [1.0, 0.0], ["partial credit note", "wrong"],
                                 group_size=2, config=SDPOConfig(), tokenizer=tokenizer)

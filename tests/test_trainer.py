@@ -163,7 +163,7 @@ def test_teacher_update_skipped_without_finite_gradient(model, tokenizer, chat_d
 
 
 def test_eval_uses_eval_group_size(model, tokenizer, chat_dataset, make_args, feedback_reward):
-    """sdpo-rl bug 7: eval must group by num_generations_eval, not num_generations."""
+    """docs/peers.md SDPO-RL-7: eval must group by num_generations_eval, not num_generations."""
     args = make_args(num_generations_eval=2, per_device_eval_batch_size=4, eval_strategy="no")
     trainer = SDPOTrainer(model=model, reward_funcs=[feedback_reward(succeed=lambda row: row % 2 == 0)], args=args,
                           train_dataset=chat_dataset, eval_dataset=chat_dataset.select(range(4)),
@@ -210,7 +210,7 @@ def test_trust_region_interpolates_logits(model, tokenizer, chat_dataset, make_a
 
 
 def test_gradient_accumulation_matches_one_big_batch(model, tokenizer, chat_dataset, make_args, feedback_reward):
-    """sdpo-rl bug 4: GA 2x4 must give the same gradients as GA 1x8."""
+    """docs/peers.md SDPO-RL-4: GA 2x4 must give the same gradients as GA 1x8."""
     trainer = _trainer(model, tokenizer, chat_dataset, make_args(per_device_train_batch_size=8, num_generations=4),
                        feedback_reward(succeed=lambda row: row % 4 == 0))
     batch = trainer._generate_and_score_completions([chat_dataset[i] for i in range(8)])
@@ -253,7 +253,7 @@ def test_masks_and_vllm_ratio_scale_the_loss(model, tokenizer, chat_dataset, mak
 
 def test_importance_ratio_is_one_on_policy_at_low_temperature(model, tokenizer, chat_dataset, make_args,
                                                               feedback_reward):
-    """sdpo-rl bug 5: logits must be divided by the temperature like GRPO's old log-probs are."""
+    """docs/peers.md SDPO-RL-5: logits must be divided by the temperature like GRPO's old log-probs are."""
     args = make_args(max_steps=1, temperature=0.7, num_iterations=2)  # num_iterations > 1 computes old logps
     trainer = _trainer(model, tokenizer, chat_dataset, args, feedback_reward())
     batch = trainer._generate_and_score_completions([chat_dataset[i] for i in range(4)])

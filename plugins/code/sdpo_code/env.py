@@ -1,7 +1,7 @@
 """The ``code`` environment: run a completion's program against a task's tests in a sandbox.
 
 Differences from the SDPO reference's harness (lasgroup/SDPO ``feedback/code.py``), each a defect there
-(``sandbox.md`` §3): CPU time, not wall time from the batch start, is what is limited, so contention alone does
+(docs/sandbox.md §8): CPU time, not wall time from the batch start, is what is limited, so contention alone does
 not turn correct programs into timeouts (a badly overloaded machine still can, through the wall backstop); the
 tests of one solution run sequentially in one sandboxed process; syntax errors are their own verdict; line
 numbers are the submitted code's; sandbox faults abstain (reward `None`, no text) instead of being blamed on

@@ -1,4 +1,4 @@
-"""Regression for the reference's false timeouts under contention (sandbox.md §3.2): a correct solution at
+"""Regression for the reference's false timeouts under contention (docs/sandbox.md §8.2): a correct solution at
 ~0.2 s CPU per test, 1 s limit, evaluated as several concurrent submissions on 2 cores, is Accepted
 (the reference's harness scored this 0 with 8 or 20 tests)."""
 

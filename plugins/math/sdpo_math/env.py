@@ -19,7 +19,7 @@ too large to compute (`10^{10^{10}}`, `(10^9)!`) are judged by their size withou
 (`sdpo_math.magnitude`): wrong at once when the size differs from the reference's.
 
 The feedback text is written for the SDPO teacher. It never contains the reference answer unless
-`reveal_answer=True` (that leaks the label; `algorithm.md` §5). A correct answer has empty text.
+`reveal_answer=True` (that leaks the label; docs/algorithm.md §5). A correct answer has empty text.
 """
 
 from __future__ import annotations
