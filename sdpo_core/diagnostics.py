@@ -81,7 +81,8 @@ def longest_common_substring(text: str, other: str) -> int:
     """
     if not text or not other:
         return 0
-    links, lengths, edges = [-1], [0], [{}]  # state 0 is the empty string
+    links, lengths = [-1], [0]
+    edges: list[dict[str, int]] = [{}]  # state 0 is the empty string
     last = 0
     for char in other:
         state = len(lengths)

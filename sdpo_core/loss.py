@@ -570,7 +570,7 @@ class _HiddenSampledTokenLogps(torch.autograd.Function):
             logsumexp[rows] = torch.logsumexp(logits, dim=-1)
             token_logps[rows] = logits.gather(-1, token_ids[rows].unsqueeze(-1)).squeeze(-1) - logsumexp[rows]
         ctx.temperature, ctx.chunk_size = temperature, chunk_size  # type: ignore[attr-defined]
-        ctx.save_for_backward(hidden, weight, bias, token_ids, logsumexp)
+        ctx.save_for_backward(hidden, weight, bias, token_ids, logsumexp)  # type: ignore[arg-type]  # bias may be None
         return token_logps
 
     @staticmethod

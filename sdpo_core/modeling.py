@@ -21,17 +21,21 @@ class LMHead(NamedTuple):
     bias: torch.Tensor | None
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user-level module under DDP-style wrappers (`.module`)."""
+def unwrap(model: nn.Module) -> Any:
+    """The user-level module under DDP-style wrappers (`.module`).
+
+    Typed `Any`: what comes back is a transformers or PEFT model, whose methods (`get_output_embeddings`,
+    `set_adapter`, `peft_config`, ...) `nn.Module`'s type does not know.
+    """
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module
     return model
 
 
-def causal_lm(model: nn.Module) -> nn.Module:
+def causal_lm(model: nn.Module) -> Any:
     """The `*ForCausalLM` module: under DDP-style wrappers and under a PEFT model."""
-    model = unwrap(model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrap(model)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
 
 
 def lm_head(model: nn.Module) -> LMHead:
@@ -74,7 +78,7 @@ def add_hidden_states_forward(model: nn.Module) -> None:
         hidden = backbone_hidden_states(self, kwargs["input_ids"], kwargs["attention_mask"], kwargs["logits_to_keep"])
         # The head is applied outside this forward; a zero-valued use keeps it in the forward graph, so DDP with
         # find_unused_parameters=True does not mark it unused and then see its gradient arrive.
-        head = self.get_output_embeddings()
+        head = self.get_output_embeddings()  # type: ignore[operator]  # a transformers model's method
         anchor = head.weight.sum() * 0.0 + (0.0 if head.bias is None else head.bias.sum() * 0.0)
         return hidden + anchor
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import abc
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -73,6 +74,7 @@ class Teacher(abc.ABC):
 
     mode: str = ""
     updates: int = 0
+    rate: float = 0.0  # the EMA rate; 0 for teachers that never move
 
     @abc.abstractmethod
     def logits(self, student: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -142,7 +144,7 @@ class CopiedModelTeacher(Teacher):
 
 
 @contextlib.contextmanager
-def _active_adapter(peft_model: nn.Module, adapter: str, restore: str) -> Iterator[None]:
+def _active_adapter(peft_model: Any, adapter: str, restore: str) -> Iterator[None]:
     """Run with `adapter` active and frozen, then restore `restore` as the trainable adapter."""
     peft_model.set_adapter(adapter, inference_mode=True)
     try:

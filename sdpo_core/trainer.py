@@ -37,7 +37,7 @@ import math
 import os
 import random
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from accelerate.utils import gather_object, is_peft_model
@@ -123,8 +123,13 @@ class SDPOTrainer(GRPOTrainer):
     set on every call), as `sdpo_envs.Environment` objects do. Feedback of several functions is joined.
     """
 
-    _tag_names: ClassVar[list[str]] = ["trl", "grpo", "sdpo"]
+    _tag_names = ["trl", "grpo", "sdpo"]  # noqa: RUF012  (an instance attribute of GRPOTrainer)
     _name = "SDPO"
+    # What GRPOTrainer holds, typed as this subclass uses it (transformers' Trainer types them more loosely).
+    args: GRPOConfig
+    model: Any  # a transformers or PEFT model, possibly wrapped for DDP
+    num_generations: int
+    num_generations_eval: int
 
     def __init__(
         self,
@@ -168,7 +173,7 @@ class SDPOTrainer(GRPOTrainer):
             reward_funcs = [f if isinstance(f, (nn.Module, str)) else validated_reward_function(f) for f in funcs]
 
         super().__init__(
-            model=model,
+            model=model,  # type: ignore[arg-type]  # any nn.Module causal LM works, as in GRPOTrainer itself
             reward_funcs=reward_funcs,
             args=args,
             train_dataset=train_dataset,
@@ -214,10 +219,17 @@ class SDPOTrainer(GRPOTrainer):
                 add_hidden_states_forward(causal_lm(self.model))
             logger.info("SDPO teacher: %s (update rate %s)", cfg.teacher_mode, cfg.teacher_update_rate)
 
+    @property
+    def _steps_per_generation(self) -> int:
+        """`GRPOConfig.steps_per_generation`, which its `__post_init__` always sets."""
+        steps = self.args.steps_per_generation
+        assert steps is not None
+        return steps
+
     # ------------------------------------------------------------------------------------ teacher set-up
     def _teacher_from_path(self, quantization_config: Any) -> nn.Module:
         """Load the teacher from the student's path, the way GRPOTrainer loads its reference model."""
-        model_init_kwargs = dict(self.args.model_init_kwargs or {})
+        model_init_kwargs = dict(self.args.model_init_kwargs or {})  # type: ignore[arg-type]  # parsed to a dict
         if quantization_config is not None:
             model_init_kwargs["quantization_config"] = quantization_config
         if self.args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED"]:
@@ -258,7 +270,7 @@ class SDPOTrainer(GRPOTrainer):
             and (not isinstance(self.teacher, CopiedModelTeacher) or supports_hidden_state_path(self.teacher.module))
         )
 
-    def _prepare_teacher_module(self, module: nn.Module) -> nn.Module:
+    def _prepare_teacher_module(self, module: nn.Module) -> Any:
         """Place the teacher like GRPO's reference model; never `accelerator.prepare` (DDP on a frozen module)."""
         module.requires_grad_(False)
         if self.is_deepspeed_enabled:
@@ -364,7 +376,7 @@ class SDPOTrainer(GRPOTrainer):
 
     def _teacher_chat_template_kwargs(self) -> dict[str, Any]:
         """The student's template settings (tools, chat template, kwargs), then `apply_chat_template_kwargs`."""
-        kwargs: dict[str, Any] = dict(self.chat_template_kwargs)
+        kwargs: dict[str, Any] = dict(self.chat_template_kwargs)  # type: ignore[arg-type]  # parsed to a dict
         if self.tools:
             kwargs["tools"] = self.tools
         if getattr(self, "chat_template", None) is not None:
@@ -419,12 +431,12 @@ class SDPOTrainer(GRPOTrainer):
         else:
             normalizer = inputs["sd_num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
-                normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+                normalizer = normalizer * self.current_gradient_accumulation_steps / self._steps_per_generation
             loss = sdpo_loss.aggregate_loss(per_token_loss, mask, mode="token_mean", num_active_tokens=normalizer)
             reported = loss.detach()
 
         self._log_loss_metrics(mode, reported, inputs, mask, terms, is_ratio)
-        if policy_rows is None:
+        if policy_rows is None or distill_rows is None:  # both are set, or neither
             return loss
         policy_loss = self._policy_loss(inputs, student_token_logps, policy_rows, mode)
         self._log_routing_metrics(mode, policy_rows, distill_rows)
@@ -451,7 +463,7 @@ class SDPOTrainer(GRPOTrainer):
         if self.loss_type in ("dapo", "cispo"):
             num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
-                num_items = num_items * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+                num_items = num_items * self.current_gradient_accumulation_steps / self._steps_per_generation
         loss = aggregate_policy_loss(per_token_loss, mask, loss_type=self.loss_type, rows=rows,
                                      max_completion_length=self.max_completion_length, num_items=num_items)
         self._metrics[mode]["sdpo/policy_loss"].append(self.accelerator.gather(loss.detach()).mean().item())
@@ -504,6 +516,7 @@ class SDPOTrainer(GRPOTrainer):
         if rows is not None:  # rows without a signal are masked out of the loss: skip their teacher forward
             student_logits, student_rows_logps = student_logits[rows], student_token_logps[rows]
             completion_ids = completion_ids[rows]
+        assert self.teacher is not None  # set in __init__ whenever SDPO is enabled
         teacher_logits = self.teacher.logits(model, *self._teacher_inputs(inputs, rows))
         teacher_logits = teacher_logits[:, :-1, :] / self.temperature  # [b, T, V]
         teacher_token_logps = sdpo_loss.sampled_token_logps(teacher_logits, completion_ids)  # [b, T]
@@ -548,6 +561,7 @@ class SDPOTrainer(GRPOTrainer):
         active_hidden, active_ids = student_hidden, completion_ids
         if rows is not None:  # rows without a signal are masked out of the loss: skip their teacher forward
             active_hidden, active_ids = student_hidden[rows], completion_ids[rows]
+        assert self.teacher is not None  # set in __init__ whenever SDPO is enabled
         teacher_hidden, teacher_head = self.teacher.hidden_states(model, *self._teacher_inputs(inputs, rows))
         teacher_hidden = teacher_hidden[:, :-1, :]  # [b, T, H]
         # the statistics come out of the loss's own chunk logits: no second pass through either LM head
@@ -626,7 +640,7 @@ class SDPOTrainer(GRPOTrainer):
         """EMA once per generation batch, after its last optimizer step (lasgroup/SDPO dp_actor.py:918-920)."""
         if self.teacher is None:
             return
-        generate_every = self.args.steps_per_generation * self.num_iterations
+        generate_every = self._steps_per_generation * self.num_iterations
         completed = self._step // generate_every
         if completed <= self._teacher_generations_done:
             return
@@ -639,7 +653,7 @@ class SDPOTrainer(GRPOTrainer):
         elif self._finite_step_in_generation:
             if cfg.teacher_update_rate_schedule != "constant":
                 total = generation_batches(self.state.max_steps, self.args.gradient_accumulation_steps,
-                                           self.args.steps_per_generation, self.num_iterations)
+                                           self._steps_per_generation, self.num_iterations)
                 self.teacher.rate = scheduled_rate(cfg.teacher_update_rate, cfg.teacher_update_rate_final,
                                                    cfg.teacher_update_rate_schedule, generation - 1, total)
                 self._metrics["train"]["sdpo/teacher_update_rate"].append(self.teacher.rate)
@@ -686,7 +700,7 @@ class SDPOTrainer(GRPOTrainer):
         self.teacher.updates = meta["updates"]
         # GRPOTrainer counts its micro-steps (`_step`) from 0 again after a resume; count generations likewise,
         # and keep the generations before the checkpoint as the rate schedule's and the reset's offset.
-        self._teacher_generations_done = self._step // (self.args.steps_per_generation * self.num_iterations)
+        self._teacher_generations_done = self._step // (self._steps_per_generation * self.num_iterations)
         self._teacher_generations_offset = meta.get("generations", meta["updates"]) - self._teacher_generations_done
         initial_path = os.path.join(checkpoint, TEACHER_INITIAL_STATE_FILE)
         if self._teacher_initial_state is not None and os.path.exists(initial_path):
