@@ -175,6 +175,6 @@ def test_runtime_dependencies_are_minimal_and_pinned():
     """docs/peers.md SDPO-RL-12: test tools as runtime deps and an unbounded trl."""
     project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
     deps = project["dependencies"]
-    assert "trl==1.16.*" in deps
-    assert "torch==2.13.0" in deps
+    assert "trl>=1.16,<1.17" in deps  # the trainer overrides private GRPOTrainer seams: a tested range only
+    assert "torch>=2.13,<2.15" in deps  # a range, so the distribution installs beside vLLM's own torch pin
     assert not [d for d in deps if d.split(">")[0].split("=")[0] in {"pytest", "matplotlib", "ruff", "mypy"}]
