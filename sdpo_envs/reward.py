@@ -101,6 +101,24 @@ def read_feedback(func: Any, name: str, expected: int, previous: Any = None) -> 
     return result
 
 
+def read_environment_feedback(environments: Sequence[Any]) -> list[str]:
+    """The feedback of TRL `environment_factory` objects, one per rollout: each object's `last_feedback` text.
+
+    An object without the attribute has nothing to say (`""`); a `last_feedback` that is not a `str` (or `None`)
+    is an `InvalidResultError` naming the object's class.
+    """
+    texts = []
+    for row, environment in enumerate(environments):
+        text = getattr(environment, "last_feedback", None)
+        if text is None:
+            text = ""
+        if not isinstance(text, str):
+            raise InvalidResultError(f"environment {type(environment).__name__!r} (row {row}): last_feedback is "
+                                     f"{type(text).__name__}, expected str or None")
+        texts.append(text)
+    return texts
+
+
 def write_feedback(target: Any, results: Sequence[Feedback] | None) -> None:
     """Publish a call's results on `target`: `last_results`, and `last_feedback` (their texts); `None` resets."""
     target.last_results = None if results is None else list(results)
