@@ -58,8 +58,8 @@ class EpisodeRecord:
 
     @property
     def turns(self) -> int:
-        """Attempts scored."""
-        return len(self.answers) if self.result is not None else 0
+        """Attempts the student generated in this episode."""
+        return len(self.answers)
 
     @property
     def reward(self) -> float | None:
@@ -165,7 +165,7 @@ class EpisodeRollout:
         completion_ids: list[list[int]] = [[] for _ in prompts]
         env_mask: list[list[int]] = [[] for _ in prompts]
         logprobs: list[list[float]] | None = [[] for _ in prompts]
-        active = [i for i, episode in enumerate(episodes) if episode is not None]
+        active = list(range(len(prompts)))  # an episode that could not start still gets its first turn generated
         num_generations = trainer.num_generations if trainer.model.training else trainer.num_generations_eval
         for turn in range(1, env.max_turns + 1):
             if not active:
@@ -182,7 +182,7 @@ class EpisodeRollout:
                 else:
                     logprobs = None
                 records[i].answers.append(tokenizer.decode(ids, skip_special_tokens=True))
-            self._step_all([(records[i], episodes[i]) for i in active])
+            self._step_all([(records[i], episode) for i in active if (episode := episodes[i]) is not None])
             still = []
             for i in active:
                 record = records[i]
@@ -213,11 +213,13 @@ class EpisodeRollout:
             self._fail(record, f"{self.environment.label}: the episode could not start: {type(exc).__name__}: {exc}")
             return None
 
-    def _step_all(self, pairs: list[tuple[EpisodeRecord, Episode | None]]) -> None:
+    def _step_all(self, pairs: list[tuple[EpisodeRecord, Episode]]) -> None:
         """Score the latest attempt of every active episode, concurrently (the environments run subprocesses)."""
-        def step(pair: tuple[EpisodeRecord, Episode | None]) -> None:
+        if not pairs:
+            return
+
+        def step(pair: tuple[EpisodeRecord, Episode]) -> None:
             record, episode = pair
-            assert episode is not None
             try:
                 record.result = episode.step(record.answers[-1])
             except Exception as exc:  # a contract break or bug in the environment: this episode fails, the run goes on
