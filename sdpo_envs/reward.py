@@ -21,12 +21,15 @@ rule (a `Feedback` with a NaN or infinite reward cannot be made).
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sdpo_envs.types import Completion, Feedback, InvalidResultError, Task
+
+logger = logging.getLogger(__name__)
 
 # Keyword arguments TRL adds to the dataset columns: per-batch context, not part of a task.
 TRAINER_KWARGS = frozenset({"trainer_state", "log_extra", "log_metric", "environments", "completion_ids"})
@@ -168,6 +171,7 @@ class RewardFunctionMixin:
     """The structured `Feedback` of each row of the last call."""
 
     if TYPE_CHECKING:  # provided by Environment
+        max_turns: int
 
         @property
         def label(self) -> str: ...
@@ -188,6 +192,11 @@ class RewardFunctionMixin:
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Completion], **kwargs: Any) -> list[float | None]:
         write_feedback(self, None)
+        if self.max_turns > 1 and not self.__dict__.get("_sdpo_warned_single_attempt"):
+            self.__dict__["_sdpo_warned_single_attempt"] = True
+            logger.warning("%s has max_turns=%d, but as a reward function it scores each completion as one attempt; "
+                           "SDPOTrainer(reward_funcs=[env]) plays whole episodes, and a plain GRPOTrainer can through "
+                           "environment_factory(env)", self.label, self.max_turns)
         if len(prompts) != len(completions):
             raise ValueError(f"{self.label}: {len(prompts)} prompts but {len(completions)} completions")
         tasks = tasks_from_columns(prompts, kwargs)

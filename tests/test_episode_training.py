@@ -367,3 +367,13 @@ def test_evaluation_reports_pass_within_each_number_of_turns(answering_model):
     single = evaluate_model(answering_model, tokenizer, FakeEnvironment(), tasks, max_new_tokens=8)
     assert (single.pass_within_turns, single.turns_played, single.pass_at_k) == ({}, 3, {1: pytest.approx(1 / 3)})
 
+
+
+def test_a_multi_turn_environment_called_as_a_plain_reward_function_says_it_scores_single_attempts(caplog):
+    env = retry(3)
+    for _ in range(2):
+        assert env(prompts=["What is 2 + 3?"], completions=["5"], answer=["5"]) == [1.0]
+    warnings = [r.message for r in caplog.records if "scores each completion as one attempt" in r.message]
+    assert warnings == ["Retry has max_turns=3, but as a reward function it scores each completion as one attempt; "
+                        "SDPOTrainer(reward_funcs=[env]) plays whole episodes, and a plain GRPOTrainer can through "
+                        "environment_factory(env)"]
