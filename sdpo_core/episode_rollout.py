@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sdpo_envs import Environment
-from sdpo_envs.episode import Episode
+from sdpo_envs.episode import Episode, check_episode_options
 from sdpo_envs.reward import write_feedback
 from sdpo_envs.types import Feedback, StepResult, Task
 
@@ -242,8 +242,9 @@ def check_rollout_arguments(reward_funcs: Sequence[Any], rollout_func: Any, envi
                             ) -> EpisodeRollout | None:
     """The episode rollout for the one multi-turn environment among `reward_funcs`, or `None` if there is none.
 
-    Errors name the environments: two multi-turn environments (which one would drive the episode?), or a
-    multi-turn environment beside a `rollout_func` or an `environment_factory` (which already generate).
+    Errors name the environments: two multi-turn environments (which one would drive the episode?), a
+    multi-turn environment beside a `rollout_func` or an `environment_factory` (which already generate), or
+    episode settings no episode can run with (`max_turns` set by hand on an environment without `respond`).
     """
     driving = [f for f in reward_funcs if isinstance(f, Environment) and f.max_turns > 1]
     if not driving:
@@ -256,7 +257,9 @@ def check_rollout_arguments(reward_funcs: Sequence[Any], rollout_func: Any, envi
         given = "rollout_func" if rollout_func is not None else "environment_factory"
         raise ValueError(f"environment {labels[0]!r} has max_turns={driving[0].max_turns}, so it plays the episodes "
                          f"itself; it cannot be combined with {given} (give it max_turns=1 there)")
-    return EpisodeRollout(driving[0])
+    env = driving[0]
+    check_episode_options(env.label, env.max_turns, env.turn_discount, env.multi_turn)  # set by hand, not checked
+    return EpisodeRollout(env)
 
 
 __all__ = [

@@ -131,6 +131,9 @@ def test_only_one_environment_can_drive_an_episode():
     with pytest.raises(ValueError, match="'Retry' has max_turns=3, so it plays the episodes itself; it cannot be "
                                          "combined with environment_factory"):
         check_rollout_arguments([retry()], None, lambda: None)
+    single.max_turns = 2  # by hand, past configure_episodes' check
+    with pytest.raises(ValueError, match=re.escape("environment 'FakeEnvironment' cannot run multi-turn episodes")):
+        check_rollout_arguments([single], None, None)
 
 
 def test_the_next_turns_conversation_and_pass_within_turns():
