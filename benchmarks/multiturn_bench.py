@@ -13,8 +13,9 @@ extra attempt, (time(T=3) - time(T=1)) / (attempts(T=3) - attempts(T=1)).
 Part `math`: for seeds 0, 1, 2, `sdpo train --env math --max_turns 2` (SDPO, the demo's settings) and the same
 with `--no_enabled` (GRPO), `--max_steps` steps each; the held-out accuracy within 2 turns (greedy, on prompts
 never trained on) before and after training, from the runs' `eval_before.json` / `eval_after.json`. The math
-environment runs with `unformatted_scale=0.5` (its own default; the demo sets 1.0): an answer counts as solved
-only in the requested `\\boxed{}` format, so the second turn (told what was wrong) has something to fix.
+environment has the demo's settings (one-digit additions, `unformatted_scale=1`: a right final number earns the
+full reward, but the environment still asks for the `\\boxed{}` format on the next turn); a task counts as solved
+within 2 turns when one of its first two attempts reaches reward 1.
 
 Every finished item rewrites the results file (default benchmarks/results/multiturn_bench.json); `--resume` keeps
 the finished ones and runs the rest, with the same settings (other settings are an error). Each item is one
@@ -75,7 +76,7 @@ def math_item(variant: str, seed: int, args: argparse.Namespace, work: Path) -> 
     """One short multi-turn math training run: held-out accuracy within 2 turns before and after."""
     out = work / f"math-{variant}-{seed}"
     log = work / f"math-{variant}-{seed}.log"
-    command = _sdpo("train", "--env", "math", "--max_turns", "2", "--env-arg", "unformatted_scale=0.5",
+    command = _sdpo("train", "--env", "math", "--max_turns", "2",
                     "--max_steps", str(args.math_steps), "--eval_size", str(args.math_eval_size), "--eval_every", "0",
                     "--seed", str(seed), "--output_dir", str(out), "--save_strategy", "no", "--disable_tqdm", "true",
                     *VARIANTS[variant])

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from sdpo_core.evaluation import EvalResult, EvalSample, pass_at_k, prompt_text
-from sdpo_envs import Environment, Task
+from sdpo_envs import Environment, Feedback, Task
 from sdpo_envs.episode import Episode
 
 __all__ = ["PlayedEpisode", "conversation", "evaluate_episodes", "pass_within_turns", "play_episodes"]
@@ -52,6 +52,7 @@ class PlayedEpisode:
         self.episode = Episode(env, task)
         self.attempts: list[str] = []
         self.observations: list[str] = []
+        self.results: list[Feedback] = []  # each attempt's feedback, its reward the episode's after that turn
         self.error: str | None = None
 
     @property
@@ -61,11 +62,13 @@ class PlayedEpisode:
         return (self.error is None and result is not None and result.observation is not None
                 and len(self.attempts) < self.episode.max_turns)
 
-    @property
-    def solved_at(self) -> int | None:
-        """The turn (from 1) whose attempt solved the episode, `None` if none did."""
-        result = self.episode.result
-        return len(self.attempts) if self.error is None and result is not None and result.feedback.success else None
+    def solved_at(self, threshold: float | None) -> int | None:
+        """The first turn (from 1) whose attempt solved the task, `None` if none did: its reward (the episode's
+        after that turn, discounted) reached `threshold`, or with `None` the environment marked it `success`."""
+        for turn, feedback in enumerate(self.results, start=1):
+            if feedback.success if threshold is None else feedback.reward is not None and feedback.reward >= threshold:
+                return turn
+        return None
 
     def step(self, text: str) -> None:
         self.attempts.append(text)
@@ -74,6 +77,7 @@ class PlayedEpisode:
         except Exception as exc:  # an environment that breaks its contract fails this episode, not the evaluation
             self.error = f"{self.episode.env.label}: step raised {type(exc).__name__}: {exc}"
             return
+        self.results.append(result.feedback)
         if result.observation is not None:
             self.observations.append(result.observation)
 
@@ -119,15 +123,17 @@ def evaluate_episodes(
     """Play `num_samples` episodes per task and aggregate: pass@k and success over whole episodes (solved within
     `env.max_turns`), `pass_within_turns` (pass@1 within each number of turns) and the mean episode reward.
 
-    An episode is solved when its final reward reaches `success_threshold` (an undiscounted success on turn
-    `t` counts when its discounted reward still does), or, with `None`, when the environment marks it `success`.
+    A task is solved within `t` turns when one of the episode's first `t` attempts solved it (`PlayedEpisode.
+    solved_at`): pass@k and the success rate count episodes solved within `env.max_turns`. An environment may
+    go on after an attempt that reaches the threshold without its `success` flag (math's right answer outside
+    the requested format, with `unformatted_scale=1`); that attempt still counts, whatever the later ones score.
     """
     bad = [k for k in ks if not 1 <= k <= num_samples]
     if bad:
         raise ValueError(f"k={bad[0]} needs at least {bad[0]} samples per task, got {num_samples}")
     played = play_episodes(env, tasks, num_samples=num_samples, generate=generate)
     flat = [e for per_task in played for e in per_task]
-    solved_at = [_solved_at(e, success_threshold) for e in flat]
+    solved_at = [e.solved_at(success_threshold) for e in flat]
     solved = [sum(s is not None for s in solved_at[i * num_samples:(i + 1) * num_samples])
               for i in range(len(tasks))]
     rewards = [e.episode.reward if e.error is None else env.error_reward for e in flat]
@@ -149,10 +155,3 @@ def evaluate_episodes(
         turns_played=sum(len(e.attempts) for e in flat),
     )
 
-
-def _solved_at(played: PlayedEpisode, threshold: float | None) -> int | None:
-    turn = played.solved_at
-    if threshold is None or turn is None:
-        return turn
-    reward = played.episode.reward
-    return turn if reward is not None and reward >= threshold else None
