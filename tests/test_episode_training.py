@@ -13,13 +13,14 @@ from trl import GRPOConfig
 from trl.chat_template_utils import qwen3_chat_template
 
 from sdpo_core.config import SDPOConfig
-from sdpo_core.episode_eval import conversation, pass_within_turns
+from sdpo_core.episode_eval import conversation, evaluate_episodes, pass_within_turns, play_episodes
 from sdpo_core.episode_rollout import check_rollout_arguments, observation_ids, observation_suffix_text
 from sdpo_core.episode_teacher import assistant_turn_spans, hindsight_demonstrations
 from sdpo_core.evaluation import evaluate_model
 from sdpo_core.reprompt import build_teacher_batch
 from sdpo_core.testing import tiny_model, tiny_tokenizer
 from sdpo_core.trainer import SDPOTrainer
+from sdpo_envs import Feedback
 from sdpo_envs.testing import FakeEnvironment
 
 OBSERVATION = "The completion does not contain the answer (1 characters). Try again."
@@ -380,3 +381,38 @@ def test_a_multi_turn_environment_called_as_a_plain_reward_function_says_it_scor
     assert warnings == ["Retry has max_turns=3, but as a reward function it scores each completion as one attempt; "
                         "SDPOTrainer(reward_funcs=[env]) plays whole episodes, and a plain GRPOTrainer can through "
                         "environment_factory(env)"]
+
+
+class FormatFirst(Retry):
+    """Reward 1 for the right answer, but success (which ends the episode) only when it is boxed."""
+
+    def __init__(self, max_turns):
+        super().__init__()
+        self.configure_episodes(max_turns=max_turns)
+
+    def score(self, task, completion):
+        if task["answer"] not in completion:
+            return Feedback(reward=0.0, text="Wrong.")
+        if "boxed" not in completion:
+            return Feedback(reward=1.0, text="Right, but put it in a box.")
+        return Feedback(reward=1.0, success=True)
+
+
+def test_a_task_is_solved_within_t_turns_when_one_of_its_first_t_attempts_solved_it():
+    script = {"q1": ["5", "7", "boxed 5"], "q2": ["3", "boxed 4"], "q3": ["1", "2", "3"]}
+    tasks = [{"prompt": [user(q)], "answer": a} for q, a in (("q1", "5"), ("q2", "4"), ("q3", "9"))]
+
+    def generate(prompts, n):
+        assert n == 1
+        return [[script[p[0]["content"]][sum(m["role"] == "assistant" for m in p)]] for p in prompts]
+
+    played = [e for per_task in play_episodes(FormatFirst(max_turns=3), tasks, num_samples=1, generate=generate)
+              for e in per_task]
+    assert [e.attempts for e in played] == [["5", "7", "boxed 5"], ["3", "boxed 4"], ["1", "2", "3"]]
+    assert [e.solved_at(1.0) for e in played] == [1, 2, None]  # reward 1 on turn 1, whatever came after
+    assert [e.solved_at(None) for e in played] == [3, 2, None]  # the environment's success flag
+    assert played[0].observations == ["Right, but put it in a box. Try again.", "Wrong. Try again."]
+    result = evaluate_episodes(FormatFirst(max_turns=3), tasks, ks=[1], num_samples=1, generate=generate,
+                               success_threshold=1.0)
+    assert result.pass_within_turns == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3), 3: pytest.approx(2 / 3)}
+    assert (result.turns_played, result.mean_reward) == (8, pytest.approx(2 / 3))
