@@ -78,7 +78,14 @@ class EpisodeRecord:
 
     @property
     def success(self) -> bool:
+        """Whether the environment marked the episode's latest attempt a success."""
         return self.result is not None and self.result.feedback.success
+
+    @property
+    def failed(self) -> bool:
+        """Whether the episode failed: outside the environment's policy (`error`), or within it (a failed scoring
+        or `respond`, see `sdpo_envs.episode`)."""
+        return self.error is not None or (self.result is not None and self.result.feedback.failed)
 
 
 def observation_suffix_text(rendered: str, marker: str, end_tokens: Sequence[str]) -> str:
@@ -116,6 +123,19 @@ def observation_ids(tokenizer: Any, prompt: Any, observation: str, end_token_ids
     return tokenizer(observation_suffix_text(rendered, _MARKER, end_tokens), add_special_tokens=False)["input_ids"]
 
 
+def episode_metrics(records: Sequence[EpisodeRecord]) -> dict[str, float]:
+    """What the trainer logs about a batch's episodes (this process's rows): mean attempts, the fraction solved on
+    each turn, and the fractions that failed (`error`) or were cut by the token budget (`stopped`)."""
+    n = len(records)
+    max_turns = max((len(r.answers) for r in records), default=0)
+    metrics = {"episodes/turns_mean": sum(r.turns for r in records) / n,
+               "episodes/failed_fraction": sum(r.failed for r in records) / n,
+               "episodes/stopped_fraction": sum(r.stopped is not None for r in records) / n}
+    for turn in range(1, max_turns + 1):
+        metrics[f"episodes/solved_on_turn_{turn}"] = sum(r.success and r.turns == turn for r in records) / n
+    return metrics
+
+
 class EpisodeReward:
     """The driving environment's place among the reward functions: the rewards its episodes ended with."""
 
@@ -133,6 +153,10 @@ class EpisodeReward:
         results = [record.result.feedback if record.result is not None else Feedback(reward=0.0) for record in records]
         write_feedback(self, results)
         self.last_answers = [record.final_answer for record in records]
+        log_metric = kwargs.get("log_metric")
+        if log_metric is not None and records:
+            for name, value in episode_metrics(records).items():
+                log_metric(name, value)
         return [record.reward for record in records]
 
 
@@ -267,6 +291,7 @@ __all__ = [
     "EpisodeReward",
     "EpisodeRollout",
     "check_rollout_arguments",
+    "episode_metrics",
     "observation_ids",
     "observation_suffix_text",
 ]

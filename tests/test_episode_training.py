@@ -296,6 +296,9 @@ def test_sdpo_trains_on_whole_episodes(answering_model, tmp_path, monkeypatch):
     assert logged["rewards/Retry/mean"] == pytest.approx(2 / 3)
     assert logged["sdpo/feedback_available_fraction"] > 0
     assert sorted(r.turns for r in trainer._episode_rollout.last_episodes) == [1, 1, 2, 2, 3, 3]
+    assert logged["episodes/turns_mean"] == pytest.approx(2.0)
+    assert [logged[f"episodes/solved_on_turn_{t}"] for t in (1, 2, 3)] == [pytest.approx(1 / 3)] * 2 + [0.0]
+    assert (logged["episodes/failed_fraction"], logged["episodes/stopped_fraction"]) == (0.0, 0.0)
 
 
 class RaisingRespond(Retry):
@@ -348,6 +351,7 @@ def test_a_broken_environment_gives_failed_episodes_not_a_crashed_step(answering
         assert reason in (record.error or record.result.feedback.details["error"])
     assert env.error_count == len(failed)
     assert trainer.state.global_step == 1
+    assert trainer.state.log_history[0]["episodes/failed_fraction"] == len(failed) / len(records)
 
 
 def test_an_episode_never_runs_past_max_turns(answering_model, tmp_path, monkeypatch):
