@@ -351,7 +351,7 @@ def test_a_broken_environment_gives_failed_episodes_not_a_crashed_step(answering
         assert reason in (record.error or record.result.feedback.details["error"])
     assert env.error_count == len(failed)
     assert trainer.state.global_step == 1
-    assert trainer.state.log_history[0]["episodes/failed_fraction"] == len(failed) / len(records)
+    assert trainer.state.log_history[0]["episodes/failed_fraction"] == pytest.approx(len(failed) / len(records))
 
 
 def test_an_episode_never_runs_past_max_turns(answering_model, tmp_path, monkeypatch):
