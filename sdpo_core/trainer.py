@@ -10,8 +10,11 @@ Seams overridden (everything else is GRPOTrainer 1.16's):
 
 - `__init__`: builds the teacher (a copy made before GRPO patches `forward`, a second LoRA adapter, or
   the base with adapters disabled) and prepares it like GRPO's reference model.
-- `_calculate_rewards`: reads `last_feedback` from every reward function (reset before the call) and
-  gathers prompts, completions and feedback across processes.
+- `_calculate_rewards`: reads `last_feedback` from every reward function (reset before the call), and from
+  TRL `environment_factory` objects, and gathers prompts, demonstrations and feedback across processes.
+- `__init__` and `_generate_and_score_completions`: a multi-turn environment among the reward functions plays
+  whole episodes through TRL's `rollout_func` (`sdpo_core.episode_rollout`); the teacher reads episodes with
+  hindsight (`sdpo_core.episode_teacher`, docs/algorithm.md "SDPO on multi-turn episodes").
 - `_generate_and_score_completions`: builds teacher prompts on the global batch (groups may span
   processes), before GRPO shuffles it, and slices them back to this process.
 - `_compute_loss`: the distillation loss (`sdpo_core.loss`); `enabled=False` leaves GRPO's loss untouched.
@@ -292,12 +295,15 @@ class SDPOTrainer(GRPOTrainer):
         if environments:  # TRL's environment_factory objects: their last_feedback is the environment's feedback
             per_function.append(read_environment_feedback(environments))
         local_feedback = combine_feedback(per_function, len(prompts))
+        final_answers = self._final_answers(environments)
+        demonstrations = hindsight_demonstrations([completion_text(c) for c in completions], final_answers)
+        # "shortest" ranks what is demonstrated: an episode's final answer (characters), else the completion (tokens)
+        lengths = list(map(len, completion_ids_list if final_answers is None else demonstrations))
         self._stash = {
             "prompts": gather_object(list(prompts)),
-            "completions": gather_object(hindsight_demonstrations([completion_text(c) for c in completions],
-                                                                  self._final_answers(environments))),
+            "completions": gather_object(demonstrations),
             "feedback": gather_object(local_feedback),
-            "lengths": gather_object([len(ids) for ids in completion_ids_list]),
+            "lengths": gather_object(lengths),
             "rewards_per_func": rewards_per_func,
         }
         return rewards_per_func
