@@ -36,6 +36,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS = REPO / "benchmarks" / "results" / "multiturn_bench.json"
 VARIANTS = {"sdpo": [], "grpo": ["--no_enabled"]}
+BATCH = 8  # episodes per step: the demo's per_device_train_batch_size
 
 
 def _sdpo(*args: str) -> list[str]:
@@ -86,11 +87,24 @@ def math_item(variant: str, seed: int, args: argparse.Namespace, work: Path) -> 
         return {"error": f"exit {code}", "log": _tail(log)}
     results = {when: json.loads(path.read_text()) for when, path in (("before", before), ("after", after))}
     return {
+        **training_costs(out / "metrics.jsonl"),
         **{f"heldout_{when}_within_{t}": data["pass_within_turns"].get(str(t)) for when, data in results.items()
            for t in (1, 2)},
         **{f"heldout_{when}_mean_reward": data["mean_reward"] for when, data in results.items()},
         "wall_seconds": seconds,
     }
+
+
+def training_costs(metrics: Path) -> dict[str, float | None]:
+    """Means over a run's logged steps: seconds per step, attempts per episode, the fraction of episodes cut short
+    by the token budget, and seconds per attempt (a step plays `per_device_train_batch_size` episodes)."""
+    steps = [row for row in map(json.loads, metrics.read_text().splitlines()) if "step_time" in row]
+    seconds = _mean([row["step_time"] for row in steps])
+    turns = _mean([row["episodes/turns_mean"] for row in steps if "episodes/turns_mean" in row])
+    stopped = _mean([row["episodes/stopped_fraction"] for row in steps if "episodes/stopped_fraction" in row])
+    per_attempt = seconds / (turns * BATCH) if seconds is not None and turns else None
+    return {"step_seconds_mean": seconds, "turns_mean": turns, "stopped_fraction_mean": stopped,
+            "seconds_per_attempt": per_attempt}
 
 
 def _mean(values: list[float]) -> float | None:
@@ -122,6 +136,12 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
                                  for r in runs)
             lines.append(f"math, {variant}, {len(runs)} seeds: held-out within 2 turns {before:.3f} -> {after:.3f} "
                          f"(per seed {per_seed})")
+            costs = [r for r in runs if r.get("seconds_per_attempt") is not None]
+            if costs:
+                lines.append(f"math, {variant}: {_mean([r['step_seconds_mean'] for r in costs]):.1f} s per step, "
+                             f"{_mean([r['turns_mean'] for r in costs]):.2f} attempts per episode, "
+                             f"{_mean([r['stopped_fraction_mean'] for r in costs]):.2f} of episodes cut by the token "
+                             f"budget, {_mean([r['seconds_per_attempt'] for r in costs]):.2f} s per attempt")
     return lines
 
 
