@@ -80,6 +80,7 @@ def math_item(variant: str, seed: int, args: argparse.Namespace, work: Path) -> 
     command = _sdpo("train", "--env", "math", "--max_turns", "2",
                     "--max_steps", str(args.math_steps), "--eval_size", str(args.math_eval_size), "--eval_every", "0",
                     "--seed", str(seed), "--output_dir", str(out), "--save_strategy", "no", "--disable_tqdm", "true",
+                    *(["--max_completion_length", str(args.math_tokens)] if args.math_tokens else []),
                     *VARIANTS[variant])
     code, seconds = _run(command, log, args.timeout)
     before, after = out / "eval_before.json", out / "eval_after.json"
@@ -155,11 +156,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--code_tokens", type=int, default=256)
     parser.add_argument("--math_steps", type=int, default=12)
     parser.add_argument("--math_eval_size", type=int, default=32)
+    parser.add_argument("--math_tokens", type=int, default=None,
+                        help="max_completion_length of the math runs: the whole episode's budget (default: the "
+                             "demo's 48, which few second turns fit into)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per subprocess")
     args = parser.parse_args(argv)
     settings = {"code_tasks": args.code_tasks, "code_tokens": args.code_tokens, "math_steps": args.math_steps,
                 "math_eval_size": args.math_eval_size, "seeds": args.seeds}
+    if args.math_tokens:
+        settings["math_tokens"] = args.math_tokens
     results: dict[str, Any] = {"settings": settings, "items": {"code": {}, "math": {}}}
     if args.resume and args.results.is_file():
         previous = json.loads(args.results.read_text())
