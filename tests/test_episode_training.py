@@ -420,3 +420,13 @@ def test_a_task_is_solved_within_t_turns_when_one_of_its_first_t_attempts_solved
                                success_threshold=1.0)
     assert result.pass_within_turns == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3), 3: pytest.approx(2 / 3)}
     assert (result.turns_played, result.mean_reward) == (8, pytest.approx(2 / 3))
+
+
+def test_shortest_demonstration_selection_ranks_final_answers(answering_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    tokenizer = tiny_tokenizer()
+    trainer = _trainer(answering_model, retry(3), tmp_path, demo_selection="shortest")
+    batch = trainer._generate_and_score_completions(_rows(2))
+    teacher = tokenizer.decode(batch["teacher_prompt_ids"][2][batch["teacher_prompt_mask"][2].bool()])
+    assert trainer.sdpo_config.solution_template.format(successful_previous_attempt="8") in teacher
+    assert OBSERVATION not in teacher
