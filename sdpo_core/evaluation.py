@@ -47,6 +47,10 @@ class EvalResult:
         success_rate (`float`): fraction of completions solved (pass@1 estimated from `n` samples).
         abstained (`int`): completions the environment could not score (`reward=None`).
         samples (`tuple[EvalSample, ...]`): a few scored completions, failures with feedback first.
+        pass_within_turns (`dict[int, float]`): for multi-turn episodes, pass@1 within 1, 2, ... turns
+            (`sdpo_core.episode_eval`); empty for single-turn evaluation.
+        turns_played (`int`): attempts generated and scored over all episodes (`num_tasks * num_samples`
+            for single-turn evaluation).
     """
 
     num_tasks: int
@@ -56,6 +60,8 @@ class EvalResult:
     success_rate: float
     abstained: int = 0
     samples: tuple[EvalSample, ...] = field(default=(), repr=False)
+    pass_within_turns: dict[int, float] = field(default_factory=dict)
+    turns_played: int = 0
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EvalResult:
@@ -68,6 +74,8 @@ class EvalResult:
             success_rate=data["success_rate"],
             abstained=data.get("abstained", 0),
             samples=tuple(EvalSample(**s) for s in data.get("samples", ())),
+            pass_within_turns={int(t): v for t, v in data.get("pass_within_turns", {}).items()},
+            turns_played=data.get("turns_played", 0),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -80,6 +88,8 @@ class EvalResult:
             "success_rate": self.success_rate,
             "abstained": self.abstained,
             "samples": [vars(s) for s in self.samples],
+            "pass_within_turns": {str(t): v for t, v in self.pass_within_turns.items()},
+            "turns_played": self.turns_played,
         }
 
 
@@ -227,6 +237,7 @@ def score_completions(env: Environment, tasks: Sequence[Task], completions: Sequ
         success_rate=sum(ok) / len(ok) if ok else math.nan,
         abstained=sum(r.reward is None for r in results),
         samples=tuple(samples[:show]),
+        turns_played=len(results),
     )
 
 
@@ -268,6 +279,17 @@ def evaluate_model(
     n = num_samples if num_samples is not None else max(ks)
     if temperature is None:
         temperature = 0.0 if n == 1 else 1.0
+    if env.max_turns > 1:  # whole episodes: the model answers again after the environment's feedback
+        from sdpo_core.episode_eval import evaluate_episodes
+
+        def generate(prompts: Sequence[Any], samples: int) -> list[list[str]]:
+            return generate_completions(
+                model, tokenizer, prompts, num_samples=samples, max_new_tokens=max_new_tokens,
+                temperature=temperature, top_p=top_p, batch_size=batch_size, chat_template_kwargs=chat_template_kwargs,
+                seed=seed, progress=progress)
+
+        return evaluate_episodes(env, tasks, ks=ks, num_samples=n, generate=generate,
+                                 success_threshold=success_threshold, show=show)
     prompts = [env.prompt(task) for task in tasks]
     completions = generate_completions(
         model, tokenizer, prompts, num_samples=n, max_new_tokens=max_new_tokens, temperature=temperature,

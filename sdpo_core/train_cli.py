@@ -109,6 +109,9 @@ class TrainArguments:
         environment (`str`, *optional*, defaults to `"math"`): the registered environment (`sdpo envs list`).
         environment_kwargs (`dict` or `str`, *optional*): keyword arguments of the environment (JSON on the
             command line); `--env-arg key=value` adds one.
+        max_turns (`int`, *optional*): attempts per episode; more than 1 trains on whole episodes
+            (`sdpo_core.episode_rollout`). Default: the environment's own (1).
+        turn_discount (`float`, *optional*): per-turn discount of an episode's reward, in (0, 1].
         dataset (`str`, *optional*): a JSON/JSONL/CSV/parquet file, a `save_to_disk` folder, or a `datasets`
             hub name; default: the environment's `dataset()`. Rows without `prompt` get `env.prompt(row)`.
         eval_size (`int`, *optional*, defaults to `48`): rows scored greedily before, during and after training.
@@ -138,6 +141,17 @@ class TrainArguments:
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     dataset_split: str = field(default="train", metadata={"help": "Split of a hub or save_to_disk dataset."})
+    max_turns: int | None = field(
+        default=None,
+        metadata={"aliases": ["--max-turns"],
+                  "help": "Attempts per episode: more than 1 trains on whole episodes, the environment's feedback "
+                          "read between attempts (default: the environment's own, 1)."},
+    )
+    turn_discount: float | None = field(
+        default=None,
+        metadata={"aliases": ["--turn-discount"],
+                  "help": "Per-turn discount of an episode's reward, in (0, 1] (default: the environment's, 1)."},
+    )
     eval_size: int = field(
         default=48,
         metadata={"help": "Rows evaluated greedily before, during and after training (0: no evaluation)."},
@@ -198,8 +212,10 @@ class TrainArguments:
 
     @property
     def environment_options(self) -> dict[str, Any]:
-        """`environment_kwargs` as the dict `__post_init__` made it."""
-        return cast(dict[str, Any], self.environment_kwargs)
+        """`environment_kwargs` as the dict `__post_init__` made it, with `max_turns` and `turn_discount` if set."""
+        episode = {k: v for k, v in (("max_turns", self.max_turns), ("turn_discount", self.turn_discount))
+                   if v is not None}
+        return {**cast(dict[str, Any], self.environment_kwargs), **episode}
 
 
 # ------------------------------------------------------------------------------------------ parsing
@@ -425,7 +441,9 @@ def describe_eval(result: EvalResult) -> str:
     mode = "greedy" if result.num_samples == 1 else f"{result.num_samples} samples/task"
     ks = ", ".join(f"pass@{k} {v:.3f}" for k, v in sorted(result.pass_at_k.items()))
     abstained = f", {result.abstained} unscored" if result.abstained else ""
-    return f"{ks} | mean reward {result.mean_reward:.3f} | {result.num_tasks} tasks, {mode}{abstained}"
+    turns = "".join(f" | within {t} turn{'s' if t > 1 else ''} {v:.3f}"
+                    for t, v in sorted(result.pass_within_turns.items()))
+    return f"{ks}{turns} | mean reward {result.mean_reward:.3f} | {result.num_tasks} tasks, {mode}{abstained}"
 
 
 def describe_samples(result: EvalResult, limit: int = 80 * 6) -> str:
@@ -706,6 +724,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
         except json.JSONDecodeError as exc:
             raise CLIError(f"--env-kwargs: not valid JSON ({exc})") from None
     kwargs.update(parse_env_args(args.env_arg))
+    kwargs.update({k: v for k, v in (("max_turns", args.max_turns), ("turn_discount", args.turn_discount))
+                   if v is not None})
     env = build_environment(name, kwargs)
     rows = (load_dataset_spec(args.dataset, config=args.dataset_config, split=args.dataset_split)
             if args.dataset else environment_rows(env, name))
@@ -819,6 +839,11 @@ def add_eval_parser(subparsers: Any) -> None:
                              "own success flag")
     parser.add_argument("--chat-template-kwargs", "--chat_template_kwargs",
                         help="apply_chat_template keyword arguments as JSON")
+    parser.add_argument("--max-turns", "--max_turns", type=int,
+                        help="attempts per episode: more than 1 plays episodes, the environment's feedback read "
+                             "between attempts, and reports pass@1 within each number of turns")
+    parser.add_argument("--turn-discount", "--turn_discount", type=float,
+                        help="per-turn discount of an episode's reward, in (0, 1]")
     parser.add_argument("--show", type=int, default=3, help="feedback samples to print")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")

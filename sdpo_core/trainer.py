@@ -10,8 +10,11 @@ Seams overridden (everything else is GRPOTrainer 1.16's):
 
 - `__init__`: builds the teacher (a copy made before GRPO patches `forward`, a second LoRA adapter, or
   the base with adapters disabled) and prepares it like GRPO's reference model.
-- `_calculate_rewards`: reads `last_feedback` from every reward function (reset before the call) and
-  gathers prompts, completions and feedback across processes.
+- `_calculate_rewards`: reads `last_feedback` from every reward function (reset before the call), and from
+  TRL `environment_factory` objects, and gathers prompts, demonstrations and feedback across processes.
+- `__init__` and `_generate_and_score_completions`: a multi-turn environment among the reward functions plays
+  whole episodes through TRL's `rollout_func` (`sdpo_core.episode_rollout`); the teacher reads episodes with
+  hindsight (`sdpo_core.episode_teacher`, docs/algorithm.md "SDPO on multi-turn episodes").
 - `_generate_and_score_completions`: builds teacher prompts on the global batch (groups may span
   processes), before GRPO shuffles it, and slices them back to this process.
 - `_compute_loss`: the distillation loss (`sdpo_core.loss`); `enabled=False` leaves GRPO's loss untouched.
@@ -51,6 +54,8 @@ from trl.trainer.utils import create_model_from_path, get_config_model_id, pad
 from sdpo_core import diagnostics
 from sdpo_core import loss as sdpo_loss
 from sdpo_core.config import SDPOConfig
+from sdpo_core.episode_rollout import EpisodeRollout, check_rollout_arguments
+from sdpo_core.episode_teacher import hindsight_demonstrations
 from sdpo_core.modeling import add_hidden_states_forward, causal_lm, lm_head, supports_hidden_state_path
 from sdpo_core.policy_loss import POLICY_LOSS_TYPES, aggregate_policy_loss, policy_per_token_loss, route_rows
 from sdpo_core.reprompt import build_teacher_batch, strip_thinking
@@ -65,7 +70,7 @@ from sdpo_core.teacher import (
 )
 from sdpo_core.teacher_drift import TeacherDriftCallback, moving_teacher_parameters
 from sdpo_core.teacher_schedule import generation_batches, reset_due, scheduled_rate
-from sdpo_envs.reward import completion_text, read_feedback, reset_feedback
+from sdpo_envs.reward import completion_text, read_environment_feedback, read_feedback, reset_feedback
 
 logger = logging.getLogger(__name__)
 
@@ -168,8 +173,15 @@ class SDPOTrainer(GRPOTrainer):
         if copies_model and not isinstance(model, str):
             teacher_copy = strip_patched_forward(copy.deepcopy(model))
 
+        # a multi-turn environment among the reward functions plays whole episodes (sdpo_core.episode_rollout)
+        self._episode_rollout: EpisodeRollout | None = None
         if reward_funcs is not None:
             funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
+            self._episode_rollout = check_rollout_arguments(funcs, rollout_func, environment_factory)
+            if self._episode_rollout is not None:
+                rollout_func = self._episode_rollout
+                funcs = [self._episode_rollout.reward_function if f is self._episode_rollout.environment else f
+                         for f in funcs]
             reward_funcs = [f if isinstance(f, (nn.Module, str)) else validated_reward_function(f) for f in funcs]
 
         super().__init__(
@@ -291,17 +303,34 @@ class SDPOTrainer(GRPOTrainer):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         per_function = [read_feedback(source, name, len(prompts), before)
                         for (source, name), before in zip(named, previous, strict=True)]
+        environments = getattr(self, "environments", None)
+        if environments:  # TRL's environment_factory objects: their last_feedback is the environment's feedback
+            per_function.append(read_environment_feedback(environments))
         local_feedback = combine_feedback(per_function, len(prompts))
+        final_answers = self._final_answers(environments)
+        demonstrations = hindsight_demonstrations([completion_text(c) for c in completions], final_answers)
+        # "shortest" ranks what is demonstrated: an episode's final answer (characters), else the completion (tokens)
+        lengths = list(map(len, completion_ids_list if final_answers is None else demonstrations))
         self._stash = {
             "prompts": gather_object(list(prompts)),
-            "completions": gather_object([completion_text(c) for c in completions]),
+            "completions": gather_object(demonstrations),
             "feedback": gather_object(local_feedback),
-            "lengths": gather_object([len(ids) for ids in completion_ids_list]),
+            "lengths": gather_object(lengths),
             "rewards_per_func": rewards_per_func,
         }
         return rewards_per_func
 
+    def _final_answers(self, environments: Sequence[Any] | None) -> list[str | None] | None:
+        """Each episode's final answer, what a successful episode demonstrates; `None` for single-turn rows."""
+        if self._episode_rollout is not None:
+            return self._episode_rollout.reward_function.last_answers
+        if environments:
+            return [getattr(environment, "last_answer", None) for environment in environments]
+        return None
+
     def _generate_and_score_completions(self, inputs):
+        if self._episode_rollout is not None:  # TRL hands rollout_func the prompts only; the episodes need the rows
+            self._episode_rollout.rows = list(inputs)
         output = super()._generate_and_score_completions(inputs)
         if not self.sdpo_config.enabled:
             return output

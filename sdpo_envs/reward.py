@@ -21,12 +21,15 @@ rule (a `Feedback` with a NaN or infinite reward cannot be made).
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sdpo_envs.types import Completion, Feedback, InvalidResultError, Task
+
+logger = logging.getLogger(__name__)
 
 # Keyword arguments TRL adds to the dataset columns: per-batch context, not part of a task.
 TRAINER_KWARGS = frozenset({"trainer_state", "log_extra", "log_metric", "environments", "completion_ids"})
@@ -101,6 +104,24 @@ def read_feedback(func: Any, name: str, expected: int, previous: Any = None) -> 
     return result
 
 
+def read_environment_feedback(environments: Sequence[Any]) -> list[str]:
+    """The feedback of TRL `environment_factory` objects, one per rollout: each object's `last_feedback` text.
+
+    An object without the attribute has nothing to say (`""`); a `last_feedback` that is not a `str` (or `None`)
+    is an `InvalidResultError` naming the object's class.
+    """
+    texts = []
+    for row, environment in enumerate(environments):
+        text = getattr(environment, "last_feedback", None)
+        if text is None:
+            text = ""
+        if not isinstance(text, str):
+            raise InvalidResultError(f"environment {type(environment).__name__!r} (row {row}): last_feedback is "
+                                     f"{type(text).__name__}, expected str or None")
+        texts.append(text)
+    return texts
+
+
 def write_feedback(target: Any, results: Sequence[Feedback] | None) -> None:
     """Publish a call's results on `target`: `last_results`, and `last_feedback` (their texts); `None` resets."""
     target.last_results = None if results is None else list(results)
@@ -150,6 +171,7 @@ class RewardFunctionMixin:
     """The structured `Feedback` of each row of the last call."""
 
     if TYPE_CHECKING:  # provided by Environment
+        max_turns: int
 
         @property
         def label(self) -> str: ...
@@ -170,6 +192,11 @@ class RewardFunctionMixin:
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Completion], **kwargs: Any) -> list[float | None]:
         write_feedback(self, None)
+        if self.max_turns > 1 and not self.__dict__.get("_sdpo_warned_single_attempt"):
+            self.__dict__["_sdpo_warned_single_attempt"] = True
+            logger.warning("%s has max_turns=%d, but as a reward function it scores each completion as one attempt; "
+                           "SDPOTrainer(reward_funcs=[env]) plays whole episodes, and a plain GRPOTrainer can through "
+                           "environment_factory(env)", self.label, self.max_turns)
         if len(prompts) != len(completions):
             raise ValueError(f"{self.label}: {len(prompts)} prompts but {len(completions)} completions")
         tasks = tasks_from_columns(prompts, kwargs)

@@ -9,9 +9,10 @@ under the class's name). A tool's return value is what the model reads next, as 
 
 `environment_factory(env)` returns such an `f`. Its objects expose one tool, `submit(answer)`, which
 plays one turn of the episode (`sdpo_envs.episode`) and returns the observation (the environment's
-feedback) while turns remain; `get_reward()` is the episode's reward, and `last_feedback` the
-feedback text of its latest attempt, for SDPO's teacher. The objects share the one environment (its
-sandboxes, checker and worker pools); each holds its own `Episode`.
+feedback) while turns remain; `get_reward()` is the episode's reward, `last_feedback` the feedback
+text of its latest attempt and `last_answer` the answer it submitted last, both for SDPO's teacher.
+The objects share the one environment (its sandboxes, checker and worker pools); each holds its own
+`Episode`.
 """
 
 from __future__ import annotations
@@ -74,6 +75,14 @@ class TRLEnvironment:
         if self._episode is None or not self._episode.history:
             return NO_SUBMISSION_TEXT
         return self._episode.history[-1].feedback.text
+
+    @property
+    def last_answer(self) -> str | None:
+        """The latest answer submitted in this episode (what a successful episode demonstrates to SDPO's teacher);
+        `None` before the first submission."""
+        if self._episode is None or not self._episode.history:
+            return None
+        return self._episode.history[-1].completion
 
     def reset(self, **row: Any) -> str | None:
         """Start an episode on the dataset row; return the text TRL appends to the row's last user message.

@@ -65,6 +65,28 @@ def test_an_episode_through_reset_submit_and_get_reward():
     assert env.get_reward() == 0.0
 
 
+def test_the_teacher_reads_the_objects_last_feedback_and_last_answer():
+    from sdpo_envs import InvalidResultError
+    from sdpo_envs.reward import read_environment_feedback
+
+    env = environment_factory(Retry(), max_turns=3)()
+    env.reset(prompt="p", answer="42")
+    assert env.last_answer is None
+    env.submit("41")
+    assert env.last_answer == "41"
+
+    class Silent:
+        pass
+
+    class Wrong:
+        last_feedback = ("a", "tuple")
+
+    assert read_environment_feedback([env, Silent()]) == [
+        "The completion does not contain the answer (2 characters).", ""]
+    with pytest.raises(InvalidResultError, match="environment 'Wrong' \\(row 1\\): last_feedback is tuple"):
+        read_environment_feedback([env, Wrong()])
+
+
 def test_the_last_turn_says_the_episode_is_over_and_keeps_the_feedback():
     env = environment_factory(Retry(), max_turns=2, turn_discount=0.5)()
     env.reset(prompt="p", answer="42")
@@ -229,4 +251,67 @@ def test_the_documented_example_runs(no_network, tmp_path, monkeypatch):
         exec(compile(example, "docs/environments.md", "exec"), {"print": printed.append})
     assert len(printed) == 1
     assert isinstance(printed[0], float)
+    assert no_network == []
+
+
+@pytest.mark.slow
+def test_sdpo_reads_the_feedback_and_final_answers_from_the_environment_objects(no_network, tmp_path, monkeypatch):
+    """SDPOTrainer(environment_factory=...): the environment objects' `last_feedback` and `last_answer` are what
+    the teacher prompts are built from, for a few real steps of the tiny model."""
+    import sdpo_core.trainer as trainer_module
+    from sdpo_core.config import SDPOConfig
+    from sdpo_core.trainer import SDPOTrainer
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = qwen3_chat_template
+    model = tiny_model(tokenizer, seed=0)
+    model.config.max_position_embeddings = 2048
+    rows = [{"prompt": [{"role": "user", "content": "What is 2 + 3?"}], "answer": "5"},
+            {"prompt": [{"role": "user", "content": "What is 6 + 2?"}], "answer": "8"}]
+    factory = environment_factory(Retry(), max_turns=2)
+    probe = factory()
+    contexts = []
+    for row in rows:
+        messages = [{"role": "user", "content": row["prompt"][0]["content"] + probe.reset(**row)}]
+        contexts.append(messages)
+        call = {"type": "function", "function": {"name": "submit", "arguments": {"answer": "5"}}}
+        contexts.append([*messages, {"role": "assistant", "content": "", "tool_calls": [call]},
+                         {"role": "tool", "name": "submit", "content": probe.submit("5")}])
+    _teach_to_submit_five(model, tokenizer, [
+        tokenizer.apply_chat_template(messages, tools=[probe.submit], add_generation_prompt=True, tokenize=False)
+        for messages in contexts])
+
+    built = []
+    real_build = trainer_module.build_teacher_batch
+
+    def build(prompts, completions, rewards, feedbacks, **kwargs):
+        built.append((list(completions), list(rewards), list(feedbacks)))
+        return real_build(prompts, completions, rewards, feedbacks, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "build_teacher_batch", build)
+    args = GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=4,
+                      max_completion_length=320, max_tool_calling_iterations=3, max_steps=2, learning_rate=1e-3,
+                      temperature=0.5, report_to="none", use_cpu=True, logging_steps=1, save_strategy="no", seed=0,
+                      disable_tqdm=True, dataloader_num_workers=0)
+    trainer = SDPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                          environment_factory=factory, sdpo_config=SDPOConfig())
+    trainer.train()
+
+    assert len(built) == 2
+    episodes = trainer.environments  # the last batch's
+    demonstrations, rewards, feedbacks = built[-1]
+    assert rewards == [e.get_reward() for e in episodes]
+    assert feedbacks == [e.last_feedback for e in episodes]
+    for episode, demonstration in zip(episodes, demonstrations, strict=True):
+        if episode.last_answer is not None:
+            assert demonstration == episode.last_answer  # the submitted answer, not the tool-calling transcript
+    solved = [e for e in episodes if e.get_reward() == 1.0]
+    failed = [e for e in episodes if e.episode.history and e.get_reward() == 0.0]
+    assert solved, "no episode solved 2 + 3"
+    assert failed, "no episode submitted a wrong answer to 6 + 2"
+    assert {e.last_answer for e in solved} == {"5"}
+    assert {e.last_feedback for e in failed} == {"The completion does not contain the answer (1 characters)."}
+    logged = trainer.state.log_history[-2]
+    assert logged["sdpo/demo_row_fraction"] > 0
+    assert logged["sdpo/feedback_row_fraction"] > 0
     assert no_network == []
