@@ -57,7 +57,7 @@ SMOOTHING = 5
 # ------------------------------------------------------------------------------------------ one run
 def run_points(records: list[dict[str, Any]]) -> dict[str, Any]:
     """A run's `metrics.jsonl` records as the results file keeps them (see the module docstring)."""
-    from sdpo_core.callbacks import HELDOUT_ACCURACY, HELDOUT_ERROR, evaluation_records, training_records
+    from sdpo_core.app.callbacks import HELDOUT_ACCURACY, HELDOUT_ERROR, evaluation_records, training_records
 
     evaluations = {int(r["step"]): r for r in evaluation_records(records)}
     steps = [{"step": int(r["step"]), "reward": r.get("reward"), "entropy": r.get("entropy"),
@@ -78,13 +78,13 @@ def run_points(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _run(variant: str, seed: int, args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     """One `sdpo train` subprocess; its results, or the end of its log when it fails."""
-    from sdpo_core.callbacks import METRICS_FILE, read_metrics
+    from sdpo_core.app.callbacks import METRICS_FILE, read_metrics
 
     name = f"{variant}-seed{seed}"
     output_dir = args.out_dir / "runs" / name
     log = args.out_dir / "logs" / f"{name}.log"
     shutil.rmtree(output_dir, ignore_errors=True)  # a run cut short earlier starts again from nothing
-    command = [sys.executable, "-m", "sdpo_core.cli", "train", *extra, *VARIANTS[variant], "--seed", str(seed),
+    command = [sys.executable, "-m", "sdpo_core.app.cli", "train", *extra, *VARIANTS[variant], "--seed", str(seed),
                "--output_dir", str(output_dir), "--disable_tqdm", "true"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if args.threads:

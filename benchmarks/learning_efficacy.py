@@ -74,7 +74,7 @@ def _load_model(args: argparse.Namespace):
 
         tokenizer = tiny_tokenizer()
         return tiny_model(tokenizer, seed=0), tokenizer  # same initial weights for every run and seed
-    from sdpo_core.models import resolve_model
+    from sdpo_core.app.demo_model import resolve_model
 
     path = resolve_model(args.model)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
@@ -86,7 +86,7 @@ def _task(args: argparse.Namespace):
     from datasets import Dataset
 
     import sdpo_envs
-    from sdpo_core.train_cli import split_rows
+    from sdpo_core.app.runs import split_rows
 
     if args.task == "math":
         env = sdpo_envs.make("math", difficulty=args.difficulty, unformatted_scale=1.0, size=1000, seed=0)
@@ -101,7 +101,7 @@ def _task(args: argparse.Namespace):
 
 
 def _evaluate(model, tokenizer, env, tasks, args: argparse.Namespace) -> dict[str, float]:
-    from sdpo_core.evaluation import evaluate_model
+    from sdpo_core.app.evaluation import evaluate_model
 
     start = time.monotonic()
     result = evaluate_model(model, tokenizer, env, tasks, max_new_tokens=args.completion_length, temperature=0.0,
@@ -121,7 +121,7 @@ def _worker(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     else:  # the cores other processes leave idle now (before this process gets busy)
-        from sdpo_core.cpu_threads import start_fitting
+        from sdpo_core.app.cpu_threads import start_fitting
 
         start_fitting()
     set_seed(args.seed)
@@ -382,7 +382,7 @@ def main() -> None:
     if args.jobs:
         jobs = args.jobs
     else:
-        from sdpo_core.cpu_threads import idle_cores
+        from sdpo_core.app.cpu_threads import idle_cores
 
         jobs = (idle_cores() or 1) if args.threads == 1 else 1
     print(f"{jobs} run(s) at a time, {args.threads or 'all idle'} thread(s) each", flush=True)

@@ -151,7 +151,7 @@ def _build_model(args: argparse.Namespace):
         tokenizer = tiny_tokenizer()
         model = tiny_model(tokenizer, seed=args.seed, hidden_size=args.hidden_size, num_layers=args.num_layers)
         return model, tokenizer
-    from sdpo_core.models import resolve_model
+    from sdpo_core.app.demo_model import resolve_model
 
     path = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -1,7 +1,7 @@
 """What SDPO's teacher reads about a multi-turn episode (docs/algorithm.md, "SDPO on multi-turn episodes").
 
 The teacher sees the episode with hindsight. Its prompt is the task's prompt rewritten exactly as for a
-single completion (`sdpo_core.reprompt`), with two texts chosen per episode:
+single completion (`sdpo_core.teacher_prompt`), with two texts chosen per episode:
 
 - the demonstration: the *final answer* of a successful sibling episode (its last assistant turn, or
   for tool-calling environments the last answer it submitted), not the whole sibling episode with the

@@ -58,8 +58,7 @@ from sdpo_core.episode_rollout import EpisodeRollout, check_rollout_arguments
 from sdpo_core.episode_teacher import hindsight_demonstrations
 from sdpo_core.modeling import add_hidden_states_forward, causal_lm, lm_head, supports_hidden_state_path
 from sdpo_core.policy_loss import POLICY_LOSS_TYPES, aggregate_policy_loss, policy_per_token_loss, route_rows
-from sdpo_core.reprompt import build_teacher_batch, strip_thinking
-from sdpo_core.rewards import combine_feedback, validated_reward_function
+from sdpo_core.reward_contract import combine_feedback, validated_reward_function
 from sdpo_core.teacher import (
     CopiedModelTeacher,
     DisabledAdapterTeacher,
@@ -69,6 +68,7 @@ from sdpo_core.teacher import (
     strip_patched_forward,
 )
 from sdpo_core.teacher_drift import TeacherDriftCallback, moving_teacher_parameters
+from sdpo_core.teacher_prompt import build_teacher_batch, strip_thinking
 from sdpo_core.teacher_schedule import generation_batches, reset_due, scheduled_rate
 from sdpo_envs.reward import completion_text, read_environment_feedback, read_feedback, reset_feedback
 
@@ -693,6 +693,11 @@ class SDPOTrainer(GRPOTrainer):
         self._finite_step_in_generation = False
 
     # ----------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> None:
+        """Save `checkpoint-<step>` now (model, optimizer, trainer state and the teacher), as the Trainer does at
+        its save steps: for a run stopped between them (an interrupt) that `resume_from_checkpoint` continues."""
+        self._save_checkpoint(self.model, trial=None)
+
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         if self.teacher is None or not self.args.should_save:

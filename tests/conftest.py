@@ -12,7 +12,7 @@ from trl import GRPOConfig
 from sdpo_core.testing import tiny_model, tiny_tokenizer
 
 torch.set_num_threads(1)
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # so `sdpo train` run in-process keeps it (sdpo_core.cpu_threads)
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # so `sdpo train` run in-process keeps it (sdpo_core.app.cpu_threads)
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,8 @@ import pytest
 import yaml
 from transformers import TrainerCallback
 
-from sdpo_core import cli
-from sdpo_core.callbacks import (
+from sdpo_core.app import cli
+from sdpo_core.app.callbacks import (
     HELDOUT_ACCURACY,
     HELDOUT_ERROR,
     METRICS_FILE,
@@ -25,9 +25,9 @@ from sdpo_core.callbacks import (
     read_metrics,
     training_records,
 )
+from sdpo_core.app.runs import DEFAULTS, CLIError, grpo_twin, parse_env_args, parse_train_args, split_rows, train
 from sdpo_core.config import PRESETS, SDPOConfig
 from sdpo_core.testing import tiny_model, tiny_tokenizer
-from sdpo_core.train_cli import DEFAULTS, CLIError, grpo_twin, parse_env_args, parse_train_args, split_rows, train
 from sdpo_envs import hookimpl
 from sdpo_envs.testing import FakeEnvironment, registered_plugin
 
@@ -220,7 +220,7 @@ def test_eval_every_must_not_be_negative():
 
 
 def test_peft_flags(tmp_path):
-    from sdpo_core.train_cli import lora_config
+    from sdpo_core.app.runs import lora_config
 
     script, _, _ = parse_train_args(["--use-peft", "--lora_r", "8", "--lora_target_modules", "q_proj", "v_proj"])
     config = lora_config(script)
@@ -284,7 +284,7 @@ def test_heldout_split_without_enough_distinct_prompts_is_an_error():
 def test_dataset_files(tmp_path, suffix):
     from datasets import Dataset
 
-    from sdpo_core.train_cli import load_dataset_spec
+    from sdpo_core.app.runs import load_dataset_spec
 
     rows = Dataset.from_list([{"prompt": f"p{i}", "answer": str(i)} for i in range(3)])
     path = tmp_path / f"rows{suffix}"
@@ -296,7 +296,7 @@ def test_dataset_files(tmp_path, suffix):
 
 
 def test_plot_and_summary_from_records(tmp_path):
-    from sdpo_core.callbacks import plot_runs, summarize
+    from sdpo_core.app.callbacks import plot_runs, summarize
 
     sdpo = [{"step": i, "reward": i / 10, "sdpo/success_sample_fraction": 0.5, "sdpo/distillation_loss": 1 / i}
             for i in range(1, 7)] + [{"step": 6, "train_runtime": 12.0}]
@@ -333,8 +333,8 @@ def test_records_split_into_training_logs_and_evaluations():
 
 
 def test_evaluation_record_holds_a_result_or_an_error():
-    from sdpo_core.callbacks import evaluation_record
-    from sdpo_core.evaluation import EvalResult
+    from sdpo_core.app.callbacks import evaluation_record
+    from sdpo_core.app.evaluation import EvalResult
 
     result = EvalResult(num_tasks=4, num_samples=1, pass_at_k={1: 0.75}, mean_reward=0.8, success_rate=0.75)
     assert evaluation_record(10, result, seconds=1.234) == {"step": 10, HELDOUT_ACCURACY: 0.75,
@@ -348,7 +348,7 @@ def test_evaluation_record_holds_a_result_or_an_error():
 
 
 def test_plot_panels_are_what_some_run_logged(tmp_path):
-    from sdpo_core.callbacks import plot_panels, plot_runs
+    from sdpo_core.app.callbacks import plot_panels, plot_runs
 
     runs = _compared_runs()
     titles = [title for title, _, _ in plot_panels(runs)]
@@ -361,7 +361,7 @@ def test_plot_panels_are_what_some_run_logged(tmp_path):
 
 
 def test_summary_and_comparison_lines():
-    from sdpo_core.callbacks import compare_runs, summarize
+    from sdpo_core.app.callbacks import compare_runs, summarize
 
     runs = _compared_runs()
     text = summarize(runs["SDPO"], title="t", window=2)
@@ -515,7 +515,7 @@ def test_sigint_finishes_the_step_and_saves(toy_env, tiny_argv, tmp_path):
 def test_training_refits_cpu_threads_every_step_unless_the_user_chose(toy_env, tiny_argv, monkeypatch):
     import torch
 
-    from sdpo_core import cpu_threads
+    from sdpo_core.app import cpu_threads
 
     fitted: list[int] = []
     original = cpu_threads.CpuThreadFitter.fit
@@ -565,7 +565,7 @@ def test_two_process_cpu_run_through_accelerate_launch(model_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SDPO_LOAD_PLUGINS": "sdpo-reward",
            "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO / "examples/accelerate/ddp_cpu2.yaml"), "-m", "sdpo_core.cli", "train",
+               str(REPO / "examples/accelerate/ddp_cpu2.yaml"), "-m", "sdpo_core.app.cli", "train",
                "--model", str(model_dir), "--env", "reward", "--env-arg", "fn=toy_reward:reward",
                "--dataset", str(rows),
                "--output_dir", str(tmp_path / "run"), "--max_steps", "2", "--num_generations", "4",
@@ -580,7 +580,7 @@ def test_two_process_cpu_run_through_accelerate_launch(model_dir, tmp_path):
 def test_stop_on_collapse_checkpoints_stops_and_notes_it(toy_env, tiny_argv, tmp_path, monkeypatch, capsys):
     import functools
 
-    from sdpo_core import collapse
+    from sdpo_core.app import collapse
 
     # The tiny model fills its 6-token cap: with a 1-step window, pinned lengths hold from step 1.
     monkeypatch.setattr(collapse, "CollapseThresholds",

@@ -9,7 +9,7 @@ import pytest
 from transformers import TrainerControl, TrainerState
 
 from sdpo_core import SDPOConfig, SDPOTrainer
-from sdpo_core.collapse import CollapseThresholds, CollapseWatchCallback
+from sdpo_core.app.collapse import CollapseThresholds, CollapseWatchCallback
 from sdpo_core.testing import tiny_model
 
 TIGHT = CollapseThresholds(early_steps=2, recent_steps=2, clipped_steps=2, reward_window=2)
@@ -20,11 +20,11 @@ def _feed(callback, logs_per_step, caplog):
     state = TrainerState()
     state.is_world_process_zero = True
     controls = []
-    with caplog.at_level(logging.WARNING, logger="sdpo_core.collapse"):
+    with caplog.at_level(logging.WARNING, logger="sdpo_core.app.collapse"):
         for step, logs in enumerate(logs_per_step, start=1):
             state.global_step = step
             controls.append(callback.on_log(None, state, TrainerControl(), logs=logs))
-    return controls, [r.getMessage() for r in caplog.records if r.name == "sdpo_core.collapse"]
+    return controls, [r.getMessage() for r in caplog.records if r.name == "sdpo_core.app.collapse"]
 
 
 def test_reward_fall_warns_once_per_episode(caplog):

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdpo_core import cpu_threads
-from sdpo_core.cpu_threads import (
+from sdpo_core.app import cpu_threads
+from sdpo_core.app.cpu_threads import (
     CpuThreadFitter,
     CpuTimes,
     other_busy_cores,

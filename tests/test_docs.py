@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from sdpo_core.app.runs import DEFAULTS, TrainArguments
 from sdpo_core.config import SDPOConfig
-from sdpo_core.train_cli import DEFAULTS, TrainArguments
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"

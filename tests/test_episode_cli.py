@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from sdpo_core import cli
+from sdpo_core.app import cli
+from sdpo_core.app.runs import parse_train_args
 from sdpo_core.testing import tiny_model, tiny_tokenizer
-from sdpo_core.train_cli import parse_train_args
 from sdpo_envs import hookimpl
 from sdpo_envs.testing import FakeEnvironment, registered_plugin
 

@@ -12,12 +12,12 @@ from datasets import Dataset
 from trl import GRPOConfig
 from trl.chat_template_utils import qwen3_chat_template
 
+from sdpo_core.app.episode_eval import conversation, evaluate_episodes, pass_within_turns, play_episodes
+from sdpo_core.app.evaluation import evaluate_model
 from sdpo_core.config import SDPOConfig
-from sdpo_core.episode_eval import conversation, evaluate_episodes, pass_within_turns, play_episodes
 from sdpo_core.episode_rollout import check_rollout_arguments, observation_ids, observation_suffix_text
 from sdpo_core.episode_teacher import assistant_turn_spans, hindsight_demonstrations
-from sdpo_core.evaluation import evaluate_model
-from sdpo_core.reprompt import build_teacher_batch
+from sdpo_core.teacher_prompt import build_teacher_batch
 from sdpo_core.testing import tiny_model, tiny_tokenizer
 from sdpo_core.trainer import SDPOTrainer
 from sdpo_envs import Feedback

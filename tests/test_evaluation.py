@@ -1,4 +1,4 @@
-"""`sdpo_core.evaluation`: pass@k against hand computations, scoring with a toy environment, batched generation."""
+"""`sdpo_core.app.evaluation`: pass@k against hand computations, scoring with a toy environment, batched generation."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from sdpo_core.evaluation import (
+from sdpo_core.app.evaluation import (
     EvalResult,
     evaluate_model,
     generate_completions,

@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from sdpo_core.cli import build_parser, main
+from sdpo_core.app.cli import build_parser, main
 from sdpo_envs import hookimpl
 from sdpo_envs.testing import FakeEnvironment, registered_plugin
 

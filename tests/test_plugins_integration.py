@@ -76,7 +76,7 @@ def sdpo(site: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]
     """Run the CLI with only `env` set among the SDPO_*_PLUGINS variables."""
     environ = {k: v for k, v in os.environ.items() if not (k.startswith("SDPO_") and k.endswith("_PLUGINS"))}
     environ["PYTHONPATH"] = os.pathsep.join([str(site), str(ROOT)])
-    return subprocess.run([sys.executable, "-m", "sdpo_core.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "sdpo_core.app.cli", *args], capture_output=True, text=True,
                           env={**environ, **env}, cwd=site.parent, timeout=120)
 
 

@@ -9,7 +9,7 @@ from fractions import Fraction
 import pytest
 
 from sdpo_core import SDPOTrainer
-from sdpo_core.rewards import validated_reward_function
+from sdpo_core.reward_contract import validated_reward_function
 from sdpo_envs import Environment, Feedback, InvalidResultError, check_reward, check_rewards
 
 

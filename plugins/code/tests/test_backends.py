@@ -124,8 +124,8 @@ def test_sandbox_doctor_probes_every_backend_in_a_real_subprocess(backend_by_nam
     import sys
 
     env = {**os.environ, "SDPO_LOAD_PLUGINS": "sdpo-code", "DOCKER_HOST": "unix:///nonexistent/docker.sock"}
-    out = subprocess.run([sys.executable, "-m", "sdpo_core.cli", "sandbox", "doctor", "--json"], capture_output=True,
-                         text=True, timeout=120, env=env)
+    out = subprocess.run([sys.executable, "-m", "sdpo_core.app.cli", "sandbox", "doctor", "--json"],
+                         capture_output=True, text=True, timeout=120, env=env)
     reports = {r["name"]: r for r in json.loads(out.stdout)}
     assert {"bwrap", "process", "docker"} <= set(reports)
     docker = reports["docker"]

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from sdpo_core.config import SDPOConfig
-from sdpo_core.reprompt import (
+from sdpo_core.teacher_prompt import (
     TeacherPrompt,
     build_teacher_batch,
     build_teacher_message,

@@ -4,7 +4,7 @@ Each sample of a task is one episode (`sdpo_envs.episode.Episode`): turn 1 gener
 prompt; after a failed attempt with turns left, the environment's observation is appended as a user
 message (after the attempt as an assistant message) and the model answers again, the conversation
 rendered by the chat template like any chat. String prompts get the attempt and the observation
-appended as text. Generation is `sdpo_core.evaluation.generate_completions`; scoring, the episode's
+appended as text. Generation is `sdpo_core.app.evaluation.generate_completions`; scoring, the episode's
 reward and its failure policy are the environment's (`Episode.step`), so the numbers mean what the
 training reward of `SDPOTrainer(reward_funcs=[env])` means.
 """
@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from sdpo_core.evaluation import EvalResult, EvalSample, pass_at_k, prompt_text
+from sdpo_core.app.evaluation import EvalResult, EvalSample, pass_at_k, prompt_text
 from sdpo_envs import Environment, Feedback, Task
 from sdpo_envs.episode import Episode
 

@@ -14,7 +14,7 @@ script silently passed the stale key `ema_update_rate`), and TRL's `env:` mappin
 The environment (`--env`, built through the `sdpo_envs` registry) is the reward function, so its feedback
 reaches the teacher; rows come from `--dataset` or from the environment's own `dataset()`. A held-out set of
 distinct prompts, none of which is trained on, is scored greedily before training, every `--eval_every` steps
-and after training (`sdpo_core.evaluation`); each score is a record in `metrics.jsonl` and a point in the plot.
+and after training (`sdpo_core.app.evaluation`); each score is a record in `metrics.jsonl` and a point in the plot.
 
 The `train` subparser takes its arguments as one opaque list and parses them only when it runs, so that
 `sdpo envs ...` never pays for importing TRL.
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
     from trl import GRPOConfig, TrlParser
 
-    from sdpo_core.evaluation import EvalResult
+    from sdpo_core.app.evaluation import EvalResult
     from sdpo_envs import Environment
 
 EVAL_BEFORE_FILE = "eval_before.json"
@@ -516,7 +516,7 @@ def run_training(script: TrainArguments, training_args: GRPOConfig, sdpo_config:
     from transformers import ProgressCallback
     from transformers.trainer_utils import get_last_checkpoint
 
-    from sdpo_core.callbacks import (
+    from sdpo_core.app.callbacks import (
         HELDOUT_ERROR,
         HeldOutEvaluationCallback,
         InterruptCallback,
@@ -524,10 +524,10 @@ def run_training(script: TrainArguments, training_args: GRPOConfig, sdpo_config:
         RunFilesCallback,
         evaluation_record,
     )
-    from sdpo_core.collapse import CollapseWatchCallback
-    from sdpo_core.cpu_threads import CpuThreadFitter, CpuThreadsCallback, user_chose_threads
-    from sdpo_core.evaluation import EvalResult
-    from sdpo_core.models import resolve_model
+    from sdpo_core.app.collapse import CollapseWatchCallback
+    from sdpo_core.app.cpu_threads import CpuThreadFitter, CpuThreadsCallback, user_chose_threads
+    from sdpo_core.app.demo_model import resolve_model
+    from sdpo_core.app.evaluation import EvalResult
     from sdpo_core.trainer import SDPOTrainer
 
     main_process = training_args.process_index == 0
@@ -582,7 +582,7 @@ def run_training(script: TrainArguments, training_args: GRPOConfig, sdpo_config:
 
     def evaluate(step: int, when: str) -> tuple[EvalResult | None, dict[str, Any]]:
         """The held-out evaluation now and its record; an error is recorded (and said), not raised."""
-        from sdpo_core.evaluation import evaluate_model
+        from sdpo_core.app.evaluation import evaluate_model
 
         start = time.monotonic()
         try:
@@ -636,7 +636,7 @@ def run_training(script: TrainArguments, training_args: GRPOConfig, sdpo_config:
             if state.global_step > 0 and logged < state.global_step:
                 trainer.log({})  # the finished step's metrics, so the checkpoint's history has them
             if state.global_step > 0:
-                trainer._save_checkpoint(trainer.model, trial=None)  # SDPOTrainer's: the teacher goes with it
+                trainer.save_checkpoint()  # the teacher goes with it
     interrupted = interrupted or interrupt.requested
     step = trainer.state.global_step
     if collapse.episodes:
@@ -680,7 +680,7 @@ def train(argv: Sequence[str], callbacks: Sequence[Any] = ()) -> list[RunResult]
                          callbacks=callbacks)]
     if not script.compare_grpo or runs[0].interrupted:
         return runs
-    from sdpo_core.callbacks import METRICS_FILE, PLOT_FILE, SUMMARY_FILE, compare_runs, plot_runs, read_metrics
+    from sdpo_core.app.callbacks import METRICS_FILE, PLOT_FILE, SUMMARY_FILE, compare_runs, plot_runs, read_metrics
 
     gc.collect()  # the SDPO trainer (model, teacher, optimizer) sits in reference cycles: free it before GRPO's
     grpo_dir = sdpo_dir.with_name(sdpo_dir.name + "-grpo")
@@ -713,8 +713,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sdpo_core.evaluation import evaluate_model
-    from sdpo_core.models import resolve_model
+    from sdpo_core.app.demo_model import resolve_model
+    from sdpo_core.app.evaluation import evaluate_model
 
     name = args.env or DEFAULTS["environment"]
     kwargs = dict(DEFAULTS["environment_kwargs"]) if args.env is None else {}
@@ -774,7 +774,7 @@ def _report_errors(command: Any) -> Any:
     def run(args: argparse.Namespace) -> int:
         from transformers.utils import logging as hf_logging
 
-        from sdpo_core.cpu_threads import start_fitting
+        from sdpo_core.app.cpu_threads import start_fitting
 
         hf_logging.disable_progress_bar()  # weight loading/saving bars would break up the training bar
         start_fitting()  # threads for what runs before training (loading, evaluation); training keeps fitting

@@ -30,7 +30,7 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 if TYPE_CHECKING:
-    from sdpo_core.evaluation import EvalResult
+    from sdpo_core.app.evaluation import EvalResult
 
 logger = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ class EvalResult:
         abstained (`int`): completions the environment could not score (`reward=None`).
         samples (`tuple[EvalSample, ...]`): a few scored completions, failures with feedback first.
         pass_within_turns (`dict[int, float]`): for multi-turn episodes, pass@1 within 1, 2, ... turns
-            (`sdpo_core.episode_eval`); empty for single-turn evaluation.
+            (`sdpo_core.app.episode_eval`); empty for single-turn evaluation.
         turns_played (`int`): attempts generated and scored over all episodes (`num_tasks * num_samples`
             for single-turn evaluation).
     """
@@ -280,7 +280,7 @@ def evaluate_model(
     if temperature is None:
         temperature = 0.0 if n == 1 else 1.0
     if env.max_turns > 1:  # whole episodes: the model answers again after the environment's feedback
-        from sdpo_core.episode_eval import evaluate_episodes
+        from sdpo_core.app.episode_eval import evaluate_episodes
 
         def generate(prompts: Sequence[Any], samples: int) -> list[list[str]]:
             return generate_completions(

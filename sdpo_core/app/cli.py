@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from sdpo_core.train_cli import add_eval_parser, add_train_parser
+from sdpo_core.app.runs import add_eval_parser, add_train_parser
 from sdpo_envs import plugins as sdpo_plugins
 from sdpo_envs import registry
 
