@@ -61,23 +61,6 @@ _STAR_IMPORTED = ("string", "re", "datetime", "collections", "heapq", "bisect", 
 _PRELUDE = "".join(f"from {name} import *\n" for name in _STAR_IMPORTED) + "import " + ", ".join(
     name for name in _STAR_IMPORTED if name not in ("builtins", "typing")) + "\n"
 _STREAMS = ("stdin", "stdout", "stderr")  # `from sys import *` names bound per test, see `_module_namespace`
-
-# Linux interface numbers passed to libc (the same on x86_64 and aarch64; keyctl's system call is further down).
-_SYS_LANDLOCK_CREATE_RULESET, _SYS_LANDLOCK_ADD_RULE, _SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
-_LANDLOCK_CREATE_RULESET_VERSION = 1  # flag: ask for the ABI version instead of creating a ruleset
-_LANDLOCK_RULE_PATH_BENEATH = 1
-_PR_SET_DUMPABLE, _PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 4, 36, 38
-_IPC_RMID, _MSG_INFO, _SHM_INFO, _SEM_INFO = 0, 12, 14, 19
-
-# Exit statuses of harness processes that end without a protocol event. The host reads only the protocol (a
-# missing event is the program's doing, or a harness fault), so these name the path for a person reading a
-# process table or a trace.
-_EXIT_CHANNEL_LOST = 70  # a reply or event could not be written: the reader is gone
-_EXIT_SETUP_FAILED = 71  # the worker could not confine itself as asked
-_EXIT_WORKER_DONE = 72  # the worker's request loop ended
-_EXIT_NO_CHILD = 73  # waited for a child that does not exist
-_EXIT_NO_REQUEST = 74  # stdin closed before a whole request arrived
-_EXIT_NOT_A_SANDBOX = 75  # --serve outside a sandbox
 RECURSION_LIMIT = 50000  # LCB's
 
 
@@ -131,7 +114,7 @@ def send(msg, hold=False, raw=b""):
     try:
         _write_all(_proto_fd, data)
     except OSError:
-        os._exit(_EXIT_CHANNEL_LOST)
+        os._exit(70)
 
 
 def _write_all(fd, data):
@@ -174,8 +157,7 @@ def _landlock(read_paths, write_paths):
     libc = ctypes.CDLL(None, use_errno=True)
     syscall = libc.syscall
     syscall.restype = ctypes.c_long
-    abi = syscall(_SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0),
-                  ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION))
+    abi = syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
     if abi < 1:
         return 0
     handled = _LL_FS_ABI1
@@ -193,7 +175,7 @@ def _landlock(read_paths, write_paths):
     if abi >= 6:
         attr[2] = 3  # abstract unix sockets and signals stay inside the sandbox
         size = 24
-    ruleset = syscall(_SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
+    ruleset = syscall(444, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
     if ruleset < 0:
         return 0
 
@@ -213,11 +195,10 @@ def _landlock(read_paths, write_paths):
         if not os.path.isdir(path):
             rights &= file_rights
         rule = PathBeneath(rights & handled, fd)
-        syscall(_SYS_LANDLOCK_ADD_RULE, ctypes.c_int(ruleset), ctypes.c_int(_LANDLOCK_RULE_PATH_BENEATH),
-                ctypes.byref(rule), ctypes.c_uint32(0))
+        syscall(445, ctypes.c_int(ruleset), ctypes.c_int(1), ctypes.byref(rule), ctypes.c_uint32(0))
         os.close(fd)
-    libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-    if syscall(_SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0)) != 0:
+    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+    if syscall(446, ctypes.c_int(ruleset), ctypes.c_uint32(0)) != 0:
         return 0
     os.close(ruleset)
     return abi
@@ -428,7 +409,7 @@ class Worker:
         try:
             _write_all(self.rep_fd, data)
         except OSError:
-            os._exit(_EXIT_CHANNEL_LOST)
+            os._exit(70)
 
     def step(self, seq, stdin_bytes, cpu_limit, wall_limit, body, exit_ok=True):
         """Run `body` with the test's streams and timers; answer with its status, output and value."""
@@ -602,13 +583,14 @@ def _worker(p, req_fd, rep_fd):
     abi = _landlock(ll["read"], ll["write"]) if ll else 0
     if ll and not abi and ll.get("required"):
         worker.reply({"seq": 0, "setup_failed": "landlock unavailable"})
-        os._exit(_EXIT_SETUP_FAILED)
+        os._exit(71)
     sys.setrecursionlimit(max(sys.getrecursionlimit(), int(p.get("recursion_limit", RECURSION_LIMIT))))
     worker.reply({"seq": 0, "ready": True, "uid": os.getuid(), "landlock": abi, "python": sys.version.split()[0]})
     worker.serve()
 
 
 # ----------------------------------------------------------------------------------------- judge (trusted)
+_PR_SET_DUMPABLE, _PR_SET_CHILD_SUBREAPER = 4, 36
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _POLL = 0.1  # seconds between two readings of a running test's CPU time
 _CPU_SLACK = 0.1  # CPU seconds past a test's limit that timer granularity may take
@@ -824,7 +806,7 @@ class Judge:
                 self.test_lines = ()
                 _worker(self.p, req_r, rep_w)
             finally:
-                os._exit(_EXIT_WORKER_DONE)
+                os._exit(72)
         os.close(req_r)
         os.close(rep_w)
         self.pid, self.req = pid, req_w
@@ -1107,7 +1089,7 @@ def _reap(pid):
         try:
             waited, status, usage = os.wait4(-1, 0)
         except ChildProcessError:
-            os._exit(_EXIT_NO_CHILD)
+            os._exit(73)
         except InterruptedError:
             continue
         if waited == pid:
@@ -1133,7 +1115,7 @@ def main():
     """One submission: read its payload, judge it in this process, report, exit."""
     p = _read_request(0)
     if p is None:
-        os._exit(_EXIT_NO_REQUEST)
+        os._exit(74)
     _take_protocol_channel()
     _ignore_signals()
     Judge(p).run()
@@ -1202,9 +1184,9 @@ def _remove_sysv_ipc(libc):
     and almost no solution leaves one."""
     answer = ctypes.create_string_buffer(256)
     kinds = (  # (name, query the counts, which int of the answer counts the objects in use, remove one)
-        ("shm", lambda: libc.shmctl(0, _SHM_INFO, answer), 0, lambda i: libc.shmctl(i, _IPC_RMID, None)),  # used_ids
-        ("msg", lambda: libc.msgctl(0, _MSG_INFO, answer), 0, lambda i: libc.msgctl(i, _IPC_RMID, None)),  # msgpool
-        ("sem", lambda: libc.semctl(0, 0, _SEM_INFO, answer), 7, lambda i: libc.semctl(i, 0, _IPC_RMID)),  # semusz
+        ("shm", lambda: libc.shmctl(0, 14, answer), 0, lambda i: libc.shmctl(i, 0, None)),  # SHM_INFO: used_ids
+        ("msg", lambda: libc.msgctl(0, 12, answer), 0, lambda i: libc.msgctl(i, 0, None)),  # MSG_INFO: msgpool
+        ("sem", lambda: libc.semctl(0, 0, 19, answer), 7, lambda i: libc.semctl(i, 0, 0)),  # SEM_INFO: semusz
     )
     for kind, count, field, remove in kinds:
         if count() >= 0 and not int.from_bytes(answer.raw[4 * field:4 * field + 4], sys.byteorder):
@@ -1271,9 +1253,9 @@ def serve():
     refusal = _not_a_sandbox()
     if refusal:
         sys.stderr.write(f"--serve refuses to run: {refusal}\n")
-        os._exit(_EXIT_NOT_A_SANDBOX)
+        os._exit(75)
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)  # no ptrace of us and no /proc/1/{mem,fd} for the worker
+    libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: no ptrace of us and no /proc/1/{mem,fd} for the worker
     requests = os.dup(0)
     _take_protocol_channel()
     _ignore_signals()

@@ -24,56 +24,12 @@ class SandboxUnavailable(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Limits:
-    """Every resource limit of one submission, in one place: `CodeEnvironment` makes one, the runner turns its
-    per-test limits into the request's, and the request carries it to the backend and the harness.
-
-    Args:
-        time_limit (`float`): CPU seconds per test when the task has no ``time_limit`` of its own.
-        wall_factor (`float`) and wall_slack (`float`): per-test wall backstop =
-            ``time_limit * wall_factor + wall_slack`` seconds (only sleeping or blocked programs reach it:
-            CPU time is what is limited, so contention with other sandboxes does not cause timeouts).
-        task_time_limit (`float` or `None`): wall seconds for the whole submission; `None` for the sum of
-            the per-test backstops plus slack.
-        memory_mb (`int`): address-space limit (``RLIMIT_AS``) in MiB.
-        output_bytes (`int`): stdout (plus stderr) bytes per test before Output Limit Exceeded.
-        nproc (`int`): processes and threads the program may have.
-        nofile (`int`): open file descriptors the program may have.
-    """
-
-    time_limit: float = 1.0
-    wall_factor: float = 3.0
-    wall_slack: float = 1.0
-    task_time_limit: float | None = None
-    memory_mb: int = 1024
-    output_bytes: int = 8 << 20
-    nproc: int = 64
-    nofile: int = 64
-
-    def __post_init__(self) -> None:
-        for name in ("time_limit", "wall_factor", "memory_mb", "output_bytes", "nproc", "nofile"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"limits: {name} must be positive, got {getattr(self, name)!r}")
-        if self.wall_factor < 1:
-            raise ValueError(f"limits: wall_factor must be at least 1, got {self.wall_factor!r}")
-        if self.wall_slack < 0:
-            raise ValueError(f"limits: wall_slack must not be negative, got {self.wall_slack!r}")
-        if self.task_time_limit is not None and self.task_time_limit <= 0:
-            raise ValueError(f"limits: task_time_limit must be positive or None, got {self.task_time_limit!r}")
-
-    @property
-    def memory_bytes(self) -> int:
-        return self.memory_mb << 20
-
-
-@dataclass(frozen=True)
 class ExecutionRequest:
     """One solution and the inputs of its tests, with limits.
 
     `inputs` are stdin strings (`mode="stdin"`), argument lists (`"functional"`), or one placeholder per
     `check` call (`"humaneval"`). Limits are per test: `cpu_limits` in CPU seconds (the real limit),
-    `wall_limits` in wall seconds (a backstop for sleeping or blocked programs), both derived from `limits`,
-which holds the rest. HumanEval's `test_code` and
+    `wall_limits` in wall seconds (a backstop for sleeping or blocked programs). HumanEval's `test_code` and
     `check_prefix` (the prompt, whose helpers the checks may call) run in the harness's judge, never in the
     process that runs `code`.
     """
@@ -88,8 +44,12 @@ which holds the rest. HumanEval's `test_code` and
     test_code: str | None = None
     entry_point: str | None = None
     check_prefix: str | None = None
-    limits: Limits = Limits()
+    memory_bytes: int = 1 << 30
+    output_bytes: int = 8 << 20
+    nproc: int = 64
+    nofile: int = 64
     stop_on: tuple[str, ...] = ()
+    task_wall_limit: float | None = None
     startup_timeout: float = 20.0
 
     def __post_init__(self) -> None:
@@ -101,8 +61,8 @@ which holds the rest. HumanEval's `test_code` and
     @property
     def total_wall_limit(self) -> float:
         """Whole-run wall budget: the per-test backstops plus start-up and slack."""
-        if self.limits.task_time_limit is not None:
-            return self.limits.task_time_limit
+        if self.task_wall_limit is not None:
+            return self.task_wall_limit
         return sum(self.wall_limits) + (self.wall_limits[0] if self.wall_limits else 0.0) + 10.0
 
     @property
@@ -126,12 +86,12 @@ which holds the rest. HumanEval's `test_code` and
             "test_code": self.test_code,
             "entry_point": self.entry_point,
             "check_prefix": self.check_prefix,
-            "memory_bytes": self.limits.memory_bytes,
-            "output_bytes": self.limits.output_bytes,
-            "fsize_hard": max(biggest_input, self.limits.output_bytes) + 1,
+            "memory_bytes": self.memory_bytes,
+            "output_bytes": self.output_bytes,
+            "fsize_hard": max(biggest_input, self.output_bytes) + 1,
             "cpu_hard": self.cpu_hard,
-            "nproc": self.limits.nproc,
-            "nofile": self.limits.nofile,
+            "nproc": self.nproc,
+            "nofile": self.nofile,
             "stop_on": list(self.stop_on),
             **extra,
         }
