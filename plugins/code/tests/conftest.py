@@ -4,6 +4,10 @@ that a submission left nothing behind."""
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 
@@ -14,16 +18,70 @@ from sdpo_code.sandbox._system import UID_BASE, UID_SLOTS
 
 from sdpo_envs.testing import registered_plugin
 
-LOCAL_BACKENDS = ("bwrap", "bwrap-fresh", "process")
+LOCAL_BACKENDS = ("bwrap", "bwrap-fresh", "process", "docker")
 _OPTIONS = {"bwrap-fresh": ("bwrap", {"reuse": False})}  # a new sandbox per solution instead of a reused one
 _built: dict[str, Sandbox | str] = {}
+_dockerd: list[subprocess.Popen[bytes]] = []
+
+
+def private_docker_engine() -> str:
+    """The address of a Docker engine for this test session: a private ``dockerd`` (its own socket and
+    data-root, no network set-up, vfs storage) with the sandbox image built into it, started on first use and
+    stopped at the end of the session. Raises `SandboxUnavailable` with the reason where it cannot start."""
+    if _dockerd:
+        return os.environ["SDPO_TEST_DOCKER_HOST"]
+    dockerd = shutil.which("dockerd")
+    if dockerd is None or os.geteuid() != 0:
+        raise SandboxUnavailable("no private Docker engine: " + ("dockerd is not installed (Debian's docker.io)"
+                                                                  if dockerd is None else "not root"))
+    root = tempfile.mkdtemp(prefix="sdpo-dockerd-")
+    sock = f"{root}/docker.sock"
+    log = open(f"{root}/dockerd.log", "wb")  # noqa: SIM115 - kept open for dockerd's lifetime
+    proc = subprocess.Popen([dockerd, "--iptables=false", "--bridge=none", "--storage-driver=vfs",
+                             "--data-root", f"{root}/data", "--exec-root", f"{root}/exec",
+                             "--pidfile", f"{root}/dockerd.pid", "-H", f"unix://{sock}"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    _dockerd.append(proc)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(sock)
+            break
+        except OSError:
+            time.sleep(0.2)
+    if proc.poll() is not None or time.monotonic() >= deadline:
+        raise SandboxUnavailable(f"dockerd did not start; see {root}/dockerd.log")
+    os.environ["SDPO_TEST_DOCKER_HOST"] = f"unix://{sock}"
+    import docker
+    from sdpo_code.sandbox.docker_image import build_image
+
+    build_image(docker.DockerClient(base_url=f"unix://{sock}"))
+    return f"unix://{sock}"
+
+
+def stop_private_docker_engine() -> None:
+    for proc in _dockerd:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    stop_private_docker_engine()
 
 
 def local_sandbox(name: str) -> Sandbox:
-    """The named local backend, built once per session; skips (with the reason) where it cannot work."""
+    """The named backend (the local ones, and docker on a private engine), built once per session; skips
+    (with the reason) where it cannot work."""
     if name not in _built:
         backend, options = _OPTIONS.get(name, (name, {}))
         try:
+            if backend == "docker":
+                options = {"base_url": private_docker_engine()}
             _built[name] = get_sandbox(backend, **options)
         except SandboxUnavailable as exc:
             _built[name] = str(exc)
