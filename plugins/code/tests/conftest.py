@@ -168,6 +168,34 @@ def no_leftovers():
     return assert_no_leftovers
 
 
+REFERENCE_SOLUTIONS = {  # a right program for each bundled problem
+    "sdpo-001": "a, b = map(int, input().split())\nprint(a + b)",
+    "sdpo-002": "print(input().strip()[::-1])",
+    "sdpo-003": "input()\nprint(max(map(int, input().split())))",
+    "sdpo-004": "print(sum(c in 'aeiou' for c in input()))",
+    "sdpo-005": "n = int(input())\nprint('FizzBuzz' if n % 15 == 0 else 'Fizz' if n % 3 == 0 "
+                "else 'Buzz' if n % 5 == 0 else n)",
+    "sdpo-006": "input()\nprint(sum(map(int, input().split())))",
+    "sdpo-007": "input()\nxs = list(map(int, input().split()))\nprint(min(xs), max(xs))",
+    "sdpo-008": "class Solution:\n    def isPalindrome(self, s: str) -> bool:\n        return s == s[::-1]",
+    "sdpo-009": "import math\nclass Solution:\n    def factorial(self, n: int) -> int:\n"
+                "        return math.factorial(n)",
+    "sdpo-010": "class Solution:\n    def evens(self, nums: List[int]) -> List[int]:\n"
+                "        return [x for x in nums if x % 2 == 0]",
+    "sdpo-011": "class Solution:\n    def fib(self, n: int) -> int:\n        a, b = 0, 1\n        for _ in range(n):\n"
+                "            a, b = b, a + b\n        return a",
+    "sdpo-012": "class Solution:\n    def twoSum(self, nums, target):\n        seen = {}\n"
+                "        for i, x in enumerate(nums):\n            if target - x in seen:\n"
+                "                return [seen[target - x], i]\n            seen[x] = i",
+}
+
+
+@pytest.fixture
+def reference_solutions() -> dict[str, str]:
+    """A right program for each bundled problem, by task id."""
+    return REFERENCE_SOLUTIONS
+
+
 @pytest.fixture
 def backend_by_name():
     """`backend_by_name(name)`: a local backend, skipping where it cannot work."""
