@@ -26,18 +26,35 @@ _dockerd: list[subprocess.Popen[bytes]] = []
 
 def private_docker_engine() -> str:
     """The address of a Docker engine for this test session: a private ``dockerd`` (its own socket and
-    data-root, no network set-up, vfs storage) with the sandbox image built into it, started on first use and
-    stopped at the end of the session. Raises `SandboxUnavailable` with the reason where it cannot start."""
-    if _dockerd:
-        return os.environ["SDPO_TEST_DOCKER_HOST"]
+    data-root, no network set-up, overlay2 storage or else vfs) with the sandbox image built into it, started
+    on first use (the caller caches the answer) and stopped at the end of the session. Raises
+    `SandboxUnavailable` with the reason where it cannot start."""
     dockerd = shutil.which("dockerd")
     if dockerd is None or os.geteuid() != 0:
         raise SandboxUnavailable("no private Docker engine: " + ("dockerd is not installed (Debian's docker.io)"
                                                                   if dockerd is None else "not root"))
-    root = tempfile.mkdtemp(prefix="sdpo-dockerd-")
+    reasons = []
+    for driver in ("overlay2", "vfs"):  # overlay2 starts a container ~5x faster; vfs works everywhere
+        root = tempfile.mkdtemp(prefix="sdpo-dockerd-")
+        sock = f"{root}/docker.sock"
+        if _start_dockerd(dockerd, root, driver):
+            break
+        reasons.append(f"with {driver}, see {root}/dockerd.log")
+    else:
+        raise SandboxUnavailable("dockerd did not start (" + "; ".join(reasons) + ")")
+    os.environ["SDPO_TEST_DOCKER_HOST"] = f"unix://{sock}"
+    import docker
+    from sdpo_code.sandbox.docker_image import build_image
+
+    build_image(docker.DockerClient(base_url=f"unix://{sock}"))
+    return f"unix://{sock}"
+
+
+def _start_dockerd(dockerd: str, root: str, driver: str) -> bool:
+    """Start dockerd in `root` with storage `driver`; whether its socket answers within a minute."""
     sock = f"{root}/docker.sock"
     log = open(f"{root}/dockerd.log", "wb")  # noqa: SIM115 - kept open for dockerd's lifetime
-    proc = subprocess.Popen([dockerd, "--iptables=false", "--bridge=none", "--storage-driver=vfs",
+    proc = subprocess.Popen([dockerd, "--iptables=false", "--bridge=none", f"--storage-driver={driver}",
                              "--data-root", f"{root}/data", "--exec-root", f"{root}/exec",
                              "--pidfile", f"{root}/dockerd.pid", "-H", f"unix://{sock}"],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -47,17 +64,12 @@ def private_docker_engine() -> str:
         try:
             with socket.socket(socket.AF_UNIX) as s:
                 s.connect(sock)
-            break
+            return True
         except OSError:
             time.sleep(0.2)
-    if proc.poll() is not None or time.monotonic() >= deadline:
-        raise SandboxUnavailable(f"dockerd did not start; see {root}/dockerd.log")
-    os.environ["SDPO_TEST_DOCKER_HOST"] = f"unix://{sock}"
-    import docker
-    from sdpo_code.sandbox.docker_image import build_image
-
-    build_image(docker.DockerClient(base_url=f"unix://{sock}"))
-    return f"unix://{sock}"
+    proc.kill()
+    proc.wait()
+    return False
 
 
 def stop_private_docker_engine() -> None:
