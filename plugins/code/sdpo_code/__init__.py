@@ -12,6 +12,7 @@ from typing import Any
 
 from sdpo_code.env import CodeEnvironment
 from sdpo_code.extract import extract_code
+from sdpo_code.limits import Limits
 from sdpo_code.sandbox import SandboxUnavailable, available_sandboxes, get_sandbox, register_builtin_sandboxes
 from sdpo_code.tasks import (
     CodeTask,
@@ -43,6 +44,7 @@ __all__ = [
     "CodeEnvironment",
     "CodeTask",
     "Judgement",
+    "Limits",
     "SandboxUnavailable",
     "TaskFormatError",
     "TestCase",

@@ -16,7 +16,8 @@ from typing import Any, ClassVar, Literal
 
 from sdpo_code.extract import Strategy, extract_code
 from sdpo_code.feedback import NO_INFO_TEXT, FeedbackOptions, render
-from sdpo_code.runner import Limits, run_submission
+from sdpo_code.limits import Limits
+from sdpo_code.runner import run_submission
 from sdpo_code.sandbox import Sandbox, get_sandbox
 from sdpo_code.sandbox._system import cpu_count
 from sdpo_code.tasks import TaskFormatError, build_prompt, load_bundled, parse_task
@@ -49,6 +50,9 @@ class CodeEnvironment(Environment):
             ``"longest"`` (the reference) or ``"first"``.
         allow_unfenced (`bool`, *optional*, defaults to `False`): take a completion without any code fence
             as the program.
+        limits (`Limits` or `dict`, *optional*): every resource limit at once (`sdpo_code.limits.Limits`, or a
+            dict of its fields as ``--env-kwargs`` JSON gives); its defaults are the only defaults. The named
+            limits below override single fields of it.
         time_limit (`float`, *optional*, defaults to 1.0): CPU seconds per test, unless the task has a
             ``time_limit``.
         wall_factor (`float`, *optional*, defaults to 3.0): per-test wall-clock backstop, as a multiple of the
@@ -58,6 +62,8 @@ class CodeEnvironment(Environment):
         memory_mb (`int`, *optional*, defaults to 1024): address-space limit per submission.
         output_limit_bytes (`int`, *optional*, defaults to 8 MiB): output per test before Output Limit
             Exceeded.
+        nproc (`int`, *optional*, defaults to 64): processes and threads a program may have.
+        nofile (`int`, *optional*, defaults to 64): open file descriptors per process.
         float_tolerance (`float`, *optional*): also accept float tokens within this relative/absolute error
             (default: exact `Decimal` equality, as LiveCodeBench).
         show_hidden_tests (`bool`, *optional*, defaults to `False`): show private tests' inputs and outputs in
@@ -80,11 +86,14 @@ class CodeEnvironment(Environment):
         reward: RewardMode = "all",
         extract: Strategy = "last",
         allow_unfenced: bool = False,
-        time_limit: float = 1.0,
-        wall_factor: float = 3.0,
+        limits: Limits | Mapping[str, Any] | None = None,
+        time_limit: float | None = None,
+        wall_factor: float | None = None,
         task_time_limit: float | None = None,
-        memory_mb: int = 1024,
-        output_limit_bytes: int = 8 << 20,
+        memory_mb: int | None = None,
+        output_limit_bytes: int | None = None,
+        nproc: int | None = None,
+        nofile: int | None = None,
         float_tolerance: float | None = None,
         show_hidden_tests: bool = False,
         show_expected_output: bool = True,
@@ -95,19 +104,16 @@ class CodeEnvironment(Environment):
             raise ValueError(f"reward must be 'all' or 'fraction', got {reward!r}")
         if extract not in ("last", "longest", "first"):
             raise ValueError(f"extract must be 'last', 'longest' or 'first', got {extract!r}")
-        for name, value in (("time_limit", time_limit), ("wall_factor", wall_factor), ("memory_mb", memory_mb),
-                            ("output_limit_bytes", output_limit_bytes), ("max_feedback_chars", max_feedback_chars)):
-            if value <= 0:
-                raise ValueError(f"{name} must be positive, got {value!r}")
-        if wall_factor < 1:
-            raise ValueError(f"wall_factor must be at least 1, got {wall_factor!r}")
+        if max_feedback_chars <= 0:
+            raise ValueError(f"max_feedback_chars must be positive, got {max_feedback_chars!r}")
+        named = {"time_limit": time_limit, "wall_factor": wall_factor, "task_time_limit": task_time_limit,
+                 "memory_mb": memory_mb, "output_bytes": output_limit_bytes, "nproc": nproc, "nofile": nofile}
+        self.limits = Limits.coerce(limits).replace(**{k: v for k, v in named.items() if v is not None})
         self.sandbox = get_sandbox(backend, **dict(sandbox_options or {}))
         self._owns_sandbox = isinstance(backend, str)
         self.reward_mode: RewardMode = reward
         self.extract = extract
         self.allow_unfenced = allow_unfenced
-        self.limits = Limits(time_limit=time_limit, wall_factor=wall_factor, task_time_limit=task_time_limit,
-                             memory_mb=memory_mb, output_bytes=output_limit_bytes)
         self.float_tolerance = float_tolerance
         self.feedback_options = FeedbackOptions(show_hidden_tests=show_hidden_tests,
                                                 show_expected_output=show_expected_output,

@@ -15,41 +15,16 @@ import json
 import logging
 import signal
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from sdpo_code.compare import stdout_matches, value_matches
 from sdpo_code.feedback import format_syntax_error, format_trace
+from sdpo_code.limits import Limits
 from sdpo_code.sandbox.base import ExecutionRequest, ExecutionResult, Sandbox
 from sdpo_code.tasks import CodeTask
 from sdpo_code.verdicts import FAILURE_PRIORITY, Judgement, TestOutcome, Verdict
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Resource limits of one submission.
-
-    Args:
-        time_limit (`float`): CPU seconds per test when the task has no ``time_limit`` of its own.
-        wall_factor (`float`) and wall_slack (`float`): per-test wall backstop =
-            ``time_limit * wall_factor + wall_slack`` seconds (only sleeping or blocked programs reach it:
-            CPU time is what is limited, so contention with other sandboxes does not cause timeouts).
-        task_time_limit (`float` or `None`): wall seconds for the whole submission; `None` for the sum of
-            the per-test backstops plus slack.
-        memory_mb (`int`): address-space limit (``RLIMIT_AS``) in MiB.
-        output_bytes (`int`): stdout (plus stderr) bytes per test before Output Limit Exceeded.
-        nproc (`int`): processes and threads the program may have.
-    """
-
-    time_limit: float = 1.0
-    wall_factor: float = 3.0
-    wall_slack: float = 1.0
-    task_time_limit: float | None = None
-    memory_mb: int = 1024
-    output_bytes: int = 8 << 20
-    nproc: int = 64
 
 
 _STATUS_VERDICT = {
@@ -90,11 +65,8 @@ def build_request(task: CodeTask, code: str, limits: Limits, *, stop_early: bool
         test_code=task.test_code,
         entry_point=task.entry_point,
         check_prefix=task.code_prefix if task.kind == "humaneval" else None,
-        memory_bytes=limits.memory_mb << 20,
-        output_bytes=limits.output_bytes,
-        nproc=limits.nproc,
+        limits=limits,
         stop_on=("timeout", "wall_timeout", "memory") if stop_early else (),
-        task_wall_limit=limits.task_time_limit,
     )
 
 

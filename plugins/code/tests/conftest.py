@@ -4,6 +4,10 @@ that a submission left nothing behind."""
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 
@@ -14,16 +18,82 @@ from sdpo_code.sandbox._system import UID_BASE, UID_SLOTS
 
 from sdpo_envs.testing import registered_plugin
 
-LOCAL_BACKENDS = ("bwrap", "bwrap-fresh", "process")
+LOCAL_BACKENDS = ("bwrap", "bwrap-fresh", "process", "docker")
 _OPTIONS = {"bwrap-fresh": ("bwrap", {"reuse": False})}  # a new sandbox per solution instead of a reused one
 _built: dict[str, Sandbox | str] = {}
+_dockerd: list[subprocess.Popen[bytes]] = []
+
+
+def private_docker_engine() -> str:
+    """The address of a Docker engine for this test session: a private ``dockerd`` (its own socket and
+    data-root, no network set-up, overlay2 storage or else vfs) with the sandbox image built into it, started
+    on first use (the caller caches the answer) and stopped at the end of the session. Raises
+    `SandboxUnavailable` with the reason where it cannot start."""
+    dockerd = shutil.which("dockerd")
+    if dockerd is None or os.geteuid() != 0:
+        raise SandboxUnavailable("no private Docker engine: " + ("dockerd is not installed (Debian's docker.io)"
+                                                                  if dockerd is None else "not root"))
+    reasons = []
+    for driver in ("overlay2", "vfs"):  # overlay2 starts a container ~5x faster; vfs works everywhere
+        root = tempfile.mkdtemp(prefix="sdpo-dockerd-")
+        sock = f"{root}/docker.sock"
+        if _start_dockerd(dockerd, root, driver):
+            break
+        reasons.append(f"with {driver}, see {root}/dockerd.log")
+    else:
+        raise SandboxUnavailable("dockerd did not start (" + "; ".join(reasons) + ")")
+    os.environ["SDPO_TEST_DOCKER_HOST"] = f"unix://{sock}"
+    import docker
+    from sdpo_code.sandbox.docker_image import build_image
+
+    build_image(docker.DockerClient(base_url=f"unix://{sock}"))
+    return f"unix://{sock}"
+
+
+def _start_dockerd(dockerd: str, root: str, driver: str) -> bool:
+    """Start dockerd in `root` with storage `driver`; whether its socket answers within a minute."""
+    sock = f"{root}/docker.sock"
+    log = open(f"{root}/dockerd.log", "wb")  # noqa: SIM115 - kept open for dockerd's lifetime
+    proc = subprocess.Popen([dockerd, "--iptables=false", "--bridge=none", f"--storage-driver={driver}",
+                             "--data-root", f"{root}/data", "--exec-root", f"{root}/exec",
+                             "--pidfile", f"{root}/dockerd.pid", "-H", f"unix://{sock}"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    _dockerd.append(proc)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(sock)
+            return True
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    return False
+
+
+def stop_private_docker_engine() -> None:
+    for proc in _dockerd:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    stop_private_docker_engine()
 
 
 def local_sandbox(name: str) -> Sandbox:
-    """The named local backend, built once per session; skips (with the reason) where it cannot work."""
+    """The named backend (the local ones, and docker on a private engine), built once per session; skips
+    (with the reason) where it cannot work."""
     if name not in _built:
         backend, options = _OPTIONS.get(name, (name, {}))
         try:
+            if backend == "docker":
+                options = {"base_url": private_docker_engine()}
             _built[name] = get_sandbox(backend, **options)
         except SandboxUnavailable as exc:
             _built[name] = str(exc)
@@ -108,6 +178,34 @@ def assert_no_leftovers(timeout: float = 3.0) -> None:
 def no_leftovers():
     """`no_leftovers()` asserts that no sandbox process survives."""
     return assert_no_leftovers
+
+
+REFERENCE_SOLUTIONS = {  # a right program for each bundled problem
+    "sdpo-001": "a, b = map(int, input().split())\nprint(a + b)",
+    "sdpo-002": "print(input().strip()[::-1])",
+    "sdpo-003": "input()\nprint(max(map(int, input().split())))",
+    "sdpo-004": "print(sum(c in 'aeiou' for c in input()))",
+    "sdpo-005": "n = int(input())\nprint('FizzBuzz' if n % 15 == 0 else 'Fizz' if n % 3 == 0 "
+                "else 'Buzz' if n % 5 == 0 else n)",
+    "sdpo-006": "input()\nprint(sum(map(int, input().split())))",
+    "sdpo-007": "input()\nxs = list(map(int, input().split()))\nprint(min(xs), max(xs))",
+    "sdpo-008": "class Solution:\n    def isPalindrome(self, s: str) -> bool:\n        return s == s[::-1]",
+    "sdpo-009": "import math\nclass Solution:\n    def factorial(self, n: int) -> int:\n"
+                "        return math.factorial(n)",
+    "sdpo-010": "class Solution:\n    def evens(self, nums: List[int]) -> List[int]:\n"
+                "        return [x for x in nums if x % 2 == 0]",
+    "sdpo-011": "class Solution:\n    def fib(self, n: int) -> int:\n        a, b = 0, 1\n        for _ in range(n):\n"
+                "            a, b = b, a + b\n        return a",
+    "sdpo-012": "class Solution:\n    def twoSum(self, nums, target):\n        seen = {}\n"
+                "        for i, x in enumerate(nums):\n            if target - x in seen:\n"
+                "                return [seen[target - x], i]\n            seen[x] = i",
+}
+
+
+@pytest.fixture
+def reference_solutions() -> dict[str, str]:
+    """A right program for each bundled problem, by task id."""
+    return REFERENCE_SOLUTIONS
 
 
 @pytest.fixture

@@ -99,12 +99,9 @@ def test_explicit_interpreter_must_work():
         get_sandbox("process", python="/nonexistent/python3")
 
 
-@pytest.fixture(scope="module")
-def docker_sandbox():
-    try:
-        return get_sandbox("docker")
-    except SandboxUnavailable as exc:
-        pytest.skip(f"docker: {exc}")
+@pytest.fixture
+def docker_sandbox(backend_by_name):
+    return backend_by_name("docker")  # on the session's private engine; skips with the reason without one
 
 
 def test_docker_verdicts(docker_sandbox):

@@ -172,3 +172,15 @@ def test_environment_is_scrubbed(judge, monkeypatch):
     fb = judge("import os\nprint(os.environ)")
     assert "hunter2" not in fb.text
     assert verdict(fb) == "Wrong Answer"
+
+
+def test_a_sandbox_is_gone_when_its_run_returns(backend_by_name, no_leftovers):
+    """Killing a bwrap sandbox ends its PID 1 only through the parent-death signal, asynchronously: the run
+    returns once every process of the sandbox has ended, so none is left even without a grace period (and the
+    sandbox's uid is free of them for the next one)."""
+    env = CodeEnvironment(backend=backend_by_name("bwrap-fresh"), time_limit=0.5, wall_factor=2.0, memory_mb=256)
+    daemon = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n"
+              "a, b = map(int, input().split())\nprint(a + b)")
+    for _ in range(5):
+        assert verdict(env.score(ADD, py(daemon))) == "Accepted"
+        no_leftovers(timeout=0)

@@ -14,6 +14,7 @@ import textwrap
 
 import pytest
 from sdpo_code import CodeEnvironment
+from sdpo_code.limits import Limits
 from sdpo_code.sandbox._system import UID_BASE, UID_SLOTS
 from sdpo_code.sandbox.base import ExecutionRequest
 
@@ -157,7 +158,7 @@ def victim(full: bool) -> str:
 
 def _request(code: str) -> ExecutionRequest:
     return ExecutionRequest(mode="stdin", code=code, inputs=("1 2\n",), cpu_limits=(2.0,), wall_limits=(6.0,),
-                            memory_bytes=256 << 20)
+                            limits=Limits(memory_mb=256))
 
 
 def _victim(sandbox, name: str) -> tuple[str, str]:

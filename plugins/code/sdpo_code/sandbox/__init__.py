@@ -46,6 +46,17 @@ class BuiltinBackend:
         return describe_sandbox(self, self._class())
 
 
+class DockerBackend(BuiltinBackend):
+    """The docker backend as registered, with the image it runs: ``sdpo sandbox build-image`` calls
+    `build_image`."""
+
+    def build_image(self, argv: list[str]) -> int:
+        """Build the default image from this machine's Python (`sdpo_code.sandbox.docker_image`)."""
+        from sdpo_code.sandbox.docker_image import main
+
+        return main(argv)
+
+
 BUILTIN_SANDBOXES: dict[str, BuiltinBackend] = {
     "bwrap": BuiltinBackend("bwrap", "sdpo_code.sandbox.bwrap", "BwrapSandbox",
                             "Bubblewrap: every namespace, read-only system, tmpfs work dir, uid 65534 (the default "
@@ -53,7 +64,7 @@ BUILTIN_SANDBOXES: dict[str, BuiltinBackend] = {
     "process": BuiltinBackend("process", "sdpo_code.sandbox.process", "ProcessSandbox",
                               "A subprocess with rlimits, a per-sandbox uid (root), namespaces and Landlock where "
                               "available; NOT a full sandbox: ask for it by name to opt in."),
-    "docker": BuiltinBackend("docker", "sdpo_code.sandbox.docker", "DockerSandbox",
+    "docker": DockerBackend("docker", "sdpo_code.sandbox.docker", "DockerSandbox",
                              "A throw-away container per solution on a local or remote Docker engine "
                              "(DOCKER_HOST)."),
 }

@@ -9,15 +9,19 @@ as raw bytes of a length the line states, decoded once here.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import os
 import selectors
+import subprocess
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+from sdpo_code.sandbox._system import kill_session
 from sdpo_code.sandbox.base import ExecutionRequest, ExecutionResult
 
 logger = logging.getLogger(__name__)
@@ -119,7 +123,7 @@ def drive(
     else:
         _write()
     # every result may carry a whole stdout (raw) and a few KiB of JSON; anything beyond is not the harness
-    read_cap = (len(request.inputs) + 1) * (request.output_bytes + (1 << 20)) + (32 << 20)
+    read_cap = (len(request.inputs) + 1) * (request.limits.output_bytes + (1 << 20)) + (32 << 20)
     n_read = 0
     buf = bytearray()
     scanned = 0  # bytes of `buf` known to hold no newline: each byte is searched once
@@ -168,7 +172,7 @@ def drive(
                 del buf[: nl + 1]
                 scanned = 0
                 was_ready = events.ready is not None
-                raw_left = min(events.feed(line), request.output_bytes + 1)
+                raw_left = min(events.feed(line), request.limits.output_bytes + 1)
                 if events.ready is not None and not was_ready:  # the budget is fixed once, here
                     startup_seconds = time.monotonic() - t0
                     deadline = t0 + startup_seconds + request.total_wall_limit
@@ -209,3 +213,27 @@ def drive(
         startup_seconds=startup_seconds,
         info={"garbage_lines": events.garbage, **(events.ready or {})},
     )
+
+
+def drive_popen(proc: subprocess.Popen[bytes], request: ExecutionRequest, payload: bytes) -> ExecutionResult:
+    """Run the protocol over a Popen's pipes (the local backends' sandboxes); kill its whole session at the end."""
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+
+    def write(data: bytes) -> None:
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(data)
+        finally:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+
+    kill = functools.partial(kill_session, proc)
+    try:
+        result = drive(request, payload, write, proc.stdout.fileno(), kill, lambda: proc.poll() is not None)
+    finally:
+        kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        proc.stdout.close()
+    return result

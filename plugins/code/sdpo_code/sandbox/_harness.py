@@ -63,6 +63,16 @@ _PRELUDE = "".join(f"from {name} import *\n" for name in _STAR_IMPORTED) + "impo
 _STREAMS = ("stdin", "stdout", "stderr")  # `from sys import *` names bound per test, see `_module_namespace`
 RECURSION_LIMIT = 50000  # LCB's
 
+# Why a harness process ended itself. The host never reads these (it judges by the protocol's events and
+# treats a harness that ends before ``done`` as a sandbox fault); they tell a person reading an exit status
+# which path it took.
+EXIT_CHANNEL_LOST = 70  # a pipe to the host or to the judge broke: nobody is left to report to
+EXIT_NO_LANDLOCK = 71  # Landlock was required and the kernel does not have it
+EXIT_WORKER_RETURNED = 72  # the worker's loop returned instead of exiting (never reached by design)
+EXIT_NO_CHILD = 73  # the judge waited for a worker it has not got
+EXIT_NO_REQUEST = 74  # no payload arrived on stdin
+EXIT_NOT_A_SANDBOX = 75  # ``--serve`` was started outside a sandbox's fresh PID namespace
+
 
 def _exit(code=None):
     raise SystemExit(code)
@@ -114,7 +124,7 @@ def send(msg, hold=False, raw=b""):
     try:
         _write_all(_proto_fd, data)
     except OSError:
-        os._exit(70)
+        os._exit(EXIT_CHANNEL_LOST)
 
 
 def _write_all(fd, data):
@@ -150,6 +160,11 @@ _LL_REFER = 1 << 13
 _LL_TRUNCATE = 1 << 14
 _LL_IOCTL_DEV = 1 << 15
 _LL_EXEC, _LL_WRITE, _LL_READ_FILE, _LL_READ_DIR = 1, 2, 4, 8
+# Landlock's system calls have these numbers on every architecture (added after the tables were unified).
+_SYS_LANDLOCK_CREATE_RULESET, _SYS_LANDLOCK_ADD_RULE, _SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
+_LANDLOCK_CREATE_RULESET_VERSION = 1  # flag: return the ABI version instead of a ruleset
+_LANDLOCK_RULE_PATH_BENEATH = 1
+_PR_SET_NO_NEW_PRIVS = 38
 
 
 def _landlock(read_paths, write_paths):
@@ -157,7 +172,8 @@ def _landlock(read_paths, write_paths):
     libc = ctypes.CDLL(None, use_errno=True)
     syscall = libc.syscall
     syscall.restype = ctypes.c_long
-    abi = syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+    abi = syscall(_SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0),
+                  ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION))
     if abi < 1:
         return 0
     handled = _LL_FS_ABI1
@@ -175,7 +191,7 @@ def _landlock(read_paths, write_paths):
     if abi >= 6:
         attr[2] = 3  # abstract unix sockets and signals stay inside the sandbox
         size = 24
-    ruleset = syscall(444, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
+    ruleset = syscall(_SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
     if ruleset < 0:
         return 0
 
@@ -195,10 +211,11 @@ def _landlock(read_paths, write_paths):
         if not os.path.isdir(path):
             rights &= file_rights
         rule = PathBeneath(rights & handled, fd)
-        syscall(445, ctypes.c_int(ruleset), ctypes.c_int(1), ctypes.byref(rule), ctypes.c_uint32(0))
+        syscall(_SYS_LANDLOCK_ADD_RULE, ctypes.c_int(ruleset), ctypes.c_int(_LANDLOCK_RULE_PATH_BENEATH),
+                ctypes.byref(rule), ctypes.c_uint32(0))
         os.close(fd)
-    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
-    if syscall(446, ctypes.c_int(ruleset), ctypes.c_uint32(0)) != 0:
+    libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    if syscall(_SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0)) != 0:
         return 0
     os.close(ruleset)
     return abi
@@ -409,7 +426,7 @@ class Worker:
         try:
             _write_all(self.rep_fd, data)
         except OSError:
-            os._exit(70)
+            os._exit(EXIT_CHANNEL_LOST)
 
     def step(self, seq, stdin_bytes, cpu_limit, wall_limit, body, exit_ok=True):
         """Run `body` with the test's streams and timers; answer with its status, output and value."""
@@ -583,7 +600,7 @@ def _worker(p, req_fd, rep_fd):
     abi = _landlock(ll["read"], ll["write"]) if ll else 0
     if ll and not abi and ll.get("required"):
         worker.reply({"seq": 0, "setup_failed": "landlock unavailable"})
-        os._exit(71)
+        os._exit(EXIT_NO_LANDLOCK)
     sys.setrecursionlimit(max(sys.getrecursionlimit(), int(p.get("recursion_limit", RECURSION_LIMIT))))
     worker.reply({"seq": 0, "ready": True, "uid": os.getuid(), "landlock": abi, "python": sys.version.split()[0]})
     worker.serve()
@@ -806,7 +823,7 @@ class Judge:
                 self.test_lines = ()
                 _worker(self.p, req_r, rep_w)
             finally:
-                os._exit(72)
+                os._exit(EXIT_WORKER_RETURNED)
         os.close(req_r)
         os.close(rep_w)
         self.pid, self.req = pid, req_w
@@ -1089,7 +1106,7 @@ def _reap(pid):
         try:
             waited, status, usage = os.wait4(-1, 0)
         except ChildProcessError:
-            os._exit(73)
+            os._exit(EXIT_NO_CHILD)
         except InterruptedError:
             continue
         if waited == pid:
@@ -1115,7 +1132,7 @@ def main():
     """One submission: read its payload, judge it in this process, report, exit."""
     p = _read_request(0)
     if p is None:
-        os._exit(74)
+        os._exit(EXIT_NO_REQUEST)
     _take_protocol_channel()
     _ignore_signals()
     Judge(p).run()
@@ -1178,15 +1195,18 @@ def _wipe(top, mode):
         os.chmod(top, mode)
 
 
+_IPC_RMID, _SHM_INFO, _MSG_INFO, _SEM_INFO = 0, 14, 12, 19
+
+
 def _remove_sysv_ipc(libc):
     """Delete the System V shared memory, message queues and semaphores left in our IPC namespace. The
     kernel's ``*_INFO`` counters say first whether there is any: reading /proc/sysvipc costs ~0.1 ms a file,
     and almost no solution leaves one."""
     answer = ctypes.create_string_buffer(256)
     kinds = (  # (name, query the counts, which int of the answer counts the objects in use, remove one)
-        ("shm", lambda: libc.shmctl(0, 14, answer), 0, lambda i: libc.shmctl(i, 0, None)),  # SHM_INFO: used_ids
-        ("msg", lambda: libc.msgctl(0, 12, answer), 0, lambda i: libc.msgctl(i, 0, None)),  # MSG_INFO: msgpool
-        ("sem", lambda: libc.semctl(0, 0, 19, answer), 7, lambda i: libc.semctl(i, 0, 0)),  # SEM_INFO: semusz
+        ("shm", lambda: libc.shmctl(0, _SHM_INFO, answer), 0, lambda i: libc.shmctl(i, _IPC_RMID, None)),  # used_ids
+        ("msg", lambda: libc.msgctl(0, _MSG_INFO, answer), 0, lambda i: libc.msgctl(i, _IPC_RMID, None)),  # msgpool
+        ("sem", lambda: libc.semctl(0, 0, _SEM_INFO, answer), 7, lambda i: libc.semctl(i, 0, _IPC_RMID)),  # semusz
     )
     for kind, count, field, remove in kinds:
         if count() >= 0 and not int.from_bytes(answer.raw[4 * field:4 * field + 4], sys.byteorder):
@@ -1204,7 +1224,8 @@ def _remove_sysv_ipc(libc):
 
 _KEYCTL = {"x86_64": 250, "aarch64": 219}.get(os.uname().machine)  # the keyctl system call's number
 _KEYCTL_JOIN_SESSION_KEYRING, _KEYCTL_CLEAR, _KEYCTL_GET_PERSISTENT = 1, 7, 22
-_USER_KEYRINGS = (-4, -5)  # KEY_SPEC_USER_KEYRING, KEY_SPEC_USER_SESSION_KEYRING
+_KEY_SPEC_SESSION_KEYRING, _KEY_SPEC_USER_KEYRING, _KEY_SPEC_USER_SESSION_KEYRING = -3, -4, -5
+_USER_KEYRINGS = (_KEY_SPEC_USER_KEYRING, _KEY_SPEC_USER_SESSION_KEYRING)
 
 
 def _own_session_keyring(libc):
@@ -1220,7 +1241,8 @@ def _clear_keyrings(libc):
         return
     for ring in _USER_KEYRINGS:
         libc.syscall(_KEYCTL, _KEYCTL_CLEAR, ring)
-    persistent = libc.syscall(_KEYCTL, _KEYCTL_GET_PERSISTENT, -1, -3)  # linked to our session keyring; -1 if none
+    # our uid's (-1) persistent keyring, linked to our session keyring; -1 if there is none
+    persistent = libc.syscall(_KEYCTL, _KEYCTL_GET_PERSISTENT, -1, _KEY_SPEC_SESSION_KEYRING)
     if persistent >= 0:
         libc.syscall(_KEYCTL, _KEYCTL_CLEAR, persistent)
 
@@ -1253,9 +1275,9 @@ def serve():
     refusal = _not_a_sandbox()
     if refusal:
         sys.stderr.write(f"--serve refuses to run: {refusal}\n")
-        os._exit(75)
+        os._exit(EXIT_NOT_A_SANDBOX)
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: no ptrace of us and no /proc/1/{mem,fd} for the worker
+    libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)  # no ptrace of us and no /proc/1/{mem,fd} for the worker
     requests = os.dup(0)
     _take_protocol_channel()
     _ignore_signals()

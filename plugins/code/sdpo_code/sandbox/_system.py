@@ -12,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import glob
 import json
 import logging
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -152,12 +154,43 @@ def start_session(argv: list[str], uid: int | None, cwd: str = "/",
                             **as_user(uid))
 
 
-def kill_session(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL a sandbox started with ``start_new_session``: its process group, and the process itself."""
+def descendants(pid: int) -> list[int]:
+    """The processes below `pid` (children of any of its threads, recursively), as /proc lists them now."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for children in glob.glob(f"/proc/{parent}/task/*/children"):
+            with contextlib.suppress(OSError, ValueError), open(children) as f:
+                kids = [int(k) for k in f.read().split()]
+                found += kids
+                todo += kids
+    return found
+
+
+def kill_session(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """SIGKILL a sandbox started with ``start_new_session``: its process group and the process itself, then
+    wait (up to `timeout`) until every process that was below it has ended.
+
+    Why the wait: a bwrap sandbox's PID 1 is in a session of its own and dies only through its parent-death
+    signal after bwrap is killed, and it ends last, once the kernel has killed and reaped everything in its PID
+    namespace. Returning before that lets the next sandbox take the same uid while the old processes still
+    count against its ``RLIMIT_NPROC``, and lets a caller see processes of a sandbox it has already closed.
+    """
+    watched = []
+    for pid in descendants(proc.pid):
+        with contextlib.suppress(OSError):
+            watched.append(os.pidfd_open(pid))
     with contextlib.suppress(OSError):
         os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(OSError):
         proc.kill()
+    deadline = time.monotonic() + timeout
+    try:
+        for fd in watched:
+            select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+    finally:
+        for fd in watched:
+            os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------- interpreter

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from sdpo_code.limits import Limits
+
 Mode = Literal["stdin", "functional", "humaneval"]
 
 HARNESS_SOURCE = (Path(__file__).with_name("_harness.py")).read_text(encoding="utf-8")
@@ -31,7 +33,8 @@ class ExecutionRequest:
     `check` call (`"humaneval"`). Limits are per test: `cpu_limits` in CPU seconds (the real limit),
     `wall_limits` in wall seconds (a backstop for sleeping or blocked programs). HumanEval's `test_code` and
     `check_prefix` (the prompt, whose helpers the checks may call) run in the harness's judge, never in the
-    process that runs `code`.
+    process that runs `code`. `limits` gives the rest (memory, output, processes, files, the whole run's wall
+    budget); its per-test CPU and wall fields are already in `cpu_limits` and `wall_limits`.
     """
 
     mode: Mode
@@ -44,12 +47,8 @@ class ExecutionRequest:
     test_code: str | None = None
     entry_point: str | None = None
     check_prefix: str | None = None
-    memory_bytes: int = 1 << 30
-    output_bytes: int = 8 << 20
-    nproc: int = 64
-    nofile: int = 64
+    limits: Limits = field(default_factory=Limits)
     stop_on: tuple[str, ...] = ()
-    task_wall_limit: float | None = None
     startup_timeout: float = 20.0
 
     def __post_init__(self) -> None:
@@ -61,8 +60,8 @@ class ExecutionRequest:
     @property
     def total_wall_limit(self) -> float:
         """Whole-run wall budget: the per-test backstops plus start-up and slack."""
-        if self.task_wall_limit is not None:
-            return self.task_wall_limit
+        if self.limits.task_time_limit is not None:
+            return self.limits.task_time_limit
         return sum(self.wall_limits) + (self.wall_limits[0] if self.wall_limits else 0.0) + 10.0
 
     @property
@@ -86,12 +85,12 @@ class ExecutionRequest:
             "test_code": self.test_code,
             "entry_point": self.entry_point,
             "check_prefix": self.check_prefix,
-            "memory_bytes": self.memory_bytes,
-            "output_bytes": self.output_bytes,
-            "fsize_hard": max(biggest_input, self.output_bytes) + 1,
+            "memory_bytes": self.limits.memory_bytes,
+            "output_bytes": self.limits.output_bytes,
+            "fsize_hard": max(biggest_input, self.limits.output_bytes) + 1,
             "cpu_hard": self.cpu_hard,
-            "nproc": self.nproc,
-            "nofile": self.nofile,
+            "nproc": self.limits.nproc,
+            "nofile": self.limits.nofile,
             "stop_on": list(self.stop_on),
             **extra,
         }

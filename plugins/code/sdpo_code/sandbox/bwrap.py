@@ -34,9 +34,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from sdpo_code.sandbox import _system
+from sdpo_code.sandbox._driver import drive_popen
 from sdpo_code.sandbox._reuse import SandboxPool, ServedSandbox
 from sdpo_code.sandbox.base import HARNESS_SOURCE, ExecutionRequest, ExecutionResult, SandboxUnavailable
-from sdpo_code.sandbox.process import _drive_popen
 
 logger = logging.getLogger(__name__)
 
@@ -195,10 +195,10 @@ class BwrapSandbox:
                 proc = _system.start_session(argv, uid)
             except OSError as exc:
                 return ExecutionResult(ready=False, harness_error=f"could not start bwrap: {exc}")
-            return _drive_popen(proc, request, payload)
+            return drive_popen(proc, request, payload)
 
     def _payload(self, request: ExecutionRequest, own_uid: bool) -> bytes:
-        nproc = request.nproc
+        nproc = request.limits.nproc
         if not own_uid:  # NPROC counts all our processes: allow the current ones plus the budget
             nproc += len(_system.uid_processes(os.getuid()))
         return request.payload(nproc=nproc, site_paths=list(self.packages))  # the rest is hidden (`package_dirs`)

@@ -9,8 +9,9 @@ memory cap (``memory_bytes`` + 256 MiB for the interpreter) with swap off; a PID
 harness's rlimits. The harness supervisor is the container's PID 1, so nothing outlives it, and the container
 is force-removed afterwards. Not isolated: the engine's kernel (shared with its other containers).
 
-The image needs ``python`` (3.10+) on its PATH; the default is ``python:3.11-slim``. Verdicts are the same
-as the other backends': the same harness runs, only the launcher differs.
+The image needs ``python`` (3.10+) in /usr/bin or /bin; the default is the one ``sdpo sandbox build-image``
+builds from this machine's interpreter (`sdpo_code.sandbox.docker_image`), which needs no registry. Verdicts
+are the same as the other backends': the same harness runs, only the launcher differs.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import threading
 from typing import Any
 
 from sdpo_code.sandbox._driver import drive
+from sdpo_code.sandbox._system import HARNESS_FLAGS
 from sdpo_code.sandbox.base import HARNESS_SOURCE, ExecutionRequest, ExecutionResult, SandboxUnavailable
+from sdpo_code.sandbox.docker_image import DEFAULT_TAG
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +55,8 @@ class DockerSandbox:
     """Runs each solution in a fresh container; see the module docstring.
 
     Args:
-        image (`str`, *optional*, defaults to `"python:3.11-slim"`): image with a `python` 3.10+.
+        image (`str`, *optional*, defaults to `DEFAULT_TAG`): image with a `python` 3.10+ (the default is built
+            by ``sdpo sandbox build-image``).
         base_url (`str`, *optional*): engine address; defaults to the environment (`DOCKER_HOST`, the local
             socket).
         pull (`bool`, *optional*, defaults to `True`): pull the image when the engine does not have it.
@@ -69,7 +73,7 @@ class DockerSandbox:
     def __init__(
         self,
         *,
-        image: str = "python:3.11-slim",
+        image: str = DEFAULT_TAG,
         base_url: str | None = None,
         pull: bool = True,
         tmpfs_mb: int = 64,
@@ -88,6 +92,9 @@ class DockerSandbox:
         try:
             self.client.images.get(image)
         except docker.errors.ImageNotFound:
+            if image == DEFAULT_TAG:
+                raise SandboxUnavailable(f"docker backend: image {image!r} is not on the engine at {where}; build "
+                                         "it with `sdpo sandbox build-image`") from None
             if not pull:
                 raise SandboxUnavailable(
                     f"docker backend: image {image!r} is not on the engine and pull=False") from None
@@ -112,18 +119,19 @@ class DockerSandbox:
             network_mode="none",
             read_only=True,
             tmpfs={"/tmp": f"size={self.tmpfs_mb}m,mode=1777"},
-            mem_limit=request.memory_bytes + (256 << 20),
-            memswap_limit=request.memory_bytes + (256 << 20),
-            pids_limit=request.nproc + 8,
+            mem_limit=request.limits.memory_bytes + (256 << 20),
+            memswap_limit=request.limits.memory_bytes + (256 << 20),
+            pids_limit=request.limits.nproc + 8,
             cap_drop=["ALL"],
             security_opt=["no-new-privileges"],
             nano_cpus=int(self.cpus * 1e9),
         )
         try:
             container = api.create_container(
-                self.image, command=["python", "-I", "-c", HARNESS_SOURCE], stdin_open=True, tty=False,
+                self.image, command=["python", *HARNESS_FLAGS, "-c", HARNESS_SOURCE], stdin_open=True, tty=False,
                 user="65534:65534", network_disabled=True, working_dir="/tmp", host_config=host_config,
-                environment={"HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"},
+                environment={"PATH": "/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8",
+                             "PYTHONHASHSEED": "0"},
                 labels={"sdpo-code": "sandbox"},
             )
         except Exception as exc:

@@ -46,7 +46,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from sdpo_code.sandbox import _system
-from sdpo_code.sandbox._driver import drive
+from sdpo_code.sandbox._driver import drive_popen
 from sdpo_code.sandbox.base import HARNESS_SOURCE, ExecutionRequest, ExecutionResult
 
 logger = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ class ProcessSandbox:
                 venv = [self.interpreter.venv] if self.interpreter.venv else []
                 read = [*_system.SYSTEM_READ_PATHS, *self.interpreter.prefixes, *venv, workdir]
                 extra["landlock"] = {"read": read, "write": [workdir], "required": True}
-            nproc = request.nproc
+            nproc = request.limits.nproc
             if uid is None:  # NPROC counts all our processes: allow the current ones plus the budget
                 nproc += len(_system.uid_processes(os.getuid()))
             payload = request.payload(nproc=nproc, site_paths=list(self.interpreter.site_paths), **extra)
@@ -164,31 +164,7 @@ class ProcessSandbox:
                 proc = _system.start_session(argv, uid, cwd=workdir, env=env)
             except OSError as exc:
                 return ExecutionResult(ready=False, harness_error=f"could not start the sandbox: {exc}")
-            return _drive_popen(proc, request, payload)
-
-
-def _drive_popen(proc: subprocess.Popen[bytes], request: ExecutionRequest, payload: bytes) -> ExecutionResult:
-    """Run the protocol over a Popen's pipes; kill its whole process group at the end."""
-    assert proc.stdin is not None
-    assert proc.stdout is not None
-
-    def write(data: bytes) -> None:
-        assert proc.stdin is not None
-        try:
-            proc.stdin.write(data)
-        finally:
-            with contextlib.suppress(OSError):
-                proc.stdin.close()
-
-    kill = functools.partial(_system.kill_session, proc)
-    try:
-        result = drive(request, payload, write, proc.stdout.fileno(), kill, lambda: proc.poll() is not None)
-    finally:
-        kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
-        proc.stdout.close()
-    return result
+            return drive_popen(proc, request, payload)
 
 
 @contextlib.contextmanager
