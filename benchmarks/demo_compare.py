@@ -23,6 +23,8 @@ After every finished run the results file is rewritten, so an interrupted benchm
               "grpo": {...}},
      "failed": {"sdpo": {"1": "the end of its log"}}}
 
+Each run also keeps `diagnostics`: per-step lists (aligned with `steps`) of the signals in `DIAGNOSTICS`, `null`
+where the run did not log one.
 `heldout_accuracy` is set at the steps that were evaluated (the last one is the evaluation after training) and
 `null` elsewhere; `heldout_before` is step 0. The plot draws, per variant, the mean over seeds (thick) and each
 seed (thin): held-out accuracy, sampled reward and entropy (both as running means of 5 steps).
@@ -52,6 +54,9 @@ LABELS = {"sdpo": "SDPO", "guarded": "SDPO, guarded preset", "paper": "SDPO, pap
           "grpo": "GRPO"}
 COLORS = {"sdpo": "tab:red", "guarded": "tab:orange", "paper": "tab:purple", "grpo": "tab:blue"}
 SMOOTHING = 5
+# per-step signals kept beside reward and entropy (None where a run did not log them, e.g. GRPO's teacher entropy)
+DIAGNOSTICS = ("completions/mean_length", "frac_reward_zero_std", "sdpo/teacher_entropy",
+               "sdpo/student_entropy_trained", "sdpo/demo_copy_overlap", "sdpo/teacher_drift", "grad_norm")
 
 
 # ------------------------------------------------------------------------------------------ one run
@@ -67,6 +72,7 @@ def run_points(records: list[dict[str, Any]]) -> dict[str, Any]:
     end = next((r for r in reversed(records) if "train_runtime" in r), {})
     return {
         "steps": steps,
+        "diagnostics": {key: [r.get(key) for r in training_records(records)] for key in DIAGNOSTICS},
         "heldout_before": evaluations.get(0, {}).get(HELDOUT_ACCURACY),
         "heldout_after": evaluations.get(last, {}).get(HELDOUT_ACCURACY) if last is not None else None,
         "heldout_errors": {str(s): r[HELDOUT_ERROR] for s, r in evaluations.items() if HELDOUT_ERROR in r},

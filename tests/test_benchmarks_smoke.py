@@ -124,3 +124,52 @@ def test_demo_compare_writes_results_plot_and_resumes(tmp_path):
     assert "SDPO seed 0" in stdout
     assert "GRPO mean" in stdout
     assert figure.stat().st_size > 10_000
+
+
+def _curve(*points: tuple[int, float]) -> list[dict]:
+    return [{"step": s, "heldout_accuracy": a} for s, a in points]
+
+
+def test_long_study_curves_start_at_the_evaluation_before_training():
+    study = _benchmark_module("learning_efficacy_long")
+    run = {"heldout_before": 0.5, "steps": [{"step": 1, "heldout_accuracy": None},
+                                             {"step": 2, "heldout_accuracy": 0.75}]}
+    assert study.heldout_curves({"runs": {"grpo": {"0": run}}}) == {"grpo": {"0": _curve((0, 0.5), (2, 0.75))}}
+
+
+def test_long_study_fall_below_peak_is_measured_from_the_best_earlier_evaluation():
+    study = _benchmark_module("learning_efficacy_long")
+    assert study.largest_fall_below_peak(_curve((0, 0.5), (8, 0.9), (16, 0.7), (24, 0.85))) == pytest.approx(0.2)
+    assert study.largest_fall_below_peak(_curve((0, 0.5), (8, 0.6))) == 0.0
+
+
+def test_long_study_targets_from_hand_made_curves():
+    study = _benchmark_module("learning_efficacy_long")
+    curves = {
+        "grpo": {"0": _curve((0, 0.5), (8, 0.6), (16, 0.7), (24, 0.8)),
+                 "1": _curve((0, 0.5), (8, 0.6), (16, 0.7), (24, 0.8))},
+        "guarded": {"0": _curve((0, 0.5), (8, 0.8), (16, 0.65), (24, 0.9)),   # falls 0.15 below its peak
+                    "1": _curve((0, 0.5), (8, 0.8), (16, 0.65), (24, 0.9))},
+    }
+    targets = study.study_targets(curves)
+    assert targets["steps_compared"] == [8, 16, 24]
+    assert (targets["at_or_above_grpo"], targets["below_at"]) == (False, [16])
+    assert targets["grpo_final_mean"] == pytest.approx(0.8)
+    assert (targets["guarded_reaches_grpo_final_at"], targets["half_the_steps"]) == (8, True)
+    assert targets["fall_per_seed"] == {"0": pytest.approx(0.15), "1": pytest.approx(0.15)}
+    assert targets["no_seed_falls"] is False
+    assert study.study_targets({"grpo": curves["grpo"]}) == {"complete": False, "missing": ["guarded"]}
+
+
+def test_long_study_report_rewrites_its_file_from_the_raw_results(tmp_path):
+    run = {"heldout_before": 0.5, "wall_seconds": 60.0, "steps": [{"step": 8, "heldout_accuracy": 0.75}]}
+    raw = {"sdpo_train_args": ["--max_steps", "8"], "total_seconds": 61.0, "jobs": 1,
+           "runs": {"grpo": {"0": run}, "guarded": {"0": {**run, "steps": [{"step": 8, "heldout_accuracy": 0.875}]}}}}
+    results = tmp_path / "long.json"
+    (tmp_path / "long_runs.json").write_text(json.dumps(raw))
+    stdout = _run("learning_efficacy_long.py", "--report", "--results", str(results), cwd=tmp_path)
+    written = json.loads(results.read_text())
+    assert written["curves"]["guarded"]["0"] == _curve((0, 0.5), (8, 0.875))
+    assert written["run_seconds"] == {"grpo": {"0": 60.0}, "guarded": {"0": 60.0}}
+    assert written["targets"]["at_or_above_grpo"] is True
+    assert "at step 8: within half the steps: False" in stdout  # reached at the last step, not by its half
