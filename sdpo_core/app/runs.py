@@ -512,164 +512,199 @@ def run_training(script: TrainArguments, training_args: GRPOConfig, sdpo_config:
     `before` reuses an evaluation of the same starting model; `compare` adds other runs to the plot;
     `callbacks` are added after the trainer's own (tests use them to interrupt a run).
     """
-    import torch
-    from transformers import ProgressCallback
-    from transformers.trainer_utils import get_last_checkpoint
+    run = _TrainingRun(script, training_args, sdpo_config, label)
+    checkpoint = run.resume_point()
+    run.build_trainer(compare, callbacks)
+    run.evaluate_before(before, checkpoint)
+    interrupted = run.train(checkpoint)
+    return run.finish(interrupted)
 
-    from sdpo_core.app.callbacks import (
-        HELDOUT_ERROR,
-        HeldOutEvaluationCallback,
-        InterruptCallback,
-        ProgressBarCallback,
-        RunFilesCallback,
-        evaluation_record,
-    )
-    from sdpo_core.app.collapse import CollapseWatchCallback
-    from sdpo_core.app.cpu_threads import CpuThreadFitter, CpuThreadsCallback, user_chose_threads
-    from sdpo_core.app.demo_model import resolve_model
-    from sdpo_core.app.evaluation import EvalResult
-    from sdpo_core.trainer import SDPOTrainer
 
-    main_process = training_args.process_index == 0
+class _TrainingRun:
+    """The steps of `run_training`, in the order it takes them, around the state they share."""
 
-    def say(*parts: Any) -> None:
-        if main_process:
+    def __init__(self, script: TrainArguments, training_args: GRPOConfig, sdpo_config: SDPOConfig,
+                 label: str) -> None:
+        """Resolve the environment, the model and the data."""
+        from sdpo_core.app.demo_model import resolve_model
+
+        self.script, self.args, self.label = script, training_args, label
+        self.main_process = training_args.process_index == 0
+        self.output_dir = Path(str(training_args.output_dir))
+        self.env = build_environment(script.environment, script.environment_options)
+        with training_args.main_process_first(desc="resolving the model"):  # converts a GGUF once, on one process
+            self.model_path = resolve_model(script.model)
+        rows = (load_dataset_spec(script.dataset, config=script.dataset_config, split=script.dataset_split)
+                if script.dataset else environment_rows(self.env, script.environment))
+        self.train_rows, self.eval_rows = split_rows(rows, self.env, eval_size=script.eval_size,
+                                                     eval_on=script.eval_on, seed=training_args.seed)
+        if script.use_peft and sdpo_config.teacher_mode == "ema" and sdpo_config.enabled:
+            self.say("--use_peft: teacher_mode ema -> lora_ema (an EMA of the adapter, not a second copy of the base)")
+            sdpo_config = SDPOConfig(**{**sdpo_config.to_dict(), "teacher_mode": "lora_ema"})
+        self.sdpo_config = sdpo_config
+
+    def say(self, *parts: Any) -> None:
+        if self.main_process:
             print(*parts, flush=True)
 
-    output_dir = Path(str(training_args.output_dir))
-    env = build_environment(script.environment, script.environment_options)
-    with training_args.main_process_first(desc="resolving the model"):  # converts a GGUF once, on one process
-        model_path = resolve_model(script.model)
-    rows = (load_dataset_spec(script.dataset, config=script.dataset_config, split=script.dataset_split)
-            if script.dataset else environment_rows(env, script.environment))
-    train_rows, eval_rows = split_rows(rows, env, eval_size=script.eval_size, eval_on=script.eval_on,
-                                       seed=training_args.seed)
-    if script.use_peft and sdpo_config.teacher_mode == "ema" and sdpo_config.enabled:
-        say("--use_peft: teacher_mode ema -> lora_ema (an EMA of the adapter, not a second copy of the base)")
-        sdpo_config = SDPOConfig(**{**sdpo_config.to_dict(), "teacher_mode": "lora_ema"})
+    def resume_point(self) -> str | None:
+        """The checkpoint to continue from: the one asked for, or with `--resume` the last in the output folder."""
+        from transformers.trainer_utils import get_last_checkpoint
 
-    checkpoint = training_args.resume_from_checkpoint
-    if script.resume and checkpoint is None:
-        checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-        if checkpoint is None:
-            say(f"--resume: no checkpoint in {output_dir}; starting from the beginning")
-    elif checkpoint is None and output_dir.is_dir() and get_last_checkpoint(str(output_dir)):
-        say(f"note: {output_dir} holds checkpoints of an earlier run; pass --resume to continue it")
+        checkpoint = self.args.resume_from_checkpoint
+        existing = get_last_checkpoint(str(self.output_dir)) if self.output_dir.is_dir() else None
+        if self.script.resume and checkpoint is None:
+            checkpoint = existing
+            if checkpoint is None:
+                self.say(f"--resume: no checkpoint in {self.output_dir}; starting from the beginning")
+        elif checkpoint is None and existing:
+            self.say(f"note: {self.output_dir} holds checkpoints of an earlier run; pass --resume to continue it")
+        return checkpoint
 
-    say(f"{label}: model {model_path} | environment {script.environment} {script.environment_kwargs or ''} | "
-        f"{len(train_rows)} training rows ({len({_prompt_key(p) for p in train_rows['prompt']})} distinct prompts), "
-        f"{len(eval_rows)} evaluation rows | output {output_dir} | "
-        f"{torch.get_num_threads()} CPU threads")
-    trainer = SDPOTrainer(model=model_path, reward_funcs=[env], args=training_args, train_dataset=train_rows,
-                          peft_config=lora_config(script), sdpo_config=sdpo_config)
-    files = RunFilesCallback(output_dir, label=label, compare=compare)
-    interrupt = InterruptCallback()
-    collapse = CollapseWatchCallback(stop=script.stop_on_collapse)
-    trainer.add_callback(collapse)
-    if not training_args.disable_tqdm:
-        trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(ProgressBarCallback(label))
-    for callback in (files, interrupt, *callbacks):
-        trainer.add_callback(callback)
-    fitter = None if user_chose_threads() else CpuThreadFitter()
-    if fitter is not None and fitter.available:
-        trainer.add_callback(CpuThreadsCallback(fitter))
+    def build_trainer(self, compare: Mapping[str, Path] | None, callbacks: Sequence[Any]) -> None:
+        """The `SDPOTrainer` with the app's callbacks: run files, interrupts, the collapse watch, the progress
+        bar, CPU thread fitting, then the caller's."""
+        import torch
+        from transformers import ProgressCallback
 
-    sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
-    if eval_rows and sharded:
-        say("evaluation skipped: the weights are sharded (DeepSpeed/FSDP); run sdpo eval on the saved model")
-    evaluating = bool(eval_rows) and not sharded and main_process
+        from sdpo_core.app.callbacks import InterruptCallback, ProgressBarCallback, RunFilesCallback
+        from sdpo_core.app.collapse import CollapseWatchCallback
+        from sdpo_core.app.cpu_threads import CpuThreadFitter, CpuThreadsCallback, user_chose_threads
+        from sdpo_core.trainer import SDPOTrainer
 
-    def evaluate(step: int, when: str) -> tuple[EvalResult | None, dict[str, Any]]:
+        script = self.script
+        self.say(f"{self.label}: model {self.model_path} | environment {script.environment} "
+                 f"{script.environment_kwargs or ''} | {len(self.train_rows)} training rows "
+                 f"({len({_prompt_key(p) for p in self.train_rows['prompt']})} distinct prompts), "
+                 f"{len(self.eval_rows)} evaluation rows | output {self.output_dir} | "
+                 f"{torch.get_num_threads()} CPU threads")
+        self.trainer = trainer = SDPOTrainer(
+            model=self.model_path, reward_funcs=[self.env], args=self.args, train_dataset=self.train_rows,
+            peft_config=lora_config(self.script), sdpo_config=self.sdpo_config)
+        self.files = RunFilesCallback(self.output_dir, label=self.label, compare=compare)
+        self.interrupt = InterruptCallback()
+        self.collapse = CollapseWatchCallback(stop=self.script.stop_on_collapse)
+        trainer.add_callback(self.collapse)
+        if not self.args.disable_tqdm:
+            trainer.remove_callback(ProgressCallback)
+            trainer.add_callback(ProgressBarCallback(self.label))
+        for callback in (self.files, self.interrupt, *callbacks):
+            trainer.add_callback(callback)
+        fitter = None if user_chose_threads() else CpuThreadFitter()
+        if fitter is not None and fitter.available:
+            trainer.add_callback(CpuThreadsCallback(fitter))
+        sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
+        if self.eval_rows and sharded:
+            self.say("evaluation skipped: the weights are sharded (DeepSpeed/FSDP); run sdpo eval on the saved model")
+        self.evaluating = bool(self.eval_rows) and not sharded and self.main_process
+
+    def evaluate(self, step: int, when: str) -> tuple[EvalResult | None, dict[str, Any]]:
         """The held-out evaluation now and its record; an error is recorded (and said), not raised."""
+        from sdpo_core.app.callbacks import HELDOUT_ERROR, evaluation_record
         from sdpo_core.app.evaluation import evaluate_model
 
         start = time.monotonic()
         try:
             result = evaluate_model(
-                trainer.accelerator.unwrap_model(trainer.model),
-                cast("PreTrainedTokenizerBase", trainer.processing_class), env, eval_rows,
-                max_new_tokens=training_args.max_completion_length or 256, batch_size=script.eval_batch_size,
-                chat_template_kwargs=cast(dict, training_args.chat_template_kwargs or {}),
-                success_threshold=sdpo_config.success_reward_threshold, seed=training_args.seed, progress=True,
+                self.trainer.accelerator.unwrap_model(self.trainer.model),
+                cast("PreTrainedTokenizerBase", self.trainer.processing_class), self.env, self.eval_rows,
+                max_new_tokens=self.args.max_completion_length or 256, batch_size=self.script.eval_batch_size,
+                chat_template_kwargs=cast(dict, self.args.chat_template_kwargs or {}),
+                success_threshold=self.sdpo_config.success_reward_threshold, seed=self.args.seed, progress=True,
             )
         except Exception as exc:  # a failed evaluation must not end (or lose) the training run
             record = evaluation_record(step, error=exc, seconds=time.monotonic() - start)
-            say(f"evaluation {when} failed ({record[HELDOUT_ERROR]}); recorded in metrics.jsonl, training goes on")
+            self.say(f"evaluation {when} failed ({record[HELDOUT_ERROR]}); recorded in metrics.jsonl, training "
+                     "goes on")
             return None, record
         seconds = time.monotonic() - start
-        say(f"evaluation {when}: {describe_eval(result)} ({seconds:.0f} s)")
+        self.say(f"evaluation {when}: {describe_eval(result)} ({seconds:.0f} s)")
         return result, evaluation_record(step, result, seconds=seconds)
 
-    def evaluate_during(step: int) -> dict[str, Any] | None:
-        return evaluate(step, f"at step {step}")[1] if evaluating else None
+    def _evaluate_during(self, step: int) -> dict[str, Any] | None:
+        return self.evaluate(step, f"at step {step}")[1] if self.evaluating else None
 
-    if main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if eval_rows:
-            with (output_dir / EVAL_TASKS_FILE).open("w") as f:
-                f.writelines(json.dumps(row, default=str) + "\n" for row in eval_rows)
-    before_file = output_dir / EVAL_BEFORE_FILE
-    before_record: dict[str, Any] | None = None
-    if before is None and checkpoint is not None and before_file.is_file():
-        before = EvalResult.from_dict(json.loads(before_file.read_text()))
-        say(f"evaluation before training (from {before_file}): {describe_eval(before)}")
-    elif before is not None:
-        before_record = evaluation_record(0, before) if evaluating else None
-    elif evaluating:
-        before, before_record = evaluate(0, "before training")
-    if before is not None and main_process:
-        before_file.write_text(json.dumps(before.to_dict(), indent=2))
-        files.notes["evaluation before"] = describe_eval(before)
-    if evaluating:
-        trainer.add_callback(HeldOutEvaluationCallback(evaluate_during, script.eval_every, files, before_record))
-    trainer.accelerator.wait_for_everyone()
+    def evaluate_before(self, before: EvalResult | None, checkpoint: str | None) -> None:
+        """The evaluation before training (given, read back on a resume, or run now), and the callback that
+        evaluates every `--eval_every` steps."""
+        from sdpo_core.app.callbacks import HeldOutEvaluationCallback, evaluation_record
+        from sdpo_core.app.evaluation import EvalResult
 
-    interrupted = False
-    with sigint_requests_checkpoint(interrupt, say):
-        try:
-            trainer.train(resume_from_checkpoint=checkpoint)
-        except KeyboardInterrupt:
-            interrupted = True
-            state = trainer.state
-            logged = max((r.get("step", 0) for r in state.log_history), default=0)
-            if state.global_step > 0 and logged < state.global_step:
-                trainer.log({})  # the finished step's metrics, so the checkpoint's history has them
-            if state.global_step > 0:
-                trainer.save_checkpoint()  # the teacher goes with it
-    interrupted = interrupted or interrupt.requested
-    step = trainer.state.global_step
-    if collapse.episodes:
-        files.notes["collapse warnings"] = "; ".join(f"step {e.step}, {e.signature}: {e.reason}"
-                                                     for e in collapse.episodes)
-    if collapse.stopped_at is not None:
-        say(f"{label}: stopped at step {collapse.stopped_at} on a collapse signature (--stop_on_collapse); "
-            f"checkpoint-{collapse.stopped_at} saved in {output_dir}")
-    result = RunResult(output_dir, label, step, interrupted, before=before)
-    if interrupted:
-        saved = f"checkpoint-{step}" if step else "nothing (no step finished)"
-        files.notes["interrupted"] = f"at step {step}; saved {saved}; continue with --resume"
+        if self.main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            if self.eval_rows:
+                with (self.output_dir / EVAL_TASKS_FILE).open("w") as f:
+                    f.writelines(json.dumps(row, default=str) + "\n" for row in self.eval_rows)
+        before_file = self.output_dir / EVAL_BEFORE_FILE
+        before_record: dict[str, Any] | None = None
+        if before is None and checkpoint is not None and before_file.is_file():
+            before = EvalResult.from_dict(json.loads(before_file.read_text()))
+            self.say(f"evaluation before training (from {before_file}): {describe_eval(before)}")
+        elif before is not None:
+            before_record = evaluation_record(0, before) if self.evaluating else None
+        elif self.evaluating:
+            before, before_record = self.evaluate(0, "before training")
+        if before is not None and self.main_process:
+            before_file.write_text(json.dumps(before.to_dict(), indent=2))
+            self.files.notes["evaluation before"] = describe_eval(before)
+        self.before = before
+        if self.evaluating:
+            self.trainer.add_callback(HeldOutEvaluationCallback(self._evaluate_during, self.script.eval_every,
+                                                                self.files, before_record))
+        self.trainer.accelerator.wait_for_everyone()
+
+    def train(self, checkpoint: str | None) -> bool:
+        """Train; a Ctrl-C (or an interrupt callback) saves a checkpoint. Whether the run was interrupted."""
+        trainer = self.trainer
+        interrupted = False
+        with sigint_requests_checkpoint(self.interrupt, self.say):
+            try:
+                trainer.train(resume_from_checkpoint=checkpoint)
+            except KeyboardInterrupt:
+                interrupted = True
+                state = trainer.state
+                logged = max((r.get("step", 0) for r in state.log_history), default=0)
+                if state.global_step > 0 and logged < state.global_step:
+                    trainer.log({})  # the finished step's metrics, so the checkpoint's history has them
+                if state.global_step > 0:
+                    trainer.save_checkpoint()  # the teacher goes with it
+        return interrupted or self.interrupt.requested
+
+    def finish(self, interrupted: bool) -> RunResult:
+        """Notes, the evaluation after training, the model and the run's files; what the run left behind."""
+        trainer, files, label, output_dir = self.trainer, self.files, self.label, self.output_dir
+        step = trainer.state.global_step
+        if self.collapse.episodes:
+            files.notes["collapse warnings"] = "; ".join(f"step {e.step}, {e.signature}: {e.reason}"
+                                                         for e in self.collapse.episodes)
+        if self.collapse.stopped_at is not None:
+            self.say(f"{label}: stopped at step {self.collapse.stopped_at} on a collapse signature "
+                     f"(--stop_on_collapse); checkpoint-{self.collapse.stopped_at} saved in {output_dir}")
+        result = RunResult(output_dir, label, step, interrupted, before=self.before)
+        if interrupted:
+            saved = f"checkpoint-{step}" if step else "nothing (no step finished)"
+            files.notes["interrupted"] = f"at step {step}; saved {saved}; continue with --resume"
+            files.write_outputs(trainer.state)
+            self.say(f"{label}: interrupted at step {step}; saved {saved} in {output_dir}. Continue with: sdpo "
+                     "train --resume (same arguments)")
+            self.env.close()
+            return result
+
+        if self.evaluating:
+            result.after, after_record = self.evaluate(step, "after training")
+            files.add_record(trainer.state, after_record)
+        if result.after is not None and self.main_process:
+            (output_dir / EVAL_AFTER_FILE).write_text(json.dumps(result.after.to_dict(), indent=2))
+            files.notes["evaluation after"] = describe_eval(result.after)
+            files.notes["accuracy change"] = result.accuracy_change() or ""
+            self.say(describe_samples(result.after))
+        trainer.save_model(str(output_dir))
         files.write_outputs(trainer.state)
-        say(f"{label}: interrupted at step {step}; saved {saved} in {output_dir}. Continue with: sdpo train "
-            "--resume (same arguments)")
-        env.close()
+        if result.accuracy_change():
+            self.say(f"{label}: held-out accuracy {result.accuracy_change()} after {step} steps")
+        self.say(f"{label}: model, metrics.jsonl, training_curves.png and summary.txt in {output_dir}")
+        self.env.close()
         return result
-
-    if evaluating:
-        result.after, after_record = evaluate(step, "after training")
-        files.add_record(trainer.state, after_record)
-    if result.after is not None and main_process:
-        (output_dir / EVAL_AFTER_FILE).write_text(json.dumps(result.after.to_dict(), indent=2))
-        files.notes["evaluation after"] = describe_eval(result.after)
-        files.notes["accuracy change"] = result.accuracy_change() or ""
-        say(describe_samples(result.after))
-    trainer.save_model(str(output_dir))
-    files.write_outputs(trainer.state)
-    if result.accuracy_change():
-        say(f"{label}: held-out accuracy {result.accuracy_change()} after {step} steps")
-    say(f"{label}: model, metrics.jsonl, training_curves.png and summary.txt in {output_dir}")
-    env.close()
-    return result
 
 
 def train(argv: Sequence[str], callbacks: Sequence[Any] = ()) -> list[RunResult]:
