@@ -2,7 +2,7 @@
 
     python benchmarks/learning_efficacy_long.py --jobs 2            # 3 seeds x {GRPO, SDPO, guarded SDPO}, 64 steps
     python benchmarks/learning_efficacy_long.py --jobs 2 --resume   # finish an interrupted study
-    python benchmarks/learning_efficacy_long.py --report            # the targets, from the results file only
+    python benchmarks/learning_efficacy_long.py --report            # targets and plot, from the results files alone
     python benchmarks/learning_efficacy_long.py --steps 400 --eval-every 25 --jobs 1 --bf16 true --model PATH  # a GPU
 
 Every run is the embedded demo (`sdpo train`: SmolLM2-135M-Instruct on generated one-digit sums, 8 completions
@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                         + ", ".join(VARIANTS))
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--report", action="store_true", help="only print the targets from the results files")
+    parser.add_argument("--report", action="store_true",
+                        help="only print the targets and draw the plot, from the results files")
     parser.add_argument("--out-dir", type=Path, default=Path("/tmp/sdpo_learning_efficacy_long"))
     parser.add_argument("--results", type=Path, default=RESULTS / "learning_efficacy_long.json")
     parser.add_argument("--plot", type=Path, default=REPO / "docs/img/learning_efficacy_long.png")
@@ -155,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     if not raw_path.is_file():
         parser.error(f"no results yet: {raw_path}")
     raw = json.loads(raw_path.read_text())
+    if args.report and raw.get("runs"):
+        _demo_compare().plot(raw, args.plot)  # the runs finished so far (a full run draws it at its end)
     curves = heldout_curves(raw)
     targets = study_targets(curves)
     args.results.write_text(json.dumps({

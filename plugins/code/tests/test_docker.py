@@ -57,7 +57,7 @@ def test_docker_verdicts_equal_bwraps(backend_by_name, reference_solutions):
 def test_build_image_and_doctor_through_the_cli(backend_by_name):
     backend_by_name("docker")  # the private engine is up, or this skips
     env = {**os.environ, "SDPO_LOAD_PLUGINS": "sdpo-code", "DOCKER_HOST": os.environ["SDPO_TEST_DOCKER_HOST"]}
-    cli = [sys.executable, "-m", "sdpo_core.cli"]
+    cli = [sys.executable, "-m", "sdpo_core.app.cli"]
     built = subprocess.run([*cli, "sandbox", "build-image", "docker", "--tag", "sdpo-code-test:cli"], env=env,
                            capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr
