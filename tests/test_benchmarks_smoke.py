@@ -162,12 +162,15 @@ def test_long_study_targets_from_hand_made_curves():
 
 
 def test_long_study_report_rewrites_its_file_from_the_raw_results(tmp_path):
-    run = {"heldout_before": 0.5, "wall_seconds": 60.0, "steps": [{"step": 8, "heldout_accuracy": 0.75}]}
+    step = {"step": 8, "reward": 0.5, "entropy": 1.5, "heldout_accuracy": 0.75}
+    run = {"heldout_before": 0.5, "wall_seconds": 60.0, "steps": [step]}
     raw = {"sdpo_train_args": ["--max_steps", "8"], "total_seconds": 61.0, "jobs": 1,
-           "runs": {"grpo": {"0": run}, "guarded": {"0": {**run, "steps": [{"step": 8, "heldout_accuracy": 0.875}]}}}}
-    results = tmp_path / "long.json"
+           "runs": {"grpo": {"0": run}, "guarded": {"0": {**run, "steps": [{**step, "heldout_accuracy": 0.875}]}}}}
+    results, figure = tmp_path / "long.json", tmp_path / "long.png"
     (tmp_path / "long_runs.json").write_text(json.dumps(raw))
-    stdout = _run("learning_efficacy_long.py", "--report", "--results", str(results), cwd=tmp_path)
+    stdout = _run("learning_efficacy_long.py", "--report", "--results", str(results), "--plot", str(figure),
+                  cwd=tmp_path)
+    assert figure.stat().st_size > 10_000
     written = json.loads(results.read_text())
     assert written["curves"]["guarded"]["0"] == _curve((0, 0.5), (8, 0.875))
     assert written["run_seconds"] == {"grpo": {"0": 60.0}, "guarded": {"0": 60.0}}
