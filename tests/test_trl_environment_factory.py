@@ -171,6 +171,30 @@ def _teach_to_submit_five(model, tokenizer, prompts) -> None:
     raise AssertionError(f"the tiny model did not learn the tool call (loss {loss.item():.4f})")
 
 
+def _tool_calling_setup():
+    """The tiny model with TRL's Qwen3 template, taught to call `submit("5")`; two rows (one it solves, one it
+    fails) and a factory of 2-turn episodes of the `Retry` environment."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = qwen3_chat_template  # TRL parses tool calls only for chat templates it knows
+    model = tiny_model(tokenizer, seed=0)
+    model.config.max_position_embeddings = 2048  # the prompt carries the tool schema: ~700 tokens
+    rows = [{"prompt": [{"role": "user", "content": "What is 2 + 3?"}], "answer": "5"},
+            {"prompt": [{"role": "user", "content": "What is 6 + 2?"}], "answer": "8"}]
+    factory = environment_factory(Retry(), max_turns=2)
+    probe = factory()
+    contexts = []
+    for row in rows:
+        messages = [{"role": "user", "content": row["prompt"][0]["content"] + probe.reset(**row)}]
+        contexts.append(messages)
+        call = {"type": "function", "function": {"name": "submit", "arguments": {"answer": "5"}}}
+        contexts.append([*messages, {"role": "assistant", "content": "", "tool_calls": [call]},
+                         {"role": "tool", "name": "submit", "content": probe.submit("5")}])
+    _teach_to_submit_five(model, tokenizer, [
+        tokenizer.apply_chat_template(messages, tools=[probe.submit], add_generation_prompt=True, tokenize=False)
+        for messages in contexts])
+    return model, tokenizer, rows, factory
+
+
 @pytest.fixture
 def no_network(monkeypatch):
     """Every attempt to open a network connection is recorded and refused."""
@@ -192,24 +216,7 @@ def no_network(monkeypatch):
 
 @pytest.mark.slow
 def test_a_plain_grpo_trainer_runs_multi_turn_episodes(no_network, tmp_path):
-    tokenizer = tiny_tokenizer()
-    tokenizer.chat_template = qwen3_chat_template  # TRL parses tool calls only for chat templates it knows
-    model = tiny_model(tokenizer, seed=0)
-    model.config.max_position_embeddings = 2048  # the prompt carries the tool schema: ~700 tokens
-    rows = [{"prompt": [{"role": "user", "content": "What is 2 + 3?"}], "answer": "5"},
-            {"prompt": [{"role": "user", "content": "What is 6 + 2?"}], "answer": "8"}]
-    factory = environment_factory(Retry(), max_turns=2)
-    probe = factory()
-    contexts = []
-    for row in rows:
-        messages = [{"role": "user", "content": row["prompt"][0]["content"] + probe.reset(**row)}]
-        contexts.append(messages)
-        call = {"type": "function", "function": {"name": "submit", "arguments": {"answer": "5"}}}
-        contexts.append([*messages, {"role": "assistant", "content": "", "tool_calls": [call]},
-                         {"role": "tool", "name": "submit", "content": probe.submit("5")}])
-    _teach_to_submit_five(model, tokenizer, [
-        tokenizer.apply_chat_template(messages, tools=[probe.submit], add_generation_prompt=True, tokenize=False)
-        for messages in contexts])
+    model, tokenizer, rows, factory = _tool_calling_setup()
 
     args = GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=4,
                       max_completion_length=320, max_tool_calling_iterations=3, max_steps=1, learning_rate=1e-3,
@@ -262,24 +269,7 @@ def test_sdpo_reads_the_feedback_and_final_answers_from_the_environment_objects(
     from sdpo_core.config import SDPOConfig
     from sdpo_core.trainer import SDPOTrainer
 
-    tokenizer = tiny_tokenizer()
-    tokenizer.chat_template = qwen3_chat_template
-    model = tiny_model(tokenizer, seed=0)
-    model.config.max_position_embeddings = 2048
-    rows = [{"prompt": [{"role": "user", "content": "What is 2 + 3?"}], "answer": "5"},
-            {"prompt": [{"role": "user", "content": "What is 6 + 2?"}], "answer": "8"}]
-    factory = environment_factory(Retry(), max_turns=2)
-    probe = factory()
-    contexts = []
-    for row in rows:
-        messages = [{"role": "user", "content": row["prompt"][0]["content"] + probe.reset(**row)}]
-        contexts.append(messages)
-        call = {"type": "function", "function": {"name": "submit", "arguments": {"answer": "5"}}}
-        contexts.append([*messages, {"role": "assistant", "content": "", "tool_calls": [call]},
-                         {"role": "tool", "name": "submit", "content": probe.submit("5")}])
-    _teach_to_submit_five(model, tokenizer, [
-        tokenizer.apply_chat_template(messages, tools=[probe.submit], add_generation_prompt=True, tokenize=False)
-        for messages in contexts])
+    model, tokenizer, rows, factory = _tool_calling_setup()
 
     built = []
     real_build = trainer_module.build_teacher_batch
