@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from sdpo_envs import Environment
-from sdpo_envs.episode import Episode, check_episode_options
+from sdpo_envs.episode import Episode, check_episode_options, step_episodes
 from sdpo_envs.reward import write_feedback
 from sdpo_envs.types import Feedback, StepResult, Task
 
@@ -238,20 +237,13 @@ class EpisodeRollout:
             return None
 
     def _step_all(self, pairs: list[tuple[EpisodeRecord, Episode]]) -> None:
-        """Score the latest attempt of every active episode, concurrently (the environments run subprocesses)."""
-        if not pairs:
-            return
-
-        def step(pair: tuple[EpisodeRecord, Episode]) -> None:
-            record, episode = pair
-            try:
-                record.result = episode.step(record.answers[-1])
-            except Exception as exc:  # a contract break or bug in the environment: this episode fails, the run goes on
-                self._fail(record, f"{self.environment.label}: step raised {type(exc).__name__}: {exc}")
-
-        workers = max(1, min(len(pairs), 16))
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(step, pairs))
+        """Score the latest attempt of every active episode; one whose environment breaks fails, the run goes on."""
+        outcomes = step_episodes([episode for _, episode in pairs], [record.answers[-1] for record, _ in pairs])
+        for (record, _), outcome in zip(pairs, outcomes, strict=True):
+            if isinstance(outcome, str):
+                self._fail(record, outcome)
+            else:
+                record.result = outcome
 
     def _fail(self, record: EpisodeRecord, reason: str) -> None:
         logger.warning("%s", reason)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -119,4 +121,26 @@ class Episode:
             what = "an empty str" if isinstance(observation, str) else type(observation).__name__
             return None, f"{env.label}.respond() returned {what}; expected a non-empty str, or None to end the episode"
         return observation, None
+
+
+def step_episodes(episodes: Sequence[Episode], completions: Sequence[Completion]) -> list[StepResult | str]:
+    """Step each episode with its completion, concurrently (environments run subprocesses), in order.
+
+    An episode whose `step` raises (a contract break or a bug in the environment) gives the reason as a `str`
+    instead of a `StepResult`: that episode fails, the others go on.
+    """
+    if len(episodes) != len(completions):
+        raise ValueError(f"{len(episodes)} episodes but {len(completions)} completions")
+
+    def step(pair: tuple[Episode, Completion]) -> StepResult | str:
+        episode, completion = pair
+        try:
+            return episode.step(completion)
+        except Exception as exc:
+            return f"{episode.env.label}: step raised {type(exc).__name__}: {exc}"
+
+    if not episodes:
+        return []
+    with ThreadPoolExecutor(max(1, min(len(episodes), 16))) as pool:
+        return list(pool.map(step, zip(episodes, completions, strict=True)))
 

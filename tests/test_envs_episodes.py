@@ -13,6 +13,7 @@ import pytest
 
 import sdpo_envs
 from sdpo_envs import Episode, InvalidResultError, Turn, episode_reward, make
+from sdpo_envs.episode import step_episodes
 from sdpo_envs.testing import FakeEnvironment, registered_plugin
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +52,21 @@ def test_single_turn_is_one_evaluate_call_as_before():
 
 
 # -------------------------------------------------------------------------------------- multi-turn
+def test_step_episodes_steps_each_in_order_and_a_broken_one_gives_its_reason():
+    env = retry(max_turns=2)
+    task = {"prompt": "p", "answer": "42"}
+    ended = Episode(env, task)
+    ended.step("42")  # solved: a further step breaks the episode's contract
+    fresh = [Episode(env, task) for _ in range(3)]
+    outcomes = step_episodes([fresh[0], ended, fresh[1], fresh[2]], ["42", "42", "41", "42"])
+    assert [o.reward for o in (outcomes[0], outcomes[2], outcomes[3])] == [1.0, 0.0, 1.0]
+    assert outcomes[1] == f"{env.label}: step raised RuntimeError: {env.label}: step() after the episode ended " \
+        "(turn 1 of max_turns=2); call reset() to start another"
+    assert step_episodes([], []) == []
+    with pytest.raises(ValueError, match="2 episodes but 1 completions"):
+        step_episodes(fresh[:2], ["42"])
+
+
 def test_a_failing_attempt_gets_feedback_and_another_turn():
     env = retry(max_turns=3)
     task = {"prompt": "p", "answer": "42"}

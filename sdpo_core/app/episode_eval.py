@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from sdpo_core.app.evaluation import EvalResult, EvalSample, pass_at_k, prompt_text
-from sdpo_envs import Environment, Feedback, Task
-from sdpo_envs.episode import Episode
+from sdpo_core.app.evaluation import EvalResult, EvalSample, is_solved, pass_at_k, prompt_text
+from sdpo_envs import Environment, Feedback, StepResult, Task
+from sdpo_envs.episode import Episode, step_episodes
 
 __all__ = ["PlayedEpisode", "conversation", "evaluate_episodes", "pass_within_turns", "play_episodes"]
 
@@ -65,18 +64,16 @@ class PlayedEpisode:
     def solved_at(self, threshold: float | None) -> int | None:
         """The first turn (from 1) whose attempt solved the task, `None` if none did: its reward (the episode's
         after that turn, discounted) reached `threshold`, or with `None` the environment marked it `success`."""
-        for turn, feedback in enumerate(self.results, start=1):
-            if feedback.success if threshold is None else feedback.reward is not None and feedback.reward >= threshold:
-                return turn
-        return None
+        return next((turn for turn, feedback in enumerate(self.results, start=1) if is_solved(feedback, threshold)),
+                    None)
 
-    def step(self, text: str) -> None:
+    def record(self, text: str, outcome: StepResult | str) -> None:
+        """Keep an attempt and what `step_episodes` made of it (a `str`: the environment broke, the episode fails)."""
         self.attempts.append(text)
-        try:
-            result = self.episode.step(text)
-        except Exception as exc:  # an environment that breaks its contract fails this episode, not the evaluation
-            self.error = f"{self.episode.env.label}: step raised {type(exc).__name__}: {exc}"
+        if isinstance(outcome, str):
+            self.error = outcome
             return
+        result = outcome
         self.results.append(result.feedback)
         if result.observation is not None:
             self.observations.append(result.observation)
@@ -100,8 +97,9 @@ def play_episodes(env: Environment, tasks: Sequence[Task], *, num_samples: int,
     active = [(e, text) for per_task, texts in zip(episodes, first, strict=True)
               for e, text in zip(per_task, texts, strict=True)]
     while active:
-        with ThreadPoolExecutor(max(1, min(len(active), 16))) as pool:  # environments run subprocesses
-            list(pool.map(lambda pair: pair[0].step(pair[1]), active))
+        outcomes = step_episodes([e.episode for e, _ in active], [text for _, text in active])
+        for (e, text), outcome in zip(active, outcomes, strict=True):
+            e.record(text, outcome)
         going = [e for e, _ in active if e.active]
         if not going:
             break

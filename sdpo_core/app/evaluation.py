@@ -220,7 +220,7 @@ def score_completions(env: Environment, tasks: Sequence[Task], completions: Sequ
     flat_completions = [c for per_task in completions for c in per_task]
     results: list[Feedback] = env.evaluate(flat_tasks, flat_completions) if flat_tasks else []
     rewards = [r.reward for r in results if r.reward is not None]
-    ok = [_solved(r, success_threshold) for r in results]
+    ok = [is_solved(r, success_threshold) for r in results]
     solved = [sum(ok[i * n:(i + 1) * n]) for i in range(len(tasks))]
     pass_k = {k: sum(pass_at_k(n, c, k) for c in solved) / len(tasks) if tasks else math.nan for k in ks}
     samples = [
@@ -241,7 +241,9 @@ def score_completions(env: Environment, tasks: Sequence[Task], completions: Sequ
     )
 
 
-def _solved(result: Feedback, threshold: float | None) -> bool:
+def is_solved(result: Feedback, threshold: float | None) -> bool:
+    """Whether a scored completion counts as solved: its reward reaches `threshold`, or (`None`) the environment
+    marked it `success`."""
     if threshold is None:
         return result.success
     return result.reward is not None and result.reward >= threshold
@@ -303,6 +305,7 @@ __all__ = [
     "EvalSample",
     "evaluate_model",
     "generate_completions",
+    "is_solved",
     "pass_at_k",
     "prompt_text",
     "render_prompts",
