@@ -7,6 +7,7 @@ template, so that a whole SDPO step runs on a CPU in well under a second and wit
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -83,3 +84,29 @@ def tiny_model(tokenizer: PreTrainedTokenizerFast | None = None, *, seed: int = 
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
+
+
+def fit_answers(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, pairs: Sequence[tuple[str, str]], *,
+                max_steps: int = 400, target_loss: float = 0.003) -> None:
+    """Fit a tiny model to continue each rendered `context` with its `target` text (loss on the target only), so a
+    test can rely on what it writes (a random model writes nothing useful). Raises if it does not get there."""
+    rows, lengths = [], []
+    for context, target in pairs:
+        target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+        rows.append(tokenizer(context, add_special_tokens=False)["input_ids"] + target_ids)
+        lengths.append(len(target_ids))
+    width = max(map(len, rows))
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    labels = torch.full_like(ids, -100)
+    for row, n in enumerate(lengths):
+        labels[row, -n:] = ids[row, -n:]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(max_steps):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if loss.item() < target_loss:
+            return
+    raise AssertionError(f"the tiny model did not learn its answers (loss {loss.item():.4f})")

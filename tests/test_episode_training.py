@@ -18,7 +18,7 @@ from sdpo_core.config import SDPOConfig
 from sdpo_core.episode_rollout import check_rollout_arguments, observation_ids, observation_suffix_text
 from sdpo_core.episode_teacher import assistant_turn_spans, hindsight_demonstrations
 from sdpo_core.teacher_prompt import build_teacher_batch
-from sdpo_core.testing import tiny_model, tiny_tokenizer
+from sdpo_core.testing import fit_answers, tiny_model, tiny_tokenizer
 from sdpo_core.trainer import SDPOTrainer
 from sdpo_envs import Feedback
 from sdpo_envs.testing import FakeEnvironment
@@ -147,30 +147,6 @@ def test_the_next_turns_conversation_and_pass_within_turns():
 
 
 # ------------------------------------------------------------------------ a model that answers, then retries
-def _fit(model, tokenizer, pairs: list[tuple[str, str]]) -> None:
-    """Fit the tiny model to answer each rendered context with its target (plus the end-of-turn token)."""
-    rows, targets = [], []
-    for context, target in pairs:
-        target_ids = tokenizer(target + "<|im_end|>", add_special_tokens=False)["input_ids"]
-        rows.append(tokenizer(context, add_special_tokens=False)["input_ids"] + target_ids)
-        targets.append(len(target_ids))
-    width = max(map(len, rows))
-    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    labels = torch.full_like(ids, -100)
-    for row, n in enumerate(targets):
-        labels[row, -n:] = ids[row, -n:]
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(400):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if loss.item() < 0.003:
-            return
-    raise AssertionError(f"the tiny model did not learn its answers (loss {loss.item():.4f})")
-
-
 @pytest.fixture(scope="module")
 def answering_weights():
     """Weights of a tiny model that answers every question "5" and, told to try again, "8"."""
@@ -183,7 +159,7 @@ def answering_weights():
         for answer in ("5", "8"):
             messages = [*messages, assistant(answer), user(OBSERVATION)]
             pairs.append((tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), "8"))
-    _fit(model, tokenizer, pairs)
+    fit_answers(model, tokenizer, [(context, target + "<|im_end|>") for context, target in pairs])
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 

@@ -8,14 +8,13 @@ import socket
 from pathlib import Path
 
 import pytest
-import torch
 from datasets import Dataset
 from transformers.utils import get_json_schema
 from trl import GRPOConfig, GRPOTrainer
 from trl.chat_template_utils import qwen3_chat_template
 
 import sdpo_envs
-from sdpo_core.testing import tiny_model, tiny_tokenizer
+from sdpo_core.testing import fit_answers, tiny_model, tiny_tokenizer
 from sdpo_envs import TRLEnvironment, environment_factory
 from sdpo_envs.testing import FakeEnvironment, registered_plugin
 from sdpo_envs.trl_environment import NO_SUBMISSION_TEXT, OVER_TEXT, default_instructions
@@ -150,27 +149,6 @@ def test_by_name_and_bad_arguments():
 SUBMIT_FIVE = '<tool_call>\n{"name": "submit", "arguments": {"answer": "5"}}\n</tool_call><|im_end|>'
 
 
-def _teach_to_submit_five(model, tokenizer, prompts) -> None:
-    """Fit the random tiny model to answer every prompt with the tool call `submit("5")`, so that the GRPO
-    step below has tool calls to run (a random model never writes one)."""
-    target = tokenizer(SUBMIT_FIVE, add_special_tokens=False)["input_ids"]
-    rows = [tokenizer(p, add_special_tokens=False)["input_ids"] + target for p in prompts]
-    width = max(map(len, rows))
-    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    labels = torch.full_like(ids, -100)
-    labels[:, -len(target):] = ids[:, -len(target):]
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(300):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if loss.item() < 0.005:
-            return
-    raise AssertionError(f"the tiny model did not learn the tool call (loss {loss.item():.4f})")
-
-
 def _tool_calling_setup():
     """The tiny model with TRL's Qwen3 template, taught to call `submit("5")`; two rows (one it solves, one it
     fails) and a factory of 2-turn episodes of the `Retry` environment."""
@@ -189,9 +167,10 @@ def _tool_calling_setup():
         call = {"type": "function", "function": {"name": "submit", "arguments": {"answer": "5"}}}
         contexts.append([*messages, {"role": "assistant", "content": "", "tool_calls": [call]},
                          {"role": "tool", "name": "submit", "content": probe.submit("5")}])
-    _teach_to_submit_five(model, tokenizer, [
-        tokenizer.apply_chat_template(messages, tools=[probe.submit], add_generation_prompt=True, tokenize=False)
-        for messages in contexts])
+    # a random model never writes a tool call: fit it to answer every context with `submit("5")`
+    fit_answers(model, tokenizer, [
+        (tokenizer.apply_chat_template(messages, tools=[probe.submit], add_generation_prompt=True, tokenize=False),
+         SUBMIT_FIVE) for messages in contexts], max_steps=300, target_loss=0.005)
     return model, tokenizer, rows, factory
 
 
