@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from sdpo_core.discover_cli import add_discover_parser
 from sdpo_core.train_cli import add_eval_parser, add_train_parser
 from sdpo_envs import plugins as sdpo_plugins
 from sdpo_envs import registry
@@ -176,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sandbox_parser(subparsers)
     add_train_parser(subparsers)
     add_eval_parser(subparsers)
+    add_discover_parser(subparsers)
     return parser
 
 

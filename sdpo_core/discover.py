@@ -24,7 +24,9 @@ cannot read (its prompt raises) or cannot score (every attempt of a round abstai
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
 import statistics
 import tempfile
 import time
@@ -470,4 +472,32 @@ def discover(
             on_result(result)
         if progress is not None:
             progress.update(1)
+    return results
+
+
+# ------------------------------------------------------------------------------- saving results
+def append_result(path: str | os.PathLike[str], result: ProblemResult) -> None:
+    """Append `result` as one JSON line and flush it to disk, so a crash loses no finished problem."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(result.to_dict()) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def load_results(path: str | os.PathLike[str]) -> list[ProblemResult]:
+    """The results `append_result` wrote; a torn last line (a crash mid-write) is dropped, another bad line raises."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    results = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            results.append(ProblemResult.from_dict(json.loads(line)))
+        except (json.JSONDecodeError, TypeError) as exc:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}: line {number} is not a discover result ({exc})") from None
     return results
