@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import statistics
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from sdpo_envs import Environment, Feedback, Task
 
 METHODS = ("sdpo", "best_of_k", "multi_turn")
+logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -458,14 +460,19 @@ def discover(
                                    error=f"the environment cannot build a prompt for this problem: "
                                          f"{type(exc).__name__}: {exc}")
         else:
-            if method == "sdpo":
-                assert sdpo_config is not None
-                result = _discover_sdpo(model, tokenizer, env, task, pid, rounds, k, settings, sdpo_config,
-                                        peft_config, training_args or {})
-            elif method == "best_of_k":
-                result = _discover_best_of_k(model, tokenizer, env, task, pid, rounds, k, settings)
-            else:
-                result = _discover_multi_turn(model, tokenizer, env, task, pid, rounds, k, settings)
+            try:
+                if method == "sdpo":
+                    assert sdpo_config is not None
+                    result = _discover_sdpo(model, tokenizer, env, task, pid, rounds, k, settings, sdpo_config,
+                                            peft_config, training_args or {})
+                elif method == "best_of_k":
+                    result = _discover_best_of_k(model, tokenizer, env, task, pid, rounds, k, settings)
+                else:
+                    result = _discover_multi_turn(model, tokenizer, env, task, pid, rounds, k, settings)
+            except Exception as exc:  # one problem's failure (a prompt the template rejects, ...) ends only it
+                logger.warning("discover: %s problem %s failed", method, pid, exc_info=True)
+                result = ProblemResult(pid, method, False, 0, budget,
+                                       error=f"this problem could not be run: {type(exc).__name__}: {exc}")
         result = replace(result, seconds=round(time.monotonic() - started, 2))
         results.append(result)
         if on_result is not None:

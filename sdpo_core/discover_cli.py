@@ -100,7 +100,8 @@ def _load_tasks(args: argparse.Namespace, env: Any) -> list[dict[str, Any]]:
         else environment_rows(env, args.env)
     if args.num_tasks is not None:
         rows = rows.select(range(min(args.num_tasks, len(rows))))
-    tasks = rows.to_list()
+    # a column missing from some rows of a file reads as None there: drop it, so the environment sees it missing
+    tasks = [{key: value for key, value in row.items() if value is not None} for row in rows.to_list()]
     if not tasks:
         raise CLIError(f"--task {args.task or '(the environment dataset)'}: no problems")
     ids = [problem_id(task, i) for i, task in enumerate(tasks)]
