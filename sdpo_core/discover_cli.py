@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -179,7 +180,7 @@ def discover_command(args: argparse.Namespace) -> int:
         append_result(out / RESULTS_FILE, result)
         by_method[result.method].append(result)
         if result.error:
-            bar.write(f"{result.method} problem {result.problem_id}: {result.error}")
+            bar.write(f"{result.method} problem {result.problem_id}: {result.error}", file=sys.stderr)
         solved = sum(r.solved for r in by_method[result.method])
         bar.set_postfix_str(f"{result.method} solved {solved}/{len(by_method[result.method])}")
 

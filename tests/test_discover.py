@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -240,10 +241,11 @@ def test_cli_end_to_end_with_resume(tmp_path):
         {"id": "c", "answer": "1"},  # no question: the math environment cannot build a prompt
     ]))
     out = tmp_path / "out"
+    env = {**os.environ, "SDPO_LOAD_PLUGINS": "sdpo-math", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "sdpo_core.cli", "discover", "--env", "math", "--task", str(tasks),
                "--model", str(model_dir), "--budget", "8", "--k", "4", "--max_completion_length", "6",
                "--baseline", "best_of_k", "--output_dir", str(out)]
-    first = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert first.returncode == 0, first.stderr
     assert "sdpo problem c: the environment cannot build a prompt" in first.stderr
     assert "best_of_k" in first.stdout
@@ -257,19 +259,19 @@ def test_cli_end_to_end_with_resume(tmp_path):
     assert all(d["updates"] == 2 for d in done if d["method"] == "sdpo" and d["problem_id"] != "c"
                and not d["solved"])
 
-    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert again.returncode == 2
     assert "pass --resume" in again.stderr
 
     # a crash after three problems, in the middle of writing the fourth
     (out / "results.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:20])
-    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600, env=env)
     assert resumed.returncode == 0, resumed.stderr
     after = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert after[:3] == done[:3]
     assert sorted((d["method"], d["problem_id"]) for d in after) == sorted((d["method"], d["problem_id"])
                                                                            for d in done)
     changed = subprocess.run([*command[:-2], "--output_dir", str(out), "--k", "2", "--resume"],
-                             capture_output=True, text=True, timeout=600)
+                             capture_output=True, text=True, timeout=600, env=env)
     assert changed.returncode == 2
     assert "k was 4, now 2" in changed.stderr
