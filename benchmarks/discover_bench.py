@@ -113,16 +113,21 @@ def main() -> None:
     candidates = env.dataset().to_list()
 
     selection_file = work / "selection.json"
-    selection_settings = {"difficulty": args.difficulty, "candidates": args.candidates,
-                          "samples": args.selection_samples, "seed": args.selection_seed, **settings}
+    # not the number of candidates: row i of the generator depends only on (seed, i), so --resume with more
+    # --candidates measures only the new ones
+    selection_settings = {"difficulty": args.difficulty, "samples": args.selection_samples,
+                          "seed": args.selection_seed, **settings}
     selection = json.loads(selection_file.read_text()) if selection_file.exists() else \
         {"settings": selection_settings, "accuracy": {}}
+    selection["settings"].pop("candidates", None)
     if selection["settings"] != selection_settings:
         raise SystemExit(f"{selection_file} was measured with {selection['settings']}, not {selection_settings}")
     measure_accuracy(model, tokenizer, env, candidates, args.selection_samples, DiscoverSettings(**settings),
                      seed=args.selection_seed, file=selection_file, measured=selection)
     chosen = select_problems(selection["accuracy"], args.problems, args.max_accuracy)
     print(f"selected {len(chosen)} problems with sampled accuracy in (0, {args.max_accuracy}] of {args.candidates}")
+    if len(chosen) < args.problems:
+        print(f"only {len(chosen)} of the {args.problems} problems asked for: raise --candidates (with --resume)")
     tasks = [t for t in candidates if t["id"] in set(chosen)]
 
     wall: dict[str, dict[str, float]] = {m: {} for m in methods}
