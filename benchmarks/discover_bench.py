@@ -76,10 +76,17 @@ def main() -> None:
     parser.add_argument("--max_completion_length", type=int, default=48)
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--max_turns", type=int, default=2, help="turns per multi_turn episode")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: on a shared machine more threads spin-wait; 0: torch's default)")
+    parser.add_argument("--model", help="model folder (default: the demo model)")
+    parser.add_argument("--results", default=str(RESULTS), help="method -> seed -> per-problem results (JSON)")
+    parser.add_argument("--run_results", default=str(RUN_RESULTS), help="settings, selection and summaries (JSON)")
+    parser.add_argument("--plot", default=str(PLOT), help="discovery@k plot (PNG)")
     parser.add_argument("--work_dir", default=str(REPO / "runs" / "discover_bench"))
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
 
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sdpo_core.discover import (
@@ -102,7 +109,9 @@ def main() -> None:
     if work.exists() and any(work.iterdir()) and not args.resume:
         raise SystemExit(f"{work} holds an earlier run: pass --resume, or another --work_dir")
     work.mkdir(parents=True, exist_ok=True)
-    path = resolve_model(None)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = resolve_model(args.model)
     model = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     # the demo model ignores \boxed{}: a right final number is a success
@@ -145,9 +154,9 @@ def main() -> None:
             print(f"seed {seed} {method}: {summarize(results[method][str(seed)])}", flush=True)
     env.close()
 
-    RESULTS.write_text(json.dumps({m: {s: [{"problem_id": r.problem_id, "solved": r.solved, "attempts": r.attempts}
-                                           for r in rs] for s, rs in by_seed.items()}
-                                   for m, by_seed in results.items()}, indent=1))
+    table = {m: {s: [{"problem_id": r.problem_id, "solved": r.solved, "attempts": r.attempts} for r in rs]
+                 for s, rs in by_seed.items()} for m, by_seed in results.items()}
+    Path(args.results).write_text(json.dumps(table, indent=1))
     pooled = {m: [r for rs in by_seed.values() for r in rs] for m, by_seed in results.items()}
     points = sorted({*range(args.k, args.budget + 1, args.k), 1})
     summary = {m: {**summarize(rs),
@@ -156,13 +165,13 @@ def main() -> None:
                    "discovery": dict(zip(points, discovery_curve(rs, points), strict=True)),
                    "mean_seconds_per_problem": statistics.mean(r.seconds for r in rs)}
                for m, rs in pooled.items()}
-    RUN_RESULTS.write_text(json.dumps({"settings": {**vars(args), **settings}, "model": str(path),
+    Path(args.run_results).write_text(json.dumps({"settings": {**vars(args), **settings}, "model": str(path),
                                        "selection": {"chosen": chosen, **selection}, "summary": summary,
                                        "wall_seconds": wall}, indent=1, default=str))
-    plot_discovery(pooled, args.budget, args.k, PLOT, title=f"{len(chosen)} math problems x {len(seeds)} seeds, "
-                                                            f"k={args.k}")
+    plot_discovery(pooled, args.budget, args.k, Path(args.plot),
+                   title=f"{len(chosen)} math problems x {len(seeds)} seeds, k={args.k}")
     print(format_table(summary_rows(pooled, args.budget, args.k)))
-    print(f"results: {RESULTS}, {RUN_RESULTS}; plot: {PLOT}")
+    print(f"results: {args.results}, {args.run_results}; plot: {args.plot}")
 
 
 if __name__ == "__main__":
