@@ -34,10 +34,15 @@ RUN_RESULTS = REPO / "benchmarks" / "results" / "discover_run.json"
 PLOT = REPO / "docs" / "img" / "discover.png"
 
 
-def select_problems(accuracies: dict[str, float], count: int, max_accuracy: float) -> list[str]:
-    """The `count` ids with accuracy in (0, max_accuracy], lowest accuracy first (ties in id order)."""
-    eligible = [pid for pid, acc in accuracies.items() if 0 < acc <= max_accuracy]
-    return sorted(eligible, key=lambda pid: (accuracies[pid], pid))[:count]
+def select_problems(accuracies: dict[str, float], count: int, max_accuracy: float,
+                    keep_unsolved: bool = False) -> list[str]:
+    """The `count` ids with accuracy in (0, max_accuracy], lowest accuracy first (ties in id order); with
+    `keep_unsolved`, then those never solved in the selection samples."""
+    eligible = sorted((pid for pid, acc in accuracies.items() if 0 < acc <= max_accuracy),
+                      key=lambda pid: (accuracies[pid], pid))
+    if keep_unsolved:
+        eligible += sorted(pid for pid, acc in accuracies.items() if acc == 0)
+    return eligible[:count]
 
 
 def measure_accuracy(model: Any, tokenizer: Any, env: Any, tasks: list[dict[str, Any]], samples: int,
@@ -71,6 +76,8 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=60, help="problems whose sampled accuracy is measured")
     parser.add_argument("--selection_samples", type=int, default=16, help="samples per candidate")
     parser.add_argument("--max_accuracy", type=float, default=0.2, help="hardest kept: sampled accuracy at most")
+    parser.add_argument("--keep_unsolved", action="store_true",
+                        help="fill up with problems never solved in the selection samples")
     parser.add_argument("--selection_seed", type=int, default=1000)
     parser.add_argument("--difficulty", type=int, default=1, help="math generator difficulty")
     parser.add_argument("--max_completion_length", type=int, default=48)
@@ -133,7 +140,10 @@ def main() -> None:
         raise SystemExit(f"{selection_file} was measured with {selection['settings']}, not {selection_settings}")
     measure_accuracy(model, tokenizer, env, candidates, args.selection_samples, DiscoverSettings(**settings),
                      seed=args.selection_seed, file=selection_file, measured=selection)
-    chosen = select_problems(selection["accuracy"], args.problems, args.max_accuracy)
+    chosen = select_problems(selection["accuracy"], args.problems, args.max_accuracy, args.keep_unsolved)
+    if not chosen:
+        raise SystemExit(f"no candidate has a sampled accuracy in (0, {args.max_accuracy}]: raise --candidates "
+                         "(with --resume) or --max_accuracy")
     print(f"selected {len(chosen)} problems with sampled accuracy in (0, {args.max_accuracy}] of {args.candidates}")
     if len(chosen) < args.problems:
         print(f"only {len(chosen)} of the {args.problems} problems asked for: raise --candidates (with --resume)")

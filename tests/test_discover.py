@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -275,3 +276,29 @@ def test_cli_end_to_end_with_resume(tmp_path):
                              capture_output=True, text=True, timeout=600, env=env)
     assert changed.returncode == 2
     assert "k was 4, now 2" in changed.stderr
+
+
+@pytest.mark.slow
+def test_benchmark_selects_runs_and_writes_its_results(tmp_path):
+    """`benchmarks/discover_bench.py` at a microscopic size on the tiny model."""
+    model_dir = tmp_path / "model"
+    tokenizer = tiny_tokenizer()
+    tiny_model(tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    env = {**os.environ, "SDPO_LOAD_PLUGINS": "sdpo-math", "OMP_NUM_THREADS": "1"}
+    results, run, plot = tmp_path / "d.json", tmp_path / "run.json", tmp_path / "d.png"
+    command = [sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "discover_bench.py"),
+               "--model", str(model_dir), "--candidates", "2", "--selection_samples", "2", "--keep_unsolved",
+               "--problems", "2", "--budget", "4", "--k", "2", "--seeds", "0,1", "--max_completion_length", "4",
+               "--work_dir", str(tmp_path / "work"), "--results", str(results), "--run_results", str(run),
+               "--plot", str(plot)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = json.loads(results.read_text())
+    assert set(table) == {"sdpo", "best_of_k"}
+    assert all(len(table[m][s]) == 2 and set(table[m][s][0]) == {"problem_id", "solved", "attempts"}
+               for m in table for s in ("0", "1"))
+    summary = json.loads(run.read_text())["summary"]
+    assert summary["sdpo"]["problems"] == 4
+    assert len(json.loads(run.read_text())["selection"]["accuracy"]) == 2
+    assert plot.stat().st_size > 0
