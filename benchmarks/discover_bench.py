@@ -5,12 +5,15 @@ rarely solves.
     python benchmarks/discover_bench.py --resume              # finish an interrupted benchmark
     python benchmarks/discover_bench.py --methods sdpo,best_of_k,multi_turn --budget 64 --problems 30
 
-1. **Selection, before any SDPO result exists.** `--candidates` math problems of `--difficulty` (the math
-   environment's own generator, seed `--selection_seed`) are each sampled `--selection_samples` times with the
-   run's sampling settings; a problem's sampled accuracy is the fraction of correct samples. The `--problems`
-   problems kept are those with an accuracy above 0 and at most `--max_accuracy`, lowest first (a problem never
-   solved in the selection samples may be unsolvable for this model within any budget; one solved often is not
-   hard). The measurement is saved (`<work_dir>/selection.json`) and reused by `--resume`.
+1. **Selection, before any SDPO result exists.** The first `--candidates` rows of the math environment's own
+   generator (`--difficulty`, seed `--selection_seed`), each distinct question once, are each sampled
+   `--selection_samples` times with the run's sampling settings; a problem's sampled accuracy is the fraction
+   of correct samples. The `--problems` problems kept are those with an accuracy above 0 and at most
+   `--max_accuracy`, lowest first (a problem never solved in the selection samples may be unsolvable for this
+   model within any budget; one solved often is not hard; `--keep_unsolved` fills up with never-solved ones).
+   The measurement is saved after every problem (`<work_dir>/selection.json`) and reused by `--resume`, which
+   may also add `--candidates`. One torch thread by default (`--threads`): on a shared machine, more threads
+   spin-wait and run several times slower.
 2. **Runs.** For each seed and method, `discover` on the selected problems with the same budget and `k`; each
    problem's result is appended to `<work_dir>/<method>-<seed>.jsonl` as soon as it is known.
 3. **Results.** `benchmarks/results/discover.json`: method -> seed -> list of `{problem_id, solved, attempts}`;
@@ -79,7 +82,8 @@ def main() -> None:
     parser.add_argument("--keep_unsolved", action="store_true",
                         help="fill up with problems never solved in the selection samples")
     parser.add_argument("--selection_seed", type=int, default=1000)
-    parser.add_argument("--difficulty", type=int, default=1, help="math generator difficulty")
+    parser.add_argument("--difficulty", type=int, default=0,
+                        help="math generator difficulty (0: one-digit sums, the demo's; 1 adds - and x)")
     parser.add_argument("--max_completion_length", type=int, default=48)
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--max_turns", type=int, default=2, help="turns per multi_turn episode")
@@ -126,7 +130,10 @@ def main() -> None:
                seed=args.selection_seed)
     settings = {"max_completion_length": args.max_completion_length, "learning_rate": args.learning_rate,
                 "max_turns": args.max_turns, "temperature": 1.0}
-    candidates = env.dataset().to_list()
+    first_of_each = {}  # the generator repeats questions (one-digit sums: 100 distinct); keep each once
+    for row in env.dataset().to_list():
+        first_of_each.setdefault(row["question"], row)
+    candidates = list(first_of_each.values())
 
     selection_file = work / "selection.json"
     # not the number of candidates: row i of the generator depends only on (seed, i), so --resume with more
