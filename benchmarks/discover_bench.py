@@ -53,6 +53,7 @@ def measure_accuracy(model: Any, tokenizer: Any, env: Any, tasks: list[dict[str,
     """Sampled accuracy of each task, saved to `file` after every task (so an interrupted selection resumes)."""
     from tqdm.auto import tqdm
 
+    from sdpo_core.discover import succeeded
     from sdpo_core.evaluation import generate_completions
 
     accuracies: dict[str, float] = measured["accuracy"]
@@ -63,7 +64,7 @@ def measure_accuracy(model: Any, tokenizer: Any, env: Any, tasks: list[dict[str,
                                               temperature=settings.temperature, top_p=settings.top_p,
                                               batch_size=1, seed=seed)
         results = env.evaluate([task] * samples, completions)
-        accuracies[task["id"]] = sum(r.success for r in results) / samples
+        accuracies[task["id"]] = sum(succeeded(r, settings.success_threshold) for r in results) / samples
         measured["seconds"] = round(measured.get("seconds", 0.0) + time.monotonic() - started, 1)
         file.write_text(json.dumps(measured, indent=2))
     return accuracies

@@ -1,7 +1,8 @@
 """Test-time self-distillation: solve one hard problem by SDPO on that problem alone (`discover`).
 
 For each problem, rounds of `k` attempts are sampled and scored by the environment. The first success
-ends the problem. After a round without one, a single SDPO step on the problem's own `k` attempts updates
+(by default a reward of at least 1, as `sdpo eval` counts; `DiscoverSettings.success_threshold`) ends the
+problem. After a round without one, a single SDPO step on the problem's own `k` attempts updates
 the model: the teacher is the same model reading the environment's feedback on an attempt (or, when an
 attempt scored at least `success_reward_threshold` without the environment calling it solved, that
 attempt as a demonstration). The step is `SDPOTrainer`'s own (its teacher prompts and loss), run for
@@ -162,6 +163,13 @@ def summarize(results: Sequence[ProblemResult]) -> dict[str, Any]:
     }
 
 
+def succeeded(feedback: Feedback, threshold: float | None) -> bool:
+    """Whether an attempt solved the problem: its reward reaches `threshold`, or (`None`) the environment says so."""
+    if threshold is None:
+        return feedback.success
+    return feedback.reward is not None and feedback.reward >= threshold
+
+
 def _usable(feedback: Feedback) -> bool:
     return feedback.reward is not None and not feedback.failed
 
@@ -194,6 +202,9 @@ class DiscoverSettings:
     top_p: float = 1.0
     learning_rate: float = 1e-4
     max_turns: int = 4
+    success_threshold: float | None = 1.0
+    """An attempt succeeds when its reward reaches this (as `sdpo eval` and the trainer's demonstrations count);
+    `None`: when the environment marks it `success` (e.g. math's answer in the requested format)."""
     seed: int = 0
     chat_template_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
@@ -264,9 +275,10 @@ def _discover_sdpo(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, e
         if len(results) != len(completions):
             raise _ProblemOver(f"the environment returned {len(results)} results for {len(completions)} attempts")
         spent = outcome["attempts"]
-        records.append(RoundRecord(attempts=len(completions), successes=sum(f.success for f in results),
+        solved = [succeeded(f, settings.success_threshold) for f in results]
+        records.append(RoundRecord(attempts=len(completions), successes=sum(solved),
                                    abstained=sum(not _usable(f) for f in results)))
-        hit = first_success([f.success for f in results], spent)
+        hit = first_success(solved, spent)
         outcome["attempts"] = spent + len(completions)
         if hit is not None:
             outcome.update(attempts=hit, answer=completions[hit - spent - 1], solved=True)
@@ -336,9 +348,9 @@ def _discover_best_of_k(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
     for r in range(rounds):
         (completions,) = _generate(model, tokenizer, [prompt], k, settings, seed=settings.seed * 100_003 + r)
         results = env.evaluate([task] * k, completions)
-        records.append(RoundRecord(attempts=k, successes=sum(f.success for f in results),
-                                   abstained=sum(not _usable(f) for f in results)))
-        hit = first_success([f.success for f in results], spent)
+        solved = [succeeded(f, settings.success_threshold) for f in results]
+        records.append(RoundRecord(attempts=k, successes=sum(solved), abstained=sum(not _usable(f) for f in results)))
+        hit = first_success(solved, spent)
         if hit is not None:
             return ProblemResult(pid, "best_of_k", True, hit, rounds * k, completions[hit - spent - 1], records)
         spent += k
@@ -381,9 +393,10 @@ def _discover_multi_turn(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
                     spent += 1
                     attempts += 1
                     round_results.append(step.feedback)
-                    successes += step.feedback.success
+                    solved = succeeded(step.feedback, settings.success_threshold)
+                    successes += solved
                     abstained += not _usable(step.feedback)
-                    if step.feedback.success:
+                    if solved:
                         records.append(RoundRecord(attempts, successes, abstained))
                         return ProblemResult(pid, "multi_turn", True, spent, budget, text, records)
                     if step.observation is not None:
@@ -420,7 +433,7 @@ def discover(
 
     Args:
         model, tokenizer: the policy; never modified (SDPO trains a copy per problem).
-        env: scores attempts; a success is `Feedback.success`.
+        env: scores attempts; a success is as `settings.success_threshold` says.
         tasks: one row per problem (whatever `env.prompt` and `env.score` read).
         budget: attempts per problem, a multiple of `k`.
         k: attempts per round (SDPO's group size).

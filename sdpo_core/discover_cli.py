@@ -43,7 +43,7 @@ SUMMARY_FILE = "summary.json"
 PLOT_FILE = "discovery.png"
 # settings a resumed run must share with the interrupted one, or its results would not be comparable
 _RESUME_KEYS = ("env", "env_kwargs", "task", "num_tasks", "model", "budget", "k", "seed", "max_completion_length",
-                "temperature", "learning_rate", "max_turns", "use_peft")
+                "temperature", "learning_rate", "max_turns", "use_peft", "success_threshold")
 
 
 def summary_rows(by_method: Mapping[str, Sequence[ProblemResult]], budget: int, k: int) -> list[list[str]]:
@@ -130,6 +130,15 @@ def _check_resume(out: Path, run: dict[str, Any], resume: bool) -> list[ProblemR
     return done
 
 
+def _threshold(value: str) -> float | None:
+    if value == "env":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise CLIError(f"--success_threshold {value!r}: a number or 'env'") from None
+
+
 def discover_command(args: argparse.Namespace) -> int:
     """`sdpo discover`: see the module docstring."""
     import torch
@@ -162,6 +171,7 @@ def discover_command(args: argparse.Namespace) -> int:
            "model": args.model, "budget": args.budget, "k": args.k, "seed": args.seed,
            "max_completion_length": args.max_completion_length, "temperature": args.temperature,
            "learning_rate": args.learning_rate, "max_turns": args.max_turns, "use_peft": not args.no_peft,
+           "success_threshold": args.success_threshold,
            "methods": methods}
     done = _check_resume(out, run, args.resume)
     (out / RUN_FILE).write_text(json.dumps(run, indent=2))
@@ -171,7 +181,8 @@ def discover_command(args: argparse.Namespace) -> int:
         model = model.to("cuda")
     tokenizer = AutoTokenizer.from_pretrained(path)
     settings = DiscoverSettings(max_completion_length=args.max_completion_length, temperature=args.temperature,
-                                learning_rate=args.learning_rate, max_turns=args.max_turns, seed=args.seed)
+                                learning_rate=args.learning_rate, max_turns=args.max_turns, seed=args.seed,
+                                success_threshold=_threshold(args.success_threshold))
     by_method: dict[str, list[ProblemResult]] = {m: [r for r in done if r.method == m] for m in methods}
     todo = sum(len(tasks) - len({r.problem_id for r in by_method[m]}) for m in methods)
     bar = tqdm(total=todo, desc="discover", unit="problem")
@@ -232,6 +243,9 @@ def add_discover_parser(subparsers: Any) -> None:
                         help="tokens per attempt")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     parser.add_argument("--learning_rate", "--learning-rate", type=float, default=1e-4, help="SDPO step size")
+    parser.add_argument("--success_threshold", "--success-threshold", default="1.0",
+                        help="reward at which an attempt counts as solved, or 'env' for the environment's own "
+                             "success flag")
     parser.add_argument("--no_peft", "--no-peft", action="store_true",
                         help="update every weight instead of a LoRA adapter")
     parser.add_argument("--seed", type=int, default=0, help="sampling and training seed")

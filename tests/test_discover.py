@@ -26,6 +26,7 @@ from sdpo_core.discover import (
     median_attempts,
     plan_rounds,
     problem_id,
+    succeeded,
     summarize,
 )
 from sdpo_core.discover_cli import summary_rows
@@ -85,6 +86,14 @@ def test_abstain_reason_only_when_nothing_was_scored():
     reason = abstain_reason([Feedback(None), failed], 2)
     assert "none of the 2 attempts of round 3" in reason
     assert "sandbox died" in reason
+
+
+def test_success_is_a_reward_threshold_or_the_environment_flag():
+    unformatted_right = Feedback(1.0, success=False)  # math: the right number outside \\boxed{}
+    assert succeeded(unformatted_right, 1.0)
+    assert not succeeded(unformatted_right, None)
+    assert succeeded(Feedback(0.5, success=True), None)
+    assert not succeeded(Feedback(None), 0.0)
 
 
 def test_problem_id_prefers_the_id_column():
