@@ -83,8 +83,9 @@ def main() -> None:
     parser.add_argument("--keep_unsolved", action="store_true",
                         help="fill up with problems never solved in the selection samples")
     parser.add_argument("--selection_seed", type=int, default=1000)
-    parser.add_argument("--difficulty", type=int, default=0,
-                        help="math generator difficulty (0: one-digit sums, the demo's; 1 adds - and x)")
+    parser.add_argument("--difficulty", type=int, default=1,
+                        help="math generator difficulty (0: one-digit sums, the demo's, sampled accuracy about 0.3; "
+                             "1 adds - and x)")
     parser.add_argument("--max_completion_length", type=int, default=48)
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--max_turns", type=int, default=2, help="turns per multi_turn episode")
