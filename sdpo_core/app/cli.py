@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from sdpo_core.app.discover_cli import add_discover_parser
 from sdpo_core.app.runs import add_eval_parser, add_train_parser
 from sdpo_envs import plugins as sdpo_plugins
 from sdpo_envs import registry
@@ -190,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sandbox_parser(subparsers)
     add_train_parser(subparsers)
     add_eval_parser(subparsers)
+    add_discover_parser(subparsers)
     return parser
 
 
