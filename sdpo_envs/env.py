@@ -28,7 +28,7 @@ from dataclasses import replace
 from typing import Any, ClassVar, Literal
 
 from sdpo_envs.episode import Episode, check_episode_options
-from sdpo_envs.executors import WorkerPool, run_async, run_in_threads
+from sdpo_envs.executors import Executor, WorkerPool, run_async, run_in_threads
 from sdpo_envs.reward import RewardFunctionMixin, completion_text
 from sdpo_envs.sync import run_sync
 from sdpo_envs.types import (
@@ -50,7 +50,8 @@ FeedbackFormatter = Callable[[Task, StepResult], str | None]
 _count_lock = threading.Lock()
 _pool_lock = threading.Lock()
 # Per-instance state that is not part of the environment's definition: never pickled to workers.
-_TRANSIENT = ("_sdpo_pool", "_sdpo_episode", "last_feedback", "last_results")
+# The executor too: a worker that receives the environment runs its episodes itself.
+_TRANSIENT = ("_sdpo_pool", "_sdpo_episode", "last_feedback", "last_results", "executor")
 
 
 class Environment(RewardFunctionMixin, abc.ABC):
@@ -71,6 +72,9 @@ class Environment(RewardFunctionMixin, abc.ABC):
       (a daemon) is abandoned and replaced. A process episode past it is killed with its worker
       process, which is then replaced. Process workers are POSIX subprocesses (see `executors`).
     - `error_reward`: reward of an episode that could not be scored (`None` abstains).
+    - `executor`: where episodes run instead of this process (`None`: here, as `concurrency` says); e.g.
+      a `sdpo_envs.ray_executor.RayExecutor`, or `make(name, executor="ray", ray_address=...)`. It runs
+      the default `score_batch`'s episodes (an overriding `score_batch` runs where it is called).
 
     Attributes of episodes (`reset`/`step`; see `sdpo_envs.episode`), set with `configure_episodes`
     or by `make(name, max_turns=..., turn_discount=...)`:
@@ -87,6 +91,7 @@ class Environment(RewardFunctionMixin, abc.ABC):
     max_workers: int | None = None
     episode_timeout: float | None = None
     error_reward: float | None = 0.0
+    executor: Executor | None = None
     error_count: int = 0
     """Episodes this environment could not score so far (raised, timed out or crashed)."""
     feedback_formatter: FeedbackFormatter | None = None
@@ -137,6 +142,8 @@ class Environment(RewardFunctionMixin, abc.ABC):
         may ignore `max_workers` and `timeout`; if it raises, every episode of the batch fails.
         """
         texts = [completion_text(c) for c in completions]
+        if self.executor is not None:
+            return self.executor.run(self, tasks, texts, max_workers or self.max_workers, timeout)
         workers = self._workers_for(len(tasks), max_workers)
         if self.concurrency == "process":
             return self._process_pool().run(self, tasks, texts, workers, timeout)

@@ -69,6 +69,18 @@ class Scorer(Protocol):
     def _note_failure(self, count: int = 1) -> None: ...
 
 
+class Executor(Protocol):
+    """Runs an environment's episodes somewhere else than this process's threads and worker processes (e.g.
+    `sdpo_envs.ray_executor.RayExecutor`); set as `Environment.executor`."""
+
+    def run(self, env: Scorer, tasks: Sequence[Task], texts: Sequence[str], workers: int | None,
+            timeout: float | None) -> list[Feedback]:
+        """Every episode's feedback, in order; `workers` is the environment's `max_workers` (`None`: unset)."""
+        ...
+
+    def close(self) -> None: ...
+
+
 def timed_out(scorer: Scorer, timeout: float) -> Feedback:
     """The failed feedback of an episode that ran past `timeout` seconds."""
     return scorer.failed_feedback(f"episode timed out after {timeout:g} s", timed_out=True)

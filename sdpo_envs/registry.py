@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from sdpo_envs.env import Environment
+from sdpo_envs.executors import Executor
 from sdpo_envs.plugins import (
     LOAD_VAR,
     SkippedPlugin,
@@ -200,6 +201,26 @@ def _probe(plugin: SkippedPlugin, hook_name: str) -> list[str]:
 # ------------------------------------------------------------------------------------------ building
 EPISODE_OPTIONS = ("max_turns", "turn_discount")
 """Keywords `make` understands for every environment (`Environment.configure_episodes`)."""
+EXECUTOR_OPTIONS = ("executor", "ray_address")
+"""Keywords `make` understands for every environment: where its episodes run (`resolve_executor`)."""
+
+
+def resolve_executor(env_name: str, executor: Any = None, ray_address: str | None = None) -> Executor | None:
+    """The executor `make(env_name, executor=..., ray_address=...)` asks for: `None` or `"local"` for this
+    process, `"ray"` for a `RayExecutor` on `ray_address` (default `"auto"`), or an executor object as is."""
+    if ray_address is not None and executor != "ray":
+        raise ValueError(f"make({env_name!r}): ray_address is for executor='ray', but executor={executor!r}")
+    if executor is None or executor == "local":
+        return None
+    if executor == "ray":
+        from sdpo_envs.ray_executor import RayExecutor
+
+        return RayExecutor(ray_address or "auto")
+    if isinstance(executor, str) or not callable(getattr(executor, "run", None)):
+        raise ValueError(f"make({env_name!r}): executor must be 'local', 'ray' or an object with "
+                         f"run(env, tasks, texts, workers, timeout), got {executor!r}")
+    chosen: Executor = executor
+    return chosen
 
 
 def make(env_name: str, /, **kwargs: Any) -> Environment:
@@ -207,11 +228,14 @@ def make(env_name: str, /, **kwargs: Any) -> Environment:
 
     ``max_turns`` and ``turn_discount`` configure its episodes (`Environment.configure_episodes`) unless
     the factory takes them itself; ``max_turns`` > 1 on an environment without `respond` raises
-    `ValueError`. The result is also a TRL reward function. If any plugin implements
-    ``format_feedback``, its results are re-rendered through that hook.
+    `ValueError`. ``executor`` and ``ray_address`` say where its episodes run (`resolve_executor`; a Ray
+    cluster that does not answer raises `EnvironmentSetupError` here). The result is also a TRL reward
+    function. If any plugin implements ``format_feedback``, its results are re-rendered through that hook.
     """
     factory = get_factory(env_name, "environment")
     episode_options = {key: kwargs.pop(key) for key in EPISODE_OPTIONS if key in kwargs and not factory.takes(key)}
+    executor_options = {key: kwargs.pop(key) for key in EXECUTOR_OPTIONS if key in kwargs and not factory.takes(key)}
+    executor = resolve_executor(env_name, **executor_options)
     env = factory.build(**kwargs)
     if not isinstance(env, Environment):
         raise TypeError(f"environment {env_name!r} ({factory.source}): the factory returned "
@@ -220,6 +244,8 @@ def make(env_name: str, /, **kwargs: Any) -> Environment:
         env.name = env_name
     if episode_options:
         env.configure_episodes(**episode_options)
+    if executor is not None:
+        env.executor = executor
     if pm.hook.format_feedback.get_hookimpls():
         env.feedback_formatter = HookFeedbackFormatter(env_name)
     return env

@@ -5,6 +5,8 @@
 - `registered_plugin`: register a plugin object for the duration of a ``with`` block (the yield fixture
   the docs recommend), checked like an installed plugin.
 - `check_environment`: the conformance checks every environment should pass, for plugin authors.
+- `local_ray_cluster`: a real Ray cluster on this machine (a head and one worker node) for tests of
+  `executor="ray"`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,12 @@ import contextlib
 import math
 import os
 import pickle
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
@@ -170,3 +178,68 @@ def check_environment(env: Environment, tasks: Sequence[Task] | None = None,
         except Exception as exc:
             _fail(env, f"a process environment must be picklable: {type(exc).__name__}: {exc}")
     return results
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def local_ray_cluster(worker_nodes: int = 1, cpus_per_node: int = 1, start_timeout: float = 180.0) -> Iterator[str]:
+    """A Ray cluster of separate processes on this machine, as `ray start` makes one on many: a head node and
+    `worker_nodes` worker nodes, `cpus_per_node` CPUs each, in a private temporary directory. Yields the
+    head's address (for `RayExecutor(address)` or `make(..., executor="ray", ray_address=address)`); every
+    node is stopped on exit. Needs Ray (`pip install "sdpo-gym[ray]"`)."""
+    ray_cli = shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which("ray")
+    if ray_cli is None:
+        raise RuntimeError('local_ray_cluster needs Ray\'s `ray` command: pip install "sdpo-gym[ray]"')
+    temp_dir = tempfile.mkdtemp(prefix="sdpo-ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    address = f"127.0.0.1:{_free_port()}"
+    common = [f"--num-cpus={cpus_per_node}", "--object-store-memory=100000000", "--disable-usage-stats", "--block"]
+    nodes: list[subprocess.Popen[bytes]] = []
+    log = open(os.path.join(temp_dir, "nodes.log"), "wb")  # noqa: SIM115 - open while the nodes run
+    try:
+        def start(*args: str) -> None:
+            nodes.append(subprocess.Popen([ray_cli, "start", *args, *common], stdout=log, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, start_new_session=True))
+
+        start("--head", f"--port={address.rsplit(':', 1)[1]}", f"--temp-dir={temp_dir}", "--include-dashboard=false")
+        _wait_for_nodes(ray_cli, address, 1, nodes, start_timeout, temp_dir)
+        for _ in range(worker_nodes):
+            start(f"--address={address}")
+        _wait_for_nodes(ray_cli, address, 1 + worker_nodes, nodes, start_timeout, temp_dir)
+        yield address
+    finally:
+        for node in reversed(nodes):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.pid, signal.SIGTERM)
+        for node in nodes:
+            try:
+                node.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(node.pid, signal.SIGKILL)
+                node.wait()
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_for_nodes(ray_cli: str, address: str, count: int, nodes: Sequence[subprocess.Popen[bytes]],
+                    timeout: float, temp_dir: str) -> None:
+    """Until `ray status` on `address` lists `count` live nodes; raise (naming the log) if a node exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(node.poll() is not None for node in nodes):
+            raise RuntimeError(f"a Ray node exited at start (see {temp_dir}/nodes.log)")
+        status = subprocess.run([ray_cli, "status", f"--address={address}"], capture_output=True, text=True,
+                                check=False)
+        active = status.stdout.split("Active:", 1)[-1].split("Pending:", 1)[0] if "Active:" in status.stdout else ""
+        if status.returncode == 0 and active.count("node_") >= count:
+            return
+        time.sleep(1.0)
+    raise RuntimeError(f"the Ray cluster at {address} did not have {count} nodes within {timeout:g} s "
+                       f"(see {temp_dir}/nodes.log)")
+

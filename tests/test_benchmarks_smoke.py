@@ -176,3 +176,16 @@ def test_long_study_report_rewrites_its_file_from_the_raw_results(tmp_path):
     assert written["run_seconds"] == {"grpo": {"0": 60.0}, "guarded": {"0": 60.0}}
     assert written["targets"]["at_or_above_grpo"] is True
     assert "at step 8: within half the steps: False" in stdout  # reached at the last step, not by its half
+
+
+@pytest.mark.slow
+def test_ray_bench_compares_ray_with_the_local_engine(tmp_path):
+    pytest.importorskip("ray", reason='the Ray executor needs Ray: pip install "sdpo-gym[ray]"')
+    out = tmp_path / "ray.json"
+    stdout = _run("ray_bench.py", "--repeat", "1", "--rounds", "1", "--overhead_episodes", "2", "--out", str(out),
+                  cwd=tmp_path)
+    result = json.loads(out.read_text())
+    assert result["verdicts_agree"] is True
+    assert result["submissions"] == 24
+    assert result["submissions_per_second"]["ray"] > 0
+    assert "Ray adds" in stdout

@@ -3,16 +3,21 @@ that a submission left nothing behind."""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
+import pickle
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+import zlib
 from collections.abc import Iterator
 
 import pytest
 import sdpo_code
+from sdpo_code import load_bundled
 from sdpo_code.sandbox import Sandbox, SandboxUnavailable, get_sandbox
 from sdpo_code.sandbox._system import UID_BASE, UID_SLOTS
 
@@ -212,3 +217,30 @@ def reference_solutions() -> dict[str, str]:
 def backend_by_name():
     """`backend_by_name(name)`: a local backend, skipping where it cannot work."""
     return local_sandbox
+
+
+_PRIVATE = [{"input": "5 7\n", "output": "12\n", "testtype": "stdin"}]
+LCB_STDIN = {  # a LiveCodeBench row as the dataset ships it: JSON strings, private tests encoded
+    "question_content": "Print the sum of two integers.",
+    "public_test_cases": json.dumps([{"input": "1 2\n", "output": "3\n", "testtype": "stdin"}]),
+    "private_test_cases": base64.b64encode(zlib.compress(pickle.dumps(json.dumps(_PRIVATE)))).decode(),
+    "metadata": "{}",
+}
+
+ATTEMPTS = ("{ok}", "{ok}\nimport sys\nsys.exit(1)", "while True:\n    pass", "raise ValueError('no')",
+            "x = [0] * (1 << 40)", "print('x' * (9 << 20))", "def broken(:\n    pass")
+
+
+@pytest.fixture
+def verdict_cases(reference_solutions) -> tuple[list[dict], list[str]]:
+    """Rows and completions that two ways of running the code environment must judge alike: every bundled
+    problem with its right program, the first one and a LiveCodeBench row also with every way to fail."""
+    solutions = reference_solutions
+    bundled = load_bundled()
+    rows = [*bundled, LCB_STDIN]
+    programs = [solutions[r["task_id"]] for r in bundled] + [solutions["sdpo-001"]]
+    for row in (bundled[0], LCB_STDIN):
+        for attempt in ATTEMPTS[1:]:
+            rows.append(row)
+            programs.append(attempt.format(ok=solutions["sdpo-001"]))
+    return rows, [f"```python\n{p}\n```" for p in programs]
