@@ -50,8 +50,9 @@ FeedbackFormatter = Callable[[Task, StepResult], str | None]
 _count_lock = threading.Lock()
 _pool_lock = threading.Lock()
 # Per-instance state that is not part of the environment's definition: never pickled to workers.
-# The executor too: a worker that receives the environment runs its episodes itself.
-_TRANSIENT = ("_sdpo_pool", "_sdpo_episode", "last_feedback", "last_results", "executor")
+# The executor too (a worker that receives the environment runs its episodes itself), and the failure count (kept
+# where `evaluate` was called; were it pickled, every failure would make workers reload the environment).
+_TRANSIENT = ("_sdpo_pool", "_sdpo_episode", "last_feedback", "last_results", "executor", "error_count")
 
 
 class Environment(RewardFunctionMixin, abc.ABC):

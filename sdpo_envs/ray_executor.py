@@ -21,6 +21,7 @@ executor is made.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import pickle
 import socket
@@ -34,8 +35,31 @@ from sdpo_envs.types import EnvironmentSetupError, Feedback, InvalidResultError,
 POLL_SECONDS = 0.5  # how often the in-flight episodes are checked against their deadlines
 
 
-def _score_on_worker(env: Scorer, task: Task, text: str, timeout: float | None) -> Feedback:
+_LOADED: dict[str, Any] = {}
+"""On a worker: the environments it has loaded, by content key. Kept across tasks, so that an environment's
+sandboxes and pools stay warm from one episode to the next (Ray would unpickle a fresh copy per task)."""
+_KEEP_LOADED = 4
+
+
+def _load_on_worker(key: str, blob: bytes) -> Any:
+    env = _LOADED.get(key)
+    if env is None:
+        try:
+            env = pickle.loads(blob)
+        except Exception as exc:
+            raise EnvironmentSetupError(f"a Ray worker could not load the environment (is its plugin installed on "
+                                        f"the workers?): {type(exc).__name__}: {exc}") from None
+        while len(_LOADED) >= _KEEP_LOADED:
+            old = _LOADED.pop(next(iter(_LOADED)))
+            with contextlib.suppress(Exception):
+                old.close()
+        _LOADED[key] = env
+    return env
+
+
+def _score_on_worker(key: str, blob: bytes, task: Task, text: str, timeout: float | None) -> Feedback:
     """One episode on a Ray worker: the environment's own scoring and failure policy, timed from its start."""
+    env: Scorer = _load_on_worker(key, blob)
     if timeout is None:
         return env._score_one(task, text)[0]
     return run_in_threads(env, [task], [text], 1, timeout)[0]
@@ -109,7 +133,7 @@ class RayExecutor:
         self.retries = retries
         self.num_cpus = num_cpus
         self.schedule_timeout = schedule_timeout
-        self._env_key = b""
+        self._env_key = ""
         self._env_ref: Any = None
         self._ray = self._connect(address, runtime_env, connect_timeout)
         self._remote = self._ray.remote(_score_on_worker)
@@ -145,7 +169,7 @@ class RayExecutor:
         """Score every episode on the cluster, at most `max_in_flight` (else `workers`, else the cluster's
         CPUs) at a time, and return the feedback in order."""
         ray = self._ray
-        env_ref = self._put(env)
+        key, blob_ref = self._put(env)
         cap = self.max_in_flight or workers or self.cluster_cpus()
         remote = self._remote.options(num_cpus=self.num_cpus, max_retries=self.retries, retry_exceptions=False)
         results: list[Feedback | None] = [None] * len(tasks)
@@ -154,7 +178,7 @@ class RayExecutor:
         try:
             while following < len(tasks) or pending:
                 while following < len(tasks) and len(pending) < cap:
-                    ref = remote.remote(env_ref, dict(tasks[following]), texts[following], timeout)
+                    ref = remote.remote(key, blob_ref, dict(tasks[following]), texts[following], timeout)
                     pending[ref] = (following, time.monotonic())
                     following += 1
                 done, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_SECONDS)
@@ -171,28 +195,30 @@ class RayExecutor:
 
     def close(self) -> None:
         """Forget the environment held in the object store (the connection stays: it is the process's)."""
-        self._env_key, self._env_ref = b"", None
+        self._env_key, self._env_ref = "", None
 
-    def _put(self, env: Scorer) -> Any:
+    def _put(self, env: Scorer) -> tuple[str, Any]:
+        """The environment's content key and its pickled bytes in the object store (put again only when it
+        changed). Ray's cloudpickle: a class defined in a script's `__main__` travels by value."""
         try:
-            key = pickle.dumps(env, protocol=pickle.HIGHEST_PROTOCOL)
+            blob = self._ray.cloudpickle.dumps(env, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
             raise EnvironmentSetupError(
                 f"{env.label}: an environment run on Ray must be picklable: {type(exc).__name__}: {exc}") from exc
+        key = hashlib.sha256(blob).hexdigest()
         if key != self._env_key:
-            self._env_key, self._env_ref = key, self._ray.put(env)
-        return self._env_ref
+            self._env_key, self._env_ref = key, self._ray.put(blob)
+        return key, self._env_ref
 
     def _collect(self, env: Scorer, ref: Any) -> Feedback:
         from ray.exceptions import RayError, RayTaskError
 
         try:
             feedback: Feedback = self._ray.get(ref)
-        except InvalidResultError:
+        except (InvalidResultError, EnvironmentSetupError):
             raise
-        except RayTaskError as exc:  # the task itself raised: only loading the environment can (score is guarded)
-            raise EnvironmentSetupError(f"{env.label}: a Ray worker could not load the environment (is its plugin "
-                                        f"installed on the workers?):\n{exc}") from None
+        except RayTaskError as exc:  # nothing else of the task raises (score is guarded): a bug of this module
+            raise EnvironmentSetupError(f"{env.label}: the Ray task failed:\n{exc}") from None
         except RayError as exc:  # the worker or its node died, the task was cancelled, ...
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             runs = self.retries + 1

@@ -61,6 +61,13 @@ class Timed(FakeEnvironment):
         return Feedback(1.0, success=True, details={"began": began, "ended": time.time()})
 
 
+class Copies(FakeEnvironment):
+    """Says which loaded copy of the environment scored an episode."""
+
+    def score(self, task, completion):
+        return Feedback(1.0, success=True, details={"pid": os.getpid(), "copy": id(self)})
+
+
 class NotFeedback(FakeEnvironment):
     def score(self, task, completion):
         return {"reward": 1.0}
@@ -90,6 +97,17 @@ def test_episodes_run_on_ray_workers_and_score_as_they_do_here(cluster):
     assert [f.details["answer"] for f in remote] == [t["answer"] for t in TASKS]  # in order
     assert os.getpid() not in {f.details["pid"] for f in remote}
     assert env.error_count == 0
+
+
+@pytest.mark.slow
+def test_a_worker_keeps_one_loaded_copy_of_the_environment_across_calls_and_failures(cluster):
+    """As the local process pool does: a worker's sandboxes stay warm from one step to the next."""
+    env = on_ray(Copies(), cluster)
+    results = env.evaluate(TASKS, COMPLETIONS)
+    env._note_failure()  # what a failed episode does to the environment here
+    results += env.evaluate(TASKS, COMPLETIONS)
+    copies = {(f.details["pid"], f.details["copy"]) for f in results}
+    assert len(copies) == len({pid for pid, _ in copies})
 
 
 @pytest.mark.slow
