@@ -31,7 +31,7 @@ from typing import Any
 
 from sdpo_envs import Environment
 from sdpo_envs.episode import Episode, check_episode_options, step_episodes
-from sdpo_envs.reward import write_feedback
+from sdpo_envs.feedback_channel import write_feedback
 from sdpo_envs.types import Feedback, StepResult, Task
 
 logger = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """The reward-function contract SDPO adds to TRL's: validated outputs; the feedback channel itself (resetting and
-reading `last_feedback`) is `sdpo_envs.reward`'s, shared with the environments and the `reward` plugin.
+reading `last_feedback`) is `sdpo_envs.feedback_channel`'s, shared with the environments and the `reward` plugin.
 
 TRL wants `list[float | None]` back from a reward function, one per row. Feedback travels beside it, in
 the function's `last_feedback` list (the seed reference's protocol; `sdpo_envs.Environment` objects

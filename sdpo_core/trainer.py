@@ -70,7 +70,7 @@ from sdpo_core.teacher import (
 from sdpo_core.teacher_drift import TeacherDriftCallback, moving_teacher_parameters
 from sdpo_core.teacher_prompt import build_teacher_batch, strip_thinking
 from sdpo_core.teacher_schedule import generation_batches, reset_due, scheduled_rate
-from sdpo_envs.reward import completion_text, read_environment_feedback, read_feedback, reset_feedback
+from sdpo_envs.feedback_channel import completion_text, read_environment_feedback, read_feedback, reset_feedback
 
 logger = logging.getLogger(__name__)
 

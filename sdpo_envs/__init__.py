@@ -7,6 +7,14 @@ first registry access (`make`, `list_environments`, `get_plugins`, ...).
 
 from sdpo_envs.env import Environment, FeedbackFormatter
 from sdpo_envs.episode import Episode, episode_reward
+from sdpo_envs.feedback_channel import (
+    check_reward,
+    check_rewards,
+    completion_text,
+    read_feedback,
+    reset_feedback,
+    write_feedback,
+)
 from sdpo_envs.hookspecs import Register, hookimpl
 from sdpo_envs.plugins import PluginInfo, PluginLoadWarning, get_plugins
 from sdpo_envs.registry import (
@@ -21,14 +29,6 @@ from sdpo_envs.registry import (
     make_router,
     make_sandbox,
     resolve_environment,
-)
-from sdpo_envs.reward import (
-    check_reward,
-    check_rewards,
-    completion_text,
-    read_feedback,
-    reset_feedback,
-    write_feedback,
 )
 from sdpo_envs.router import MultiEnvironment
 from sdpo_envs.sync import run_sync

@@ -5,7 +5,7 @@ An environment turns a task (a dataset row) into a prompt and scores completions
 `dataset` and `close` are optional. `reset(task)` returns the prompt and `step(completion)` plays one
 turn of an episode (`sdpo_envs.episode`; single-turn unless `max_turns` > 1). `evaluate` scores many
 (task, completion) pairs concurrently (the engine is `sdpo_envs.executors`). Every `Environment` is
-also a TRL reward function (see `sdpo_envs.reward`).
+also a TRL reward function (see `sdpo_envs.feedback_channel`).
 
 Failure policy: an episode whose `score` raises, times out or kills its worker process gets a failed
 `Feedback` (`error_reward`, the reason in `details["error"]`) and is counted in `error_count`; the
@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Literal
 
 from sdpo_envs.episode import Episode, check_episode_options
 from sdpo_envs.executors import Executor, WorkerPool, run_async, run_in_threads
-from sdpo_envs.reward import RewardFunctionMixin, completion_text
+from sdpo_envs.feedback_channel import RewardFunctionMixin, completion_text
 from sdpo_envs.sync import run_sync
 from sdpo_envs.types import (
     Completion,

@@ -25,7 +25,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from sdpo_envs.executors import call_with_timeout
-from sdpo_envs.reward import completion_text
+from sdpo_envs.feedback_channel import completion_text
 from sdpo_envs.types import Completion, Prompt, StepResult, Task, Turn
 
 if TYPE_CHECKING:

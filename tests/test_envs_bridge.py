@@ -7,7 +7,7 @@ import sdpo_reward
 from datasets import Dataset
 
 from sdpo_envs import Environment, Feedback, make
-from sdpo_envs.reward import completion_text, tasks_from_columns
+from sdpo_envs.feedback_channel import completion_text, tasks_from_columns
 from sdpo_envs.testing import FakeEnvironment, registered_plugin
 
 

@@ -66,7 +66,7 @@ def test_an_episode_through_reset_submit_and_get_reward():
 
 def test_the_teacher_reads_the_objects_last_feedback_and_last_answer():
     from sdpo_envs import InvalidResultError
-    from sdpo_envs.reward import read_environment_feedback
+    from sdpo_envs.feedback_channel import read_environment_feedback
 
     env = environment_factory(Retry(), max_turns=3)()
     env.reset(prompt="p", answer="42")
