@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdpo_envs.executors import call_with_timeout
 from sdpo_envs.feedback_channel import completion_text
-from sdpo_envs.types import Completion, Prompt, StepResult, Task, Turn
+from sdpo_envs.types import Completion, Feedback, Prompt, StepResult, Task, Turn
 
 if TYPE_CHECKING:
     from sdpo_envs.env import Environment
@@ -82,12 +82,19 @@ class Episode:
 
     def step(self, completion: Completion) -> StepResult:
         """Score one attempt; the result says whether the episode goes on and what the model reads next."""
+        self._check_can_step()
+        started = time.monotonic()
+        (feedback,) = self.env.evaluate([self.task], [completion])
+        return self._advance(completion, feedback, started)
+
+    def _check_can_step(self) -> None:
         if self.done:
             raise RuntimeError(f"{self.env.label}: step() after the episode ended (turn {len(self.history)} of "
                                f"max_turns={self.max_turns}); call reset() to start another")
-        started = time.monotonic()
+
+    def _advance(self, completion: Completion, feedback: Feedback, started: float) -> StepResult:
+        """Everything of a turn after its scoring: the history, the next observation, the episode's reward."""
         text = completion_text(completion)
-        (feedback,) = self.env.evaluate([self.task], [completion])
         self.history.append(Turn(text, feedback))
         turn = len(self.history)
         observation: str | None = None
@@ -124,23 +131,53 @@ class Episode:
 
 
 def step_episodes(episodes: Sequence[Episode], completions: Sequence[Completion]) -> list[StepResult | str]:
-    """Step each episode with its completion, concurrently (environments run subprocesses), in order.
+    """Step each episode with its completion and return the results in order.
 
-    An episode whose `step` raises (a contract break or a bug in the environment) gives the reason as a `str`
-    instead of a `StepResult`: that episode fails, the others go on.
+    The attempts of episodes that share an environment are scored by one `evaluate` call, so that the
+    environment's own engine runs them (its `max_workers`, process pool, executor, batch scorer); the
+    `respond` calls that follow run concurrently. An episode that cannot step (it has ended), or whose
+    environment breaks its contract while scoring it, gives the reason as a `str` instead of a `StepResult`:
+    that episode fails (with every episode of the broken environment), the others go on.
     """
     if len(episodes) != len(completions):
         raise ValueError(f"{len(episodes)} episodes but {len(completions)} completions")
-
-    def step(pair: tuple[Episode, Completion]) -> StepResult | str:
-        episode, completion = pair
+    outcomes: list[StepResult | str | None] = [None] * len(episodes)
+    by_env: dict[int, list[int]] = {}
+    for i, episode in enumerate(episodes):
         try:
-            return episode.step(completion)
+            episode._check_can_step()
         except Exception as exc:
-            return f"{episode.env.label}: step raised {type(exc).__name__}: {exc}"
+            outcomes[i] = _broken(episode, exc)
+        else:
+            by_env.setdefault(id(episode.env), []).append(i)
+    started = time.monotonic()
+    scored: dict[int, Feedback] = {}
+    for members in by_env.values():
+        env = episodes[members[0]].env
+        try:
+            results = env.evaluate([episodes[i].task for i in members], [completions[i] for i in members])
+        except Exception as exc:
+            for i in members:
+                outcomes[i] = _broken(episodes[i], exc)
+        else:
+            scored.update(zip(members, results, strict=True))
 
-    if not episodes:
-        return []
-    with ThreadPoolExecutor(max(1, min(len(episodes), 16))) as pool:
-        return list(pool.map(step, zip(episodes, completions, strict=True)))
+    def advance(i: int) -> StepResult | str:
+        try:
+            return episodes[i]._advance(completions[i], scored[i], started)
+        except Exception as exc:
+            return _broken(episodes[i], exc)
 
+    if scored:
+        with ThreadPoolExecutor(min(len(scored), 32)) as pool:
+            for i, outcome in zip(scored, pool.map(advance, scored), strict=True):
+                outcomes[i] = outcome
+    finished: list[StepResult | str] = []
+    for outcome in outcomes:
+        assert outcome is not None  # every episode was either refused, or scored and advanced
+        finished.append(outcome)
+    return finished
+
+
+def _broken(episode: Episode, exc: Exception) -> str:
+    return f"{episode.env.label}: step raised {type(exc).__name__}: {exc}"

@@ -67,6 +67,60 @@ def test_step_episodes_steps_each_in_order_and_a_broken_one_gives_its_reason():
         step_episodes(fresh[:2], ["42"])
 
 
+class Batches(Retry):
+    """Records the size of every batch its engine was given, and the pool size it was told to use."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.batches: list[tuple[int, int | None]] = []
+
+    def score_batch(self, tasks, completions, *, extra, max_workers, timeout):
+        self.batches.append((len(tasks), max_workers or self.max_workers))
+        return super().score_batch(tasks, completions, extra=extra, max_workers=max_workers, timeout=timeout)
+
+
+class BadBatch(FakeEnvironment):
+    def score_batch(self, tasks, completions, *, extra, max_workers, timeout):
+        raise InvalidResultError("BadBatch.score_batch() returned 1 results for 2 episodes")
+
+
+def test_step_episodes_scores_the_episodes_of_one_environment_in_one_batch_on_its_engine():
+    env = Batches(max_workers=3)
+    env.configure_episodes(max_turns=2)
+    task = {"prompt": "p", "answer": "42"}
+    episodes = [Episode(env, task) for _ in range(4)]
+    step_episodes(episodes, ["41", "42", "40", "42"])
+    step_episodes([e for e in episodes if not e.done], ["42", "42"])
+    assert env.batches == [(4, 3), (2, 3)]
+
+
+def test_a_broken_environment_fails_only_its_own_episodes():
+    good, bad = retry(max_turns=2), BadBatch()
+    task = {"prompt": "p", "answer": "42"}
+    outcomes = step_episodes([Episode(good, task), Episode(bad, task), Episode(good, task), Episode(bad, task)],
+                             ["42", "42", "41", "42"])
+    assert outcomes[0].reward == 1.0
+    assert outcomes[2].observation.startswith("attempt 1:")
+    assert outcomes[1] == outcomes[3] == \
+        "BadBatch: step raised InvalidResultError: BadBatch.score_batch() returned 1 results for 2 episodes"
+
+
+def test_step_episodes_plays_a_turn_exactly_as_step_does():
+    env = retry(max_turns=3)
+    env.turn_discount = 0.5
+    task = {"prompt": "p", "answer": "42"}
+    attempts = ["40", "41", "42"]
+    together, alone = [Episode(env, task) for _ in range(2)], Episode(env, task)
+    for turn, attempt in enumerate(attempts):
+        (batched, _) = step_episodes(together, [attempt, attempt])
+        single = alone.step(attempt)
+        assert (batched.feedback, batched.done, batched.observation) == \
+            (single.feedback, single.done, single.observation), f"turn {turn + 1}"
+        assert {k: v for k, v in batched.info.items() if k != "seconds"} == \
+            {k: v for k, v in single.info.items() if k != "seconds"}
+    assert together[0].reward == alone.reward == 0.25
+
+
 def test_a_failing_attempt_gets_feedback_and_another_turn():
     env = retry(max_turns=3)
     task = {"prompt": "p", "answer": "42"}
