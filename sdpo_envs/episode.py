@@ -170,8 +170,8 @@ def step_episodes(episodes: Sequence[Episode], completions: Sequence[Completion]
 
     if scored:
         with ThreadPoolExecutor(min(len(scored), 32)) as pool:
-            for i, outcome in zip(scored, pool.map(advance, scored), strict=True):
-                outcomes[i] = outcome
+            for i, advanced in zip(scored, pool.map(advance, scored), strict=True):
+                outcomes[i] = advanced
     finished: list[StepResult | str] = []
     for outcome in outcomes:
         assert outcome is not None  # every episode was either refused, or scored and advanced

@@ -36,10 +36,13 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from transformers import PrinterCallback, TrainerCallback
+
+from sdpo_core import SDPOTrainer
 from sdpo_core.app.episode_eval import PlayedEpisode, conversation
 from sdpo_core.app.evaluation import generate_completions, is_solved
 from sdpo_core.config import SDPOConfig
-from sdpo_envs import Feedback
+from sdpo_envs import Feedback, completion_text
 from sdpo_envs.episode import step_episodes
 
 if TYPE_CHECKING:
@@ -227,42 +230,44 @@ class _ProblemOver(Exception):
     """Raised inside the trainer's step once a round decides the problem (solved or unscorable)."""
 
 
-def _sdpo_trainer_class() -> type:
-    from sdpo_core.trainer import SDPOTrainer
+class _RoundWatch:
+    """The environment as the trainer's reward function, showing each round's attempts and feedback to
+    `on_round` after scoring and before the update (`on_round` raises `_ProblemOver` to end the problem there).
 
-    class DiscoverTrainer(SDPOTrainer):
-        """SDPOTrainer that reports each generation round to `on_round` before its update.
+    Feedback reaches the teacher through the reward-function protocol (`last_feedback`), as for any reward
+    function; the step itself is `SDPOTrainer`'s, unchanged.
+    """
 
-        `on_round(completions, feedback)` raises `_ProblemOver` to end the problem before the update.
-        """
+    def __init__(self, env: Environment, on_round: Callable[[list[str], list[Feedback]], None]) -> None:
+        self.env, self.on_round = env, on_round
+        self.__name__ = env.label  # TRL names a reward function's metrics after it
+        self.last_feedback: list[str] | None = None
 
-        def __init__(self, *args: Any, env: Environment, on_round: Callable[..., None],
-                     on_signal: Callable[[int, int], None], **kwargs: Any) -> None:
-            self._discover_env, self._on_round, self._on_signal = env, on_round, on_signal
-            super().__init__(*args, **kwargs)
+    def __call__(self, prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float | None]:
+        rewards: list[float | None] = self.env(prompts=prompts, completions=completions, **kwargs)
+        results = list(self.env.last_results or [])
+        self.last_feedback = [r.text for r in results]
+        self.on_round([completion_text(c) for c in completions], results)
+        return rewards
 
-        def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-            from sdpo_envs import completion_text
 
-            rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-            results = list(self._discover_env.last_results or [])
-            self._on_round([completion_text(c) for c in completions], results)
-            return rewards
+class _SignalLog(TrainerCallback):
+    """Reads, from each update's logged metrics, how many of the round's rows had a demonstration in their teacher
+    prompt and how many the environment's feedback only (`sdpo/demo_row_fraction`, `sdpo/feedback_row_fraction`)."""
 
-        def _generate_and_score_completions(self, inputs):
-            output = super()._generate_and_score_completions(inputs)
-            demo = int(output["sd_demo_mask"].sum().item())
-            self._on_signal(demo, int(output["sd_mask"].sum().item()) - demo)
-            return output
+    def __init__(self, rows: int, on_signal: Callable[[int, int], None]) -> None:
+        self.rows, self.on_signal = rows, on_signal
 
-    return DiscoverTrainer
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if logs and "sdpo/demo_row_fraction" in logs:
+            self.on_signal(round(logs["sdpo/demo_row_fraction"] * self.rows),
+                           round(logs.get("sdpo/feedback_row_fraction", 0.0) * self.rows))
 
 
 def _discover_sdpo(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, env: Environment, task: Task,
                    pid: str, rounds: int, k: int, settings: DiscoverSettings, sdpo_config: SDPOConfig,
                    peft_config: Any, training_args: Mapping[str, Any]) -> ProblemResult:
     from datasets import Dataset
-    from transformers import PrinterCallback
     from trl import GRPOConfig
 
     records: list[RoundRecord] = []
@@ -302,10 +307,10 @@ def _discover_sdpo(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, e
             "chat_template_kwargs": dict(settings.chat_template_kwargs) or None,
             **_cpu_defaults(), **training_args,
         })
-        trainer = _sdpo_trainer_class()(
-            model=student, reward_funcs=[env], args=args, train_dataset=Dataset.from_list([row]),
-            processing_class=tokenizer, peft_config=peft_config, sdpo_config=sdpo_config,
-            env=env, on_round=on_round, on_signal=on_signal,
+        trainer = SDPOTrainer(
+            model=student, reward_funcs=[_RoundWatch(env, on_round)], args=args,
+            train_dataset=Dataset.from_list([row]), processing_class=tokenizer, peft_config=peft_config,
+            sdpo_config=sdpo_config, callbacks=[_SignalLog(k, on_signal)],
         )
         trainer.remove_callback(PrinterCallback)  # the per-step log lines; the caller reports per problem
         try:
