@@ -7,6 +7,7 @@ template, so that a whole SDPO step runs on a CPU in well under a second and wit
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 
 import torch
@@ -110,3 +111,13 @@ def fit_answers(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, pai
         if loss.item() < target_loss:
             return
     raise AssertionError(f"the tiny model did not learn its answers (loss {loss.item():.4f})")
+
+
+def save_tiny_model(folder: str | os.PathLike[str]) -> str:
+    """Save `tiny_model` and `tiny_tokenizer` into `folder`, for what loads a model by path (the `sdpo` CLI, the
+    benchmarks, vLLM); returns the folder as a string."""
+    tokenizer = tiny_tokenizer()
+    tiny_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return os.fspath(folder)
+

@@ -89,12 +89,9 @@ def test_demo_compare_keeps_each_step_with_the_heldout_accuracy_where_evaluated(
 
 @pytest.mark.slow
 def test_demo_compare_writes_results_plot_and_resumes(tmp_path):
-    from sdpo_core.testing import tiny_model, tiny_tokenizer
+    from sdpo_core.testing import save_tiny_model
 
-    model = tmp_path / "tiny-model"
-    tokenizer = tiny_tokenizer()
-    tiny_model(tokenizer).save_pretrained(model)
-    tokenizer.save_pretrained(model)
+    model = Path(save_tiny_model(tmp_path / "tiny-model"))
     results, figure = tmp_path / "demo_compare.json", tmp_path / "demo_compare.png"
     common = ["--out-dir", str(tmp_path / "runs"), "--results", str(results), "--plot", str(figure),
               # passed through to sdpo train: a 2-step run of the tiny model, evaluated at every step

@@ -27,7 +27,7 @@ from sdpo_core.app.callbacks import (
 )
 from sdpo_core.app.runs import DEFAULTS, CLIError, grpo_twin, parse_env_args, parse_train_args, split_rows, train
 from sdpo_core.config import PRESETS, SDPOConfig
-from sdpo_core.testing import tiny_model, tiny_tokenizer
+from sdpo_core.testing import save_tiny_model
 from sdpo_envs import hookimpl
 from sdpo_envs.testing import FakeEnvironment, registered_plugin
 
@@ -68,9 +68,7 @@ def toy_env():
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-model")
-    tokenizer = tiny_tokenizer()
-    tiny_model(tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tiny_model(folder)
     return folder
 
 

@@ -30,7 +30,7 @@ from sdpo_core.app.discover import (
 )
 from sdpo_core.app.discover_cli import summary_rows
 from sdpo_core.app.evaluation import is_solved
-from sdpo_core.testing import tiny_model, tiny_tokenizer
+from sdpo_core.testing import save_tiny_model, tiny_model, tiny_tokenizer
 from sdpo_envs import Feedback
 from sdpo_envs.testing import FakeEnvironment
 
@@ -238,12 +238,7 @@ def test_cli_rejects_a_budget_below_k(capsys, tmp_path):
 @pytest.mark.slow
 def test_cli_end_to_end_with_resume(tmp_path):
     """`sdpo discover` in a subprocess on the tiny model and the math environment, interrupted and resumed."""
-    from sdpo_core.testing import tiny_model, tiny_tokenizer
-
-    model_dir = tmp_path / "model"
-    tokenizer = tiny_tokenizer()
-    tiny_model(tokenizer).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = save_tiny_model(tmp_path / "model")
     tasks = tmp_path / "problems.jsonl"
     tasks.write_text("".join(json.dumps(row) + "\n" for row in [
         {"id": "a", "question": "What is 2 + 3?", "answer": "5"},
@@ -290,10 +285,7 @@ def test_cli_end_to_end_with_resume(tmp_path):
 @pytest.mark.slow
 def test_benchmark_selects_runs_and_writes_its_results(tmp_path):
     """`benchmarks/discover_bench.py` at a microscopic size on the tiny model."""
-    model_dir = tmp_path / "model"
-    tokenizer = tiny_tokenizer()
-    tiny_model(tokenizer).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = save_tiny_model(tmp_path / "model")
     env = {**os.environ, "SDPO_LOAD_PLUGINS": "sdpo-math", "OMP_NUM_THREADS": "1"}
     results, run, plot = tmp_path / "d.json", tmp_path / "run.json", tmp_path / "d.png"
     command = [sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "discover_bench.py"),

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from sdpo_core.app import cli
 from sdpo_core.app.runs import parse_train_args
-from sdpo_core.testing import tiny_model, tiny_tokenizer
+from sdpo_core.testing import save_tiny_model
 from sdpo_envs import hookimpl
 from sdpo_envs.testing import FakeEnvironment, registered_plugin
 
@@ -33,10 +34,7 @@ def envs():
 
 @pytest.fixture
 def model_dir(tmp_path):
-    tokenizer = tiny_tokenizer()
-    tiny_model(tokenizer).save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
-    return tmp_path / "model"
+    return Path(save_tiny_model(tmp_path / "model"))
 
 
 def rows_file(path):
