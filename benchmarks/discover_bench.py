@@ -18,8 +18,9 @@ rarely solves.
    problem's result is appended to `<work_dir>/<method>-<seed>.jsonl` as soon as it is known.
 3. **Results.** `benchmarks/results/discover.json`: method -> seed -> list of `{problem_id, solved, attempts}`;
    `benchmarks/results/discover_run.json`: the settings, the selection, per-method summaries (median attempts
-   to the first success, discovery@k, SDPO updates by teacher signal) and wall times; `docs/img/discover.png`:
-   discovery@k of every method, pooled over seeds.
+   to the first success, discovery@k, SDPO updates by teacher signal) and the seconds each method and seed
+   took (summed over its problems, so that a resumed run counts them all); `docs/img/discover.png`: discovery@k
+   of every method, pooled over seeds.
 """
 
 from __future__ import annotations
@@ -157,18 +158,18 @@ def main() -> None:
         print(f"only {len(chosen)} of the {args.problems} problems asked for: raise --candidates (with --resume)")
     tasks = [t for t in candidates if t["id"] in set(chosen)]
 
-    wall: dict[str, dict[str, float]] = {m: {} for m in methods}
+    seconds: dict[str, dict[str, float]] = {m: {} for m in methods}
     results: dict[str, dict[str, list[Any]]] = {m: {} for m in methods}
     for seed in seeds:
         for method in methods:
             file = work / f"{method}-{seed}.jsonl"
             done = load_results(file)
-            started = time.monotonic()
             discover(model, tokenizer, env, tasks, budget=args.budget, k=args.k, method=method,
                      settings=DiscoverSettings(**settings, seed=seed), skip={r.problem_id for r in done},
                      on_result=lambda r, file=file: append_result(file, r))
-            wall[method][str(seed)] = round(time.monotonic() - started, 1)
             results[method][str(seed)] = load_results(file)
+            # from the per-problem times, so that a resumed run still reports what the whole run cost
+            seconds[method][str(seed)] = round(sum(r.seconds for r in results[method][str(seed)]), 1)
             print(f"seed {seed} {method}: {summarize(results[method][str(seed)])}", flush=True)
     env.close()
 
@@ -185,7 +186,7 @@ def main() -> None:
                for m, rs in pooled.items()}
     Path(args.run_results).write_text(json.dumps({"settings": {**vars(args), **settings}, "model": str(path),
                                        "selection": {"chosen": chosen, **selection}, "summary": summary,
-                                       "wall_seconds": wall}, indent=1, default=str))
+                                       "seconds": seconds}, indent=1, default=str))
     plot_discovery(pooled, args.budget, args.k, Path(args.plot),
                    title=f"{len(chosen)} math problems x {len(seeds)} seeds, k={args.k}")
     print(format_table(summary_rows(pooled, args.budget, args.k)))
