@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks/results"
 VARIANTS = ("grpo", "paper", "guarded")
 BASELINE, GUARDED = "grpo", "guarded"
+TIE = 1e-9  # means of the same counts summed in another order differ in the last bits: equal is not below
 
 
 def _demo_compare():
@@ -91,9 +92,9 @@ def study_targets(curves: dict[str, dict[str, list[dict[str, Any]]]], from_step:
         return {"complete": False, "missing": [v for v in (BASELINE, GUARDED) if v not in curves]}
     grpo, guarded = mean_curve(curves[BASELINE]), mean_curve(curves[GUARDED])
     shared = [s for s in guarded if s in grpo and s >= from_step]
-    below = [s for s in shared if guarded[s] < grpo[s]]
+    below = [s for s in shared if guarded[s] < grpo[s] - TIE]
     last = max(grpo)
-    reached = next((s for s in guarded if guarded[s] >= grpo[last]), None)
+    reached = next((s for s in guarded if guarded[s] >= grpo[last] - TIE), None)
     falls = {seed: round(largest_fall_below_peak(points), 4) for seed, points in curves[GUARDED].items()}
     return {
         "complete": True,

@@ -158,6 +158,16 @@ def test_long_study_targets_from_hand_made_curves():
     assert study.study_targets({"grpo": curves["grpo"]}) == {"complete": False, "missing": ["guarded"]}
 
 
+def test_long_study_equal_accuracies_summed_in_another_order_are_not_below():
+    """46 + 43 + 47 and 44 + 45 + 47 of 48 correct: the same mean, though the floats differ in the last bits."""
+    study = _benchmark_module("learning_efficacy_long")
+    grpo = {str(i): _curve((0, 0.5), (8, n / 48)) for i, n in enumerate((46, 43, 47))}
+    guarded = {str(i): _curve((0, 0.5), (8, n / 48)) for i, n in enumerate((44, 45, 47))}
+    targets = study.study_targets({"grpo": grpo, "guarded": guarded})
+    assert (targets["at_or_above_grpo"], targets["below_at"]) == (True, [])
+    assert targets["guarded_reaches_grpo_final_at"] == 8
+
+
 def test_long_study_report_rewrites_its_file_from_the_raw_results(tmp_path):
     step = {"step": 8, "reward": 0.5, "entropy": 1.5, "heldout_accuracy": 0.75}
     run = {"heldout_before": 0.5, "wall_seconds": 60.0, "steps": [step]}
