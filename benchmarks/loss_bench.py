@@ -1,6 +1,7 @@
 """Forward+backward time and peak memory of SDPO's distillation loss, ours against two peers.
 
-    python benchmarks/loss_bench.py            # 8x512x49152 and 4x512x151936, then a T/V scaling sweep (minutes)
+    python benchmarks/loss_bench.py            # from logits, then from hidden states at 4x1024 and 8x2048 tokens
+    python benchmarks/loss_bench.py --no-logits --profile 4x1024x49152   # the hidden-state section + a profile
     python benchmarks/loss_bench.py --quick    # small shapes (chunk 64 so chunking shows), about a minute
 
 What is compared (top-K=100 + tail, α ∈ {0.5, 1.0}, the same fp32 inputs, logits already tempered):
@@ -16,10 +17,21 @@ What is compared (top-K=100 + tail, α ∈ {0.5, 1.0}, the same fp32 inputs, log
   SDPO-RL-5), which does not matter here since inputs are already tempered. Measuring only: install it with
   `pip install --no-deps sdpo-rl`; it is never a dependency of sdpo-gym. Skipped with a message if absent.
 
-A second section sweeps T and V for the path that starts from hidden states (`ours_hidden`:
-`chunked_distillation_loss`, which never builds `[B, T, V]` logits) against the peers, which must be handed
-full logits `hidden @ W.T`; there the backward reaches the hidden states and the LM-head weight. The sweep's
-chunk (256; `--sweep-chunk-size`) is below B·T so that the chunking shows: ours should grow with V only.
+A second section starts from hidden states `[B, T, H]` (H 576, the demo model's) and LM heads `[V, H]` at
+4x1024 and 8x2048 tokens, V 49152 and 151936 (`--sweep`), one forward+backward down to the student's hidden
+states and head weight, the loss a token mean:
+
+- `ours_fused`: `sdpo_core.loss.weighted_distillation_loss`, the trainer's path. The token weights are known
+  before the loss, so each chunk's logit gradient is contracted with the head in forward, while its logits exist.
+- `ours_hidden`: `sdpo_core.loss.chunked_distillation_loss`, the per-token function; its backward recomputes
+  each chunk's logits.
+- the peers get full logits `hidden @ W.T` (and the teacher's under `no_grad`) and backpropagate through them.
+  A peer whose logits cannot fit the free memory (estimated from its measured copies of `[B, T, V]`) is
+  skipped with the estimate, not run into the OOM killer.
+
+`--profile BxTxV` times `ours_fused`'s phases one by one over the same chunks with the loss module's own helpers
+(head matmuls, logsumexp/top-K/gathers, the logit gradient, the two gradient matmuls) and what backward's
+recompute adds to the per-token path.
 
 How memory is measured. Each case (device, shape, α) runs in a fresh interpreter that first runs every
 implementation once on a tiny input (imports and lazy initialisation are not the loss's memory), then
@@ -270,38 +282,101 @@ def _check_logits(student: torch.Tensor, alpha: float, impls: list[str], device:
     return report
 
 
+HIDDEN_IMPLS = ("ours_fused", "ours_hidden", "trl", "sdpo_rl")
+# extra peak of a peer from logits, in units of one fp32 [B, T, V] tensor (measured: TRL 5.0, sdpo-rl 4.0)
+PEER_LOGIT_COPIES = {"trl": 5.5, "sdpo_rl": 4.5}
+
+
+def _hidden_inputs(case: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    batch, length, vocab, hidden = case["B"], case["T"], case["V"], case["H"]
+    return {
+        "student_hidden": _randn((batch, length, hidden), 3, device, scale=1.0).requires_grad_(),
+        "teacher_hidden": _randn((batch, length, hidden), 4, device, scale=1.0),
+        # scaled so the logits have std ~LOGIT_SCALE, like the logits section
+        "student_head": _randn((vocab, hidden), 5, device, scale=LOGIT_SCALE / hidden**0.5).requires_grad_(),
+        "teacher_head": _randn((vocab, hidden), 6, device, scale=LOGIT_SCALE / hidden**0.5),
+    }
+
+
+def _hidden_run(name: str, inputs: dict[str, torch.Tensor], alpha: float, chunk_size: int) -> None:
+    """One forward + backward of `name` down to the student's hidden states and LM-head weight, loss = token mean."""
+    student_hidden, student_head = inputs["student_hidden"], inputs["student_head"]
+    options = {"temperature": 1.0, "alpha": alpha, "topk": TOPK, "add_tail": True, "chunk_size": chunk_size}
+    if name == "ours_fused":  # the trainer's path: the token weights are known up front
+        weights = torch.full(student_hidden.shape[:-1], 1.0 / student_hidden.shape[:-1].numel(),
+                             device=student_hidden.device)
+        loss = sdpo_loss.weighted_distillation_loss(student_hidden, inputs["teacher_hidden"], student_head,
+                                                    inputs["teacher_head"], weights, **options).loss
+    elif name == "ours_hidden":  # the per-token function, whose backward recomputes each chunk's logits
+        loss = sdpo_loss.chunked_distillation_loss(student_hidden, inputs["teacher_hidden"], student_head,
+                                                   inputs["teacher_head"], **options).mean()
+    else:
+        student_logits = student_hidden @ student_head.T  # [B, T, V]
+        with torch.no_grad():
+            teacher_logits = inputs["teacher_hidden"] @ inputs["teacher_head"].T  # [B, T, V]
+        loss = IMPLS[name](student_logits, teacher_logits, alpha).mean()
+        del student_logits, teacher_logits
+    loss.backward()
+
+
 def _hidden_case(case: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """One forward+backward from hidden states `[B, T, H]` and LM heads `[V, H]` per implementation."""
-    batch, length, vocab, hidden, alpha = case["B"], case["T"], case["V"], case["H"], case["alpha"]
-    student_hidden = _randn((batch, length, hidden), 3, device, scale=1.0).requires_grad_()
-    teacher_hidden = _randn((batch, length, hidden), 4, device, scale=1.0)
-    # scaled so the logits have std ~LOGIT_SCALE, like the logits section
-    student_head = _randn((vocab, hidden), 5, device, scale=LOGIT_SCALE / hidden**0.5).requires_grad_()
-    teacher_head = _randn((vocab, hidden), 6, device, scale=LOGIT_SCALE / hidden**0.5)
-    results = {}
+    """Each implementation once from hidden states `[B, T, H]` and LM heads `[V, H]`: time and extra peak memory."""
+    inputs = _hidden_inputs(case, device)
+    results: dict[str, Any] = {}
     for name in case["impls"]:
-
-        def run(name: str = name) -> None:
-            if name == "ours_hidden":
-                loss = sdpo_loss.chunked_distillation_loss(
-                    student_hidden, teacher_hidden, student_head, teacher_head, temperature=1.0, alpha=alpha,
-                    topk=TOPK, add_tail=True, chunk_size=case["chunk_size"],
-                )
-            else:
-                student_logits = student_hidden @ student_head.T  # [B, T, V]
-                with torch.no_grad():
-                    teacher_logits = teacher_hidden @ teacher_head.T  # [B, T, V]
-                loss = IMPLS[name](student_logits, teacher_logits, alpha)
-                del student_logits, teacher_logits
-            loss.mean().backward()
-
+        if name in case.get("skip", {}):
+            results[name] = {"error": case["skip"][name]}
+            continue
         try:
-            elapsed, peak = _measure(run, device)
+            elapsed, peak = _measure(lambda name=name: _hidden_run(name, inputs, case["alpha"], case["chunk_size"]),
+                                     device)
             results[name] = {"time": elapsed, "peak": peak}
         except Exception as error:
             results[name] = {"error": f"{type(error).__name__}: {error}"[:200]}
-        student_hidden.grad = student_head.grad = None
+        inputs["student_hidden"].grad = inputs["student_head"].grad = None
     return results
+
+
+def _profile_case(case: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Where ours_fused's time goes, phase by phase over the same chunks (the loss module's own helpers), and
+    what backward's recompute costs the per-token path on top."""
+    from sdpo_core.loss import _chunk_forward, _DistillSpec, _topk_logit_grad
+
+    inputs = _hidden_inputs(case, device)
+    rows = inputs["student_hidden"].detach().flatten(0, 1)
+    teacher_rows = inputs["teacher_hidden"].flatten(0, 1)
+    head, teacher_head = inputs["student_head"].detach(), inputs["teacher_head"]
+    chunk = case["chunk_size"]
+    spec = _DistillSpec(alpha=case["alpha"], topk=TOPK, add_tail=True, chunk_size=chunk, temperature=1.0,
+                        vocab_size=case["V"], needs_grad=True)
+    phases: dict[str, float] = {}
+
+    def timed(phase: str, fn: Callable[[], Any]) -> Any:
+        _sync(device)
+        start = time.perf_counter()
+        out = fn()
+        _sync(device)
+        phases[phase] = phases.get(phase, 0.0) + time.perf_counter() - start
+        return out
+
+    workspace = torch.empty(chunk, case["V"], device=device)
+    grad_head = torch.zeros_like(head)
+    for start in range(0, rows.size(0), chunk):
+        x, x_teacher = rows[start:start + chunk], teacher_rows[start:start + chunk]
+        student_logits = timed("student head matmul (forward)", lambda x=x: x @ head.T)
+        teacher_logits = timed("teacher head matmul", lambda x=x_teacher: x @ teacher_head.T)
+        out = timed("logsumexp x2, top-K, gathers, K-sized autograd",
+                    lambda s=student_logits, t=teacher_logits: _chunk_forward(spec, slice(0, None), s, t, None,
+                                                                              workspace))
+        scale = torch.full((x.size(0), 1), 1.0 / rows.size(0), device=device)
+        logit_grad = timed("logit gradient (one exp over V)",
+                           lambda s=student_logits, o=out, sc=scale: _topk_logit_grad(
+                               s, o.topk.student_logsumexp, o.topk.indices, o.topk.logps_grad, sc,
+                               out=workspace[: s.size(0)]))
+        timed("gradient matmul to the hidden states", lambda g=logit_grad: g @ head)
+        timed("gradient matmul to the head", lambda g=logit_grad, x=x: grad_head.addmm_(g.T, x))
+        timed("per-token path only: backward's recompute matmul", lambda x=x: x @ head.T)
+    return {"phases": phases}
 
 
 def _worker(job: dict[str, Any]) -> None:
@@ -310,8 +385,8 @@ def _worker(job: dict[str, Any]) -> None:
     if job["threads"]:
         torch.set_num_threads(job["threads"])
     device = torch.device(job["device"])
-    case_fn = _logits_case if job["kind"] == "logits" else _hidden_case
-    case_fn({**job, "B": 1, "T": 4, "V": 4 * TOPK, "H": 8, "repeats": 0}, device)  # imports, lazy init
+    case_fn = {"logits": _logits_case, "hidden": _hidden_case, "profile": _profile_case}[job["kind"]]
+    case_fn({**job, "B": 1, "T": 4, "V": 4 * TOPK, "H": 8, "repeats": 0, "skip": {}}, device)  # imports, lazy init
     print(json.dumps(case_fn(job, device)))
 
 
@@ -377,25 +452,64 @@ def _logits_section(args: argparse.Namespace, devices: list[str], impls: list[st
                   f"vs ours_plain (rtol=atol={TOLERANCE:g})", "loss |Δ| vs fp64"])
 
 
+def _available_memory() -> int:
+    """MemAvailable in bytes (Linux), or 0 when unknown."""
+    match = re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE) \
+        if Path("/proc/meminfo").exists() else None
+    return int(match.group(1)) * 1024 if match else 0
+
+
+def _peer_skips(batch: int, length: int, vocab: int, device: str, impls: list[str]) -> dict[str, str]:
+    """Peers whose full-size logits cannot fit this machine's free memory: skipped with the reason, not run into
+    the OOM killer."""
+    available = _available_memory() if device == "cpu" else 0
+    logits_bytes = batch * length * vocab * 4
+    return {name: f"skipped: needs ~{PEER_LOGIT_COPIES[name] * logits_bytes / 2**30:.0f} GiB (est.), "
+                  f"{available / 2**30:.0f} GiB free"
+            for name in impls if name in PEER_LOGIT_COPIES and available
+            and PEER_LOGIT_COPIES[name] * logits_bytes > 0.9 * available}
+
+
 def _hidden_section(args: argparse.Namespace, devices: list[str], impls: list[str]) -> None:
-    names = ["ours_hidden", *[n for n in impls if n != "ours_plain"]]
-    print(f"\n== Scaling from hidden states (H={args.hidden}, B={args.sweep_batch}, alpha=0.5, chunk"
-          f" {args.sweep_chunk_size}): one forward+backward to the hidden states and the LM-head weight; peers and"
-          " ours_chunked get full logits hidden @ W.T ==")
+    names = [n for n in HIDDEN_IMPLS if n in ("ours_fused", "ours_hidden") or n in impls]
+    print(f"\n== From hidden states (H={args.hidden}, alpha=0.5, top-K={TOPK} + tail, fp32,"
+          f" chunk {args.sweep_chunk_size}): one forward+backward to the hidden states and the LM-head weight;"
+          " the peers get full logits hidden @ W.T ==")
+    print("ours_fused: weighted_distillation_loss (the trainer's path); ours_hidden: chunked_distillation_loss;"
+          " ratios are ours_fused / TRL")
     rows = []
     for device in devices:
-        for length, vocab in args.sweep:
-            results = _spawn({"kind": "hidden", "device": device, "threads": args.threads, "B": args.sweep_batch,
-                              "T": length, "V": vocab, "H": args.hidden, "alpha": 0.5, "impls": names,
-                              "chunk_size": args.sweep_chunk_size})
-            row = [device, str(length), str(vocab)]
+        for batch, length, vocab in args.sweep:
+            results = _spawn({"kind": "hidden", "device": device, "threads": args.threads, "B": batch, "T": length,
+                              "V": vocab, "H": args.hidden, "alpha": 0.5, "impls": names,
+                              "chunk_size": args.sweep_chunk_size,
+                              "skip": _peer_skips(batch, length, vocab, device, names)})
+            row = [device, f"{batch}x{length}x{vocab}"]
             for name in names:
                 res = results.get(name, results)
-                row.append("error" if "error" in res else f"{res['peak'] / MIB:.0f} MiB / {res['time']:.2f}s")
+                row.append("-" if "error" in res else f"{res['peak'] / MIB:.0f} MiB / {res['time']:.2f}s")
                 if "error" in res:
-                    print(f"  {name} at T={length} V={vocab}: {res['error']}")
+                    print(f"  {name} at {batch}x{length}x{vocab}: {res['error']}")
+            fused, trl = results.get("ours_fused", {}), results.get("trl", {"error": "absent"})
+            row += [_fmt_ratio(fused, trl, "time"), _fmt_ratio(fused, trl, "peak")] if "error" not in fused \
+                else ["-", "-"]
             rows.append(row)
-    _table(rows, ["device", "T", "V", *[f"{n} peak / time" for n in names]])
+    _table(rows, ["device", "BxTxV", *[f"{n} peak / time" for n in names], "t ratio", "mem ratio"])
+
+
+def _profile_section(args: argparse.Namespace) -> None:
+    batch, length, vocab = args.profile
+    print(f"\n== Where ours_fused's time goes at {batch}x{length}x{vocab}, H={args.hidden}, chunk"
+          f" {args.sweep_chunk_size} (phases timed one by one over every chunk) ==")
+    results = _spawn({"kind": "profile", "device": "cpu", "threads": args.threads, "B": batch, "T": length,
+                      "V": vocab, "H": args.hidden, "alpha": 0.5, "impls": [], "chunk_size": args.sweep_chunk_size})
+    if "error" in results:
+        print(f"  {results['error']}")
+        return
+    phases = results["phases"]
+    fused_total = sum(v for k, v in phases.items() if not k.startswith("per-token"))
+    _table([[phase, f"{seconds:.3f}", f"{seconds / fused_total:.0%}" if not phase.startswith("per-token") else "-"]
+            for phase, seconds in phases.items()], ["phase", "s", "share of ours_fused"])
 
 
 def _parse_shape(text: str) -> tuple[int, int, int]:
@@ -410,10 +524,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs after the memory run")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     parser.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk of our chunked losses")
-    parser.add_argument("--sweep-chunk-size", type=int, default=None,
-                        help="chunk of the sweep, below B*T so that chunking shows")
-    parser.add_argument("--hidden", type=int, default=None, help="H of the hidden-state sweep")
-    parser.add_argument("--no-sweep", action="store_true", help="skip the hidden-state T/V sweep")
+    parser.add_argument("--sweep", nargs="+", type=_parse_shape, help="BxTxV cases of the hidden-state section")
+    parser.add_argument("--sweep-chunk-size", type=int, default=None, help="chunk of the hidden-state section")
+    parser.add_argument("--hidden", type=int, default=None, help="H of the hidden-state section")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the hidden-state section")
+    parser.add_argument("--no-logits", action="store_true", help="skip the loss-from-logits section")
+    parser.add_argument("--profile", type=_parse_shape, default=None,
+                        help="BxTxV: also time ours_fused phase by phase (--quick: a small default)")
     parser.add_argument("--cpu-only", action="store_true", help="skip CUDA even when available")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -427,16 +544,15 @@ def main() -> None:
         args.chunk_size = args.chunk_size or 64
         args.sweep_chunk_size = args.sweep_chunk_size or 64
         args.hidden = args.hidden or 64
-        args.sweep_batch = 1
-        args.sweep = [(64, 8192), (128, 8192), (256, 8192), (128, 4096), (128, 16384)]
+        args.sweep = args.sweep or [(1, 128, 8192), (1, 256, 16384)]
+        args.profile = args.profile or (1, 128, 8192)
     else:
         args.shapes = args.shapes or [(8, 512, 49152), (4, 512, 151936)]
         args.repeats = 2 if args.repeats is None else args.repeats
         args.chunk_size = args.chunk_size or CHUNK_SIZE
-        args.sweep_chunk_size = args.sweep_chunk_size or 256
-        args.hidden = args.hidden or 256
-        args.sweep_batch = 2
-        args.sweep = [(256, 49152), (512, 49152), (1024, 49152), (512, 32768), (512, 151936)]
+        args.sweep_chunk_size = args.sweep_chunk_size or CHUNK_SIZE
+        args.hidden = args.hidden or 576
+        args.sweep = args.sweep or [(4, 1024, 49152), (4, 1024, 151936), (8, 2048, 49152), (8, 2048, 151936)]
     if args.no_sweep:
         args.sweep = []
 
@@ -457,9 +573,12 @@ def main() -> None:
         import trl
 
         print(f"torch {torch.__version__}, trl {trl.__version__}, threads {args.threads or torch.get_num_threads()}")
-    _logits_section(args, devices, impls)
+    if not args.no_logits:
+        _logits_section(args, devices, impls)
     if args.sweep:
         _hidden_section(args, devices, impls)
+    if args.profile:
+        _profile_section(args)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ backward. The only full-size tensor the logits path creates is the gradient of t
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -35,7 +36,9 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 __all__ = [
     "TokenStats",
+    "WeightedDistillation",
     "aggregate_loss",
+    "aggregation_weights",
     "chunked_distillation_loss",
     "chunked_distillation_loss_with_stats",
     "chunked_per_token_distillation_loss",
@@ -47,6 +50,8 @@ __all__ = [
     "token_entropy",
     "token_level_reverse_kl",
     "token_stats_from_hidden",
+    "weighted_distillation_loss",
+    "weighted_token_sum",
 ]
 
 # lasgroup/SDPO core_algos.py:1112-1118: the top-K log-mass is clamped below 0 so the tail stays finite.
@@ -192,151 +197,348 @@ class TokenStats(NamedTuple):
     teacher_entropy: Tensor  # entropy of the teacher's next-token distribution
 
 
+class _Rows(NamedTuple):
+    """Flattened inputs: logits `[N, V]` (`weight=None`) or hidden states `[N, H]` projected by `weight [V, H]`."""
+
+    student_x: Tensor
+    student_weight: Tensor | None
+    student_bias: Tensor | None
+    teacher_x: Tensor
+    teacher_weight: Tensor | None
+    teacher_bias: Tensor | None
+    token_ids: Tensor | None  # [N], for the statistics
+
+
+class _TopK(NamedTuple):
+    """A chunk's top-K bookkeeping, `[n, ...]` each."""
+
+    indices: Tensor  # [n, K] the student's top-K
+    student_logsumexp: Tensor  # [n, 1]
+    logps_grad: Tensor | None  # [n, K] ∂ℓ/∂s (s: the student's K real log-probs); None without grad
+
+
+class _Chunk(NamedTuple):
+    """One chunk's forward results."""
+
+    rows: slice
+    student_logits: Tensor  # fp32 tempered logits `[n, V]`, valid until the next chunk
+    teacher_logits: Tensor
+    loss: Tensor  # [n]
+    stats: tuple[Tensor, Tensor, Tensor, Tensor] | None  # the `TokenStats` fields, `[n]` each
+    topk: _TopK | None  # top-K mode
+
+
+def _chunk_forward(spec: _DistillSpec, rows: slice, student_logits: Tensor, teacher_logits: Tensor,
+                   token_ids: Tensor | None, workspace: Tensor | None) -> _Chunk:
+    """Loss, statistics and (top-K mode) ∂ℓ/∂s of one chunk from its fp32 tempered logits `[n, V]`.
+
+    `workspace` is None only for the full-vocabulary loss without statistics, which needs no logsumexp.
+    """
+    if workspace is None:
+        loss = _divergence(_bucket_logps(student_logits, None, False), _bucket_logps(teacher_logits, None, False),
+                           spec.alpha)  # [n]
+        return _Chunk(rows, student_logits, teacher_logits, loss, None, None)
+    student_lse = _logsumexp_into(student_logits, workspace)  # [n, 1]
+    teacher_lse = _logsumexp_into(teacher_logits, workspace)  # [n, 1]
+    stats = None
+    if token_ids is not None:
+        ids = token_ids.unsqueeze(-1)  # [n, 1]
+        stats = ((student_logits.gather(-1, ids) - student_lse).squeeze(-1),
+                 _entropy_into(student_logits, student_lse, workspace),
+                 (teacher_logits.gather(-1, ids) - teacher_lse).squeeze(-1),
+                 _entropy_into(teacher_logits, teacher_lse, workspace))
+    if spec.topk is None:
+        loss = _divergence(_bucket_logps(student_logits, None, False), _bucket_logps(teacher_logits, None, False),
+                           spec.alpha)  # [n]
+        return _Chunk(rows, student_logits, teacher_logits, loss, stats, None)
+    top_logits, indices = student_logits.topk(spec.topk, dim=-1)  # [n, K] each
+    teacher_logps = _topk_support(teacher_logits.gather(-1, indices) - teacher_lse, spec.add_tail)  # [n, K+1]
+    student_topk_logps = top_logits - student_lse  # [n, K]
+    grad = None
+    if spec.needs_grad:
+        with torch.enable_grad():
+            student_topk_logps.requires_grad_()
+            loss = _divergence(_topk_support(student_topk_logps, spec.add_tail), teacher_logps, spec.alpha)  # [n]
+            (grad,) = torch.autograd.grad(loss.sum(), student_topk_logps)  # ∂ℓ/∂s, row by row
+        loss = loss.detach()
+    else:
+        loss = _divergence(_topk_support(student_topk_logps, spec.add_tail), teacher_logps, spec.alpha)
+    return _Chunk(rows, student_logits, teacher_logits, loss, stats, _TopK(indices, student_lse, grad))
+
+
+def _topk_logit_grad(student_logits: Tensor, student_lse: Tensor, indices: Tensor, topk_logps_grad: Tensor,
+                     scale: Tensor, out: Tensor) -> Tensor:
+    """∂(Σ scale·ℓ)/∂z `[n, V]` in top-K mode, written into `out`: scatter(G at i) − (Σ_k G_k)·softmax(z).
+
+    The loss depends on z only through s_k = z[i_k] − logsumexp(z), so one exp over V is all it costs.
+    """
+    grad = torch.sub(student_logits, student_lse, out=out).exp_()  # softmax(z)
+    grad.mul_(-topk_logps_grad.sum(-1, keepdim=True) * scale)
+    return grad.scatter_add_(-1, indices, topk_logps_grad * scale)
+
+
+def _full_vocab_logit_grad(spec: _DistillSpec, student_logits: Tensor, teacher_logits: Tensor,
+                           scale: Tensor) -> Tensor:
+    """∂(Σ scale·ℓ)/∂z `[n, V]` over the whole vocabulary, by autograd on the chunk alone."""
+    with torch.enable_grad():
+        student_leaf = student_logits.detach().requires_grad_()
+        chunk_loss = _divergence(_bucket_logps(student_leaf, None, False),
+                                 _bucket_logps(teacher_logits, None, False), spec.alpha)  # [n]
+        (grad,) = torch.autograd.grad(chunk_loss, student_leaf, scale.squeeze(-1))
+    return grad
+
+
+class _StudentGrads:
+    """Gradients of the student's rows, head weight and bias, filled chunk by chunk from logit gradients.
+
+    Weight and bias gradients are summed over chunks in fp32 and cast once (a bf16 head loses less).
+    """
+
+    def __init__(self, rows: _Rows, needs: tuple[bool, bool, bool]) -> None:
+        self.x, self.weight, self.bias = rows.student_x, rows.student_weight, rows.student_bias
+        need_x, need_weight, need_bias = needs
+        self.x_grad = torch.empty_like(self.x) if need_x else None
+        self.weight_grad = torch.zeros_like(self.weight, dtype=torch.float32) if need_weight else None  # type: ignore[arg-type]
+        self.bias_grad = torch.zeros_like(self.bias, dtype=torch.float32) if need_bias else None  # type: ignore[arg-type]
+
+    def logit_grad_buffer(self, rows: slice, workspace: Tensor) -> Tensor:
+        """Where to build a chunk's logit gradient: fp32 logits take it in place in their slice of the result."""
+        if self.weight is None and self.x_grad is not None and self.x_grad.dtype == torch.float32:
+            return self.x_grad[rows]
+        return workspace[: self.x[rows].size(0)]
+
+    def add(self, rows: slice, logit_grad: Tensor) -> None:
+        """Contract one chunk's logit gradient `[n, V]` with the head (hidden states) or store it (logits)."""
+        if self.weight is None:
+            if self.x_grad is not None and logit_grad.data_ptr() != self.x_grad[rows].data_ptr():
+                self.x_grad[rows] = logit_grad
+            return
+        grad_out = logit_grad.to(self.weight.dtype)  # [n, V] into the head's matmul, in its dtype
+        if self.x_grad is not None:
+            self.x_grad[rows] = grad_out @ self.weight  # [n, H]
+        if self.weight_grad is not None:
+            if grad_out.dtype == torch.float32:
+                self.weight_grad.addmm_(grad_out.T, self.x[rows])  # [V, H]
+            else:
+                self.weight_grad.add_(grad_out.T @ self.x[rows])
+        if self.bias_grad is not None:
+            self.bias_grad.add_(logit_grad.sum(0))  # [V]
+
+    def result(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        weight_grad = None if self.weight_grad is None else self.weight_grad.to(self.weight.dtype)  # type: ignore[union-attr]
+        bias_grad = None if self.bias_grad is None else self.bias_grad.to(self.bias.dtype)  # type: ignore[union-attr]
+        return self.x_grad, weight_grad, bias_grad
+
+
+class _LogitBuffers:
+    """Reused fp32 `[chunk, V]` buffers the LM-head matmuls write into (fresh ones per chunk cost page faults).
+
+    Only fp32 heads and rows use them; anything else goes through `_project_logits`.
+    """
+
+    def __init__(self, spec: _DistillSpec, num_rows: int, device: torch.device) -> None:
+        self.spec, self.num_rows, self.device = spec, num_rows, device
+        self.buffers: dict[str, Tensor] = {}
+
+    def project(self, side: str, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        """Tempered fp32 logits `[n, V]` of one chunk of `side`'s rows; valid until its next chunk."""
+        temperature = self.spec.temperature
+        if weight is None or weight.dtype != torch.float32 or x.dtype != torch.float32:
+            return _project_logits(x, weight, bias, temperature)
+        if side not in self.buffers:
+            self.buffers[side] = _workspace(self.spec, self.num_rows, self.device)
+        out = self.buffers[side][: x.size(0)]  # [n, V]
+        if bias is None:
+            torch.mm(x, weight.T, out=out)
+        else:
+            torch.addmm(bias, x, weight.T, out=out)
+        return out if temperature == 1.0 else out.div_(temperature)
+
+
+def _forward_chunks(spec: _DistillSpec, rows: _Rows, workspace: Tensor | None) -> Iterator[_Chunk]:
+    """Every chunk's forward, in order; a chunk's logits are overwritten by the next one."""
+    buffers = _LogitBuffers(spec, rows.student_x.size(0), rows.student_x.device)
+    for start in range(0, rows.student_x.size(0), spec.chunk_size):
+        chunk = slice(start, start + spec.chunk_size)
+        student_logits = buffers.project("student", rows.student_x[chunk], rows.student_weight, rows.student_bias)
+        teacher_logits = buffers.project("teacher", rows.teacher_x[chunk], rows.teacher_weight, rows.teacher_bias)
+        ids = None if rows.token_ids is None else rows.token_ids[chunk]
+        yield _chunk_forward(spec, chunk, student_logits, teacher_logits, ids, workspace)
+
+
+def _empty_outputs(rows: _Rows) -> tuple[Tensor, list[Tensor]]:
+    """The per-token loss `[N]` and the four statistics `[N]` (empty without token ids)."""
+    num_rows, device = rows.student_x.size(0), rows.student_x.device
+    stats_rows = num_rows if rows.token_ids is not None else 0
+    return (torch.empty(num_rows, dtype=torch.float32, device=device),
+            [torch.empty(stats_rows, dtype=torch.float32, device=device) for _ in range(4)])
+
+
+def _store(chunk: _Chunk, per_token_loss: Tensor, stats: list[Tensor]) -> None:
+    per_token_loss[chunk.rows] = chunk.loss
+    if chunk.stats is not None:
+        for out, value in zip(stats, chunk.stats, strict=True):
+            out[chunk.rows] = value
+
+
 class _ChunkedDistillation(torch.autograd.Function):
-    """Chunk-wise distillation loss with a hand-written, chunk-wise backward.
+    """Chunk-wise per-token distillation loss with a hand-written, chunk-wise backward.
 
-    Inputs are flattened rows: `x` is logits `[N, V]` (`weight=None`) or hidden states `[N, H]` projected by
-    `weight [V, H]` (+ `bias [V]`). Backward writes each chunk's gradient straight into one buffer, so no
-    `[N, V]` fp32 temporary, nor the full-size zero tensor per chunk that slicing + `torch.utils.checkpoint`
-    would allocate, is ever built.
+    Backward writes each chunk's gradient straight into one buffer, so no `[N, V]` fp32 temporary, nor the
+    full-size zero tensor per chunk that slicing + `torch.utils.checkpoint` would allocate, is ever built.
 
-    Top-K mode. The loss depends on the student's logits z only through the K real log-probs
-    s_k = z[i_k] − logsumexp(z) (the tail and the renormalisation are functions of s). So with G = ∂ℓ/∂s
-    (`[N, K]`, taken by autograd on the tiny K-sized problem in forward) the logit gradient is
-    ∂ℓ/∂z = scatter(G at i) − (Σ_k G_k)·softmax(z): backward needs one exp over V per chunk, and only z
-    (recomputed from the saved student input), logsumexp(z) `[N]`, the indices and G are kept. The teacher's
-    logits are not needed after forward.
-
-    Full-vocabulary mode. Backward recomputes both sides per chunk and lets autograd differentiate the chunk.
+    Top-K mode. With G = ∂ℓ/∂s (`[N, K]`, taken by autograd on the tiny K-sized problem in forward) the logit
+    gradient is `_topk_logit_grad`: backward needs one exp over V per chunk, and only z (recomputed from the
+    saved student input), logsumexp(z) `[N]`, the indices and G are kept. The teacher's logits are not needed
+    after forward. Full-vocabulary mode: backward recomputes both sides per chunk and lets autograd
+    differentiate the chunk.
     """
 
     @staticmethod
-    def forward(
-        ctx: FunctionCtx,
-        spec: _DistillSpec,
-        student_x: Tensor,
-        student_weight: Tensor | None,
-        student_bias: Tensor | None,
-        teacher_x: Tensor,
-        teacher_weight: Tensor | None,
-        teacher_bias: Tensor | None,
-        token_ids: Tensor | None,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        num_rows, device = student_x.size(0), student_x.device
-        per_token_loss = torch.empty(num_rows, dtype=torch.float32, device=device)  # [N]
-        # By-products from the same chunk logits (no gradient): sampled-token log-probs and both entropies
-        stats_rows = num_rows if token_ids is not None else 0
-        student_token_logps, entropy, teacher_token_logps, teacher_entropy = (
-            torch.empty(stats_rows, dtype=torch.float32, device=device) for _ in range(4))  # [N] each
-        k = spec.topk
+    def forward(ctx: FunctionCtx, spec: _DistillSpec, student_x: Tensor, student_weight: Tensor | None,
+                student_bias: Tensor | None, teacher_x: Tensor, teacher_weight: Tensor | None,
+                teacher_bias: Tensor | None, token_ids: Tensor | None) -> tuple[Tensor, ...]:
+        rows = _Rows(student_x, student_weight, student_bias, teacher_x, teacher_weight, teacher_bias, token_ids)
+        per_token_loss, stats = _empty_outputs(rows)
+        k, num_rows, device = spec.topk, rows.student_x.size(0), rows.student_x.device
         workspace = None
-        if k is not None or token_ids is not None:
+        if k is not None or rows.token_ids is not None:
             workspace = _workspace(spec, num_rows, device)  # [chunk, V] fp32, reused by every chunk
         if k is not None:
             topk_indices = torch.empty(num_rows, k, dtype=torch.long, device=device)  # [N, K]
             topk_logps_grad = torch.empty(num_rows, k, dtype=torch.float32, device=device)  # [N, K]
             student_logsumexp = torch.empty(num_rows, 1, dtype=torch.float32, device=device)  # [N, 1]
-        for start in range(0, num_rows, spec.chunk_size):
-            rows = slice(start, start + spec.chunk_size)
-            student_logits = _project_logits(student_x[rows], student_weight, student_bias, spec.temperature)
-            teacher_logits = _project_logits(teacher_x[rows], teacher_weight, teacher_bias, spec.temperature)
-            if workspace is not None:  # top-K mode and the statistics both need the logsumexps
-                student_lse = _logsumexp_into(student_logits, workspace)  # [n, 1]
-                teacher_lse = _logsumexp_into(teacher_logits, workspace)  # [n, 1]
-            if token_ids is not None:
-                ids = token_ids[rows].unsqueeze(-1)  # [n, 1]
-                student_token_logps[rows] = (student_logits.gather(-1, ids) - student_lse).squeeze(-1)
-                teacher_token_logps[rows] = (teacher_logits.gather(-1, ids) - teacher_lse).squeeze(-1)
-                entropy[rows] = _entropy_into(student_logits, student_lse, workspace)
-                teacher_entropy[rows] = _entropy_into(teacher_logits, teacher_lse, workspace)
-            if k is None:
-                per_token_loss[rows] = _divergence(
-                    _bucket_logps(student_logits, None, False), _bucket_logps(teacher_logits, None, False), spec.alpha
-                )  # [n]
-                continue
-            chunk_indices = student_logits.topk(k, dim=-1).indices  # [n, K]
-            teacher_topk_logps = teacher_logits.gather(-1, chunk_indices) - teacher_lse
-            teacher_logps = _topk_support(teacher_topk_logps, spec.add_tail)  # [n, K+1]
-            student_topk_logps = student_logits.gather(-1, chunk_indices) - student_lse  # [n, K]
-            if spec.needs_grad:
-                with torch.enable_grad():
-                    student_topk_logps.requires_grad_()
-                    chunk_loss = _divergence(_topk_support(student_topk_logps, spec.add_tail), teacher_logps,
-                                             spec.alpha)  # [n]
-                    (topk_logps_grad[rows],) = torch.autograd.grad(chunk_loss.sum(), student_topk_logps)  # ∂ℓ/∂s
-                chunk_loss = chunk_loss.detach()
-            else:
-                chunk_loss = _divergence(_topk_support(student_topk_logps, spec.add_tail), teacher_logps, spec.alpha)
-            per_token_loss[rows] = chunk_loss
-            topk_indices[rows] = chunk_indices
-            student_logsumexp[rows] = student_lse
-            del student_logits, teacher_logits
+        for chunk in _forward_chunks(spec, rows, workspace):
+            _store(chunk, per_token_loss, stats)
+            if chunk.topk is not None:
+                topk_indices[chunk.rows] = chunk.topk.indices
+                student_logsumexp[chunk.rows] = chunk.topk.student_logsumexp
+                if chunk.topk.logps_grad is not None:
+                    topk_logps_grad[chunk.rows] = chunk.topk.logps_grad
         ctx.spec = spec  # type: ignore[attr-defined]
         # save_for_backward accepts None entries (absent weights/biases); typed as Any for that reason
-        saved: tuple[Any, ...] = (student_x, student_weight, student_bias)
+        saved: tuple[Any, ...] = (rows.student_x, rows.student_weight, rows.student_bias)
         if k is not None:  # the teacher's logits can be freed as soon as the caller drops them
             saved += (topk_indices, topk_logps_grad, student_logsumexp)
         else:  # the teacher is recomputed in backward
-            saved += (teacher_x, teacher_weight, teacher_bias)
+            saved += (rows.teacher_x, rows.teacher_weight, rows.teacher_bias)
         ctx.save_for_backward(*saved)
-        ctx.mark_non_differentiable(student_token_logps, entropy, teacher_token_logps, teacher_entropy)
-        return per_token_loss, student_token_logps, entropy, teacher_token_logps, teacher_entropy
+        ctx.mark_non_differentiable(*stats)
+        return per_token_loss, *stats
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad_loss: Tensor, *_stats_grads: Tensor) -> tuple[Tensor | None, ...]:
         spec: _DistillSpec = ctx.spec  # type: ignore[attr-defined]
         saved = ctx.saved_tensors  # type: ignore[attr-defined]
-        student_x, student_weight, student_bias = saved[:3]
-        _, need_x, need_weight, need_bias = ctx.needs_input_grad[:4]  # type: ignore[attr-defined]
-        grad_x = torch.empty_like(student_x) if need_x else None
-        # Weight/bias gradients are summed over chunks in fp32, then cast once (bf16 heads lose less).
-        grad_weight = torch.zeros_like(student_weight, dtype=torch.float32) if need_weight else None
-        grad_bias = torch.zeros_like(student_bias, dtype=torch.float32) if need_bias else None
-        # fp32 logits' gradient is built in place in its slice of grad_x; otherwise in one reused workspace
-        topk_mode = spec.topk is not None
-        in_place = topk_mode and student_weight is None and student_x.dtype == torch.float32
-        workspace = None
-        if topk_mode and not in_place:
-            workspace = _workspace(spec, student_x.size(0), student_x.device)
-        for start in range(0, student_x.size(0), spec.chunk_size):
-            rows = slice(start, start + spec.chunk_size)
-            x_chunk = student_x[rows]
-            student_logits = _project_logits(x_chunk, student_weight, student_bias, spec.temperature)  # [n, V]
-            grad_scale = grad_loss[rows].float().unsqueeze(-1) / spec.temperature  # [n, 1]; d(z/τ) = dz/τ
-            if topk_mode:
-                topk_indices, topk_logps_grad, student_logsumexp = (t[rows] for t in saved[3:])
-                out = grad_x[rows] if in_place else workspace[: student_logits.size(0)]  # type: ignore[index]
-                grad_logits = torch.sub(student_logits, student_logsumexp, out=out).exp_()  # [n, V] softmax(z)
-                grad_logits.mul_(-topk_logps_grad.sum(-1, keepdim=True) * grad_scale)
-                grad_logits.scatter_add_(-1, topk_indices, topk_logps_grad * grad_scale)  # [n, V]
+        if spec.topk is not None:  # top-K backward never needs the teacher
+            rows = _Rows(saved[0], saved[1], saved[2], saved[0], None, None, None)
+        else:
+            rows = _Rows(saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], None)
+        grads = _StudentGrads(rows, tuple(ctx.needs_input_grad[1:4]))  # type: ignore[attr-defined,arg-type]
+        workspace = _workspace(spec, rows.student_x.size(0), rows.student_x.device)
+        buffers = _LogitBuffers(spec, rows.student_x.size(0), rows.student_x.device)
+        for start in range(0, rows.student_x.size(0), spec.chunk_size):
+            chunk = slice(start, start + spec.chunk_size)
+            scale = grad_loss[chunk].float().unsqueeze(-1) / spec.temperature  # [n, 1]; d(z/τ) = dz/τ
+            student_logits = buffers.project("student", rows.student_x[chunk], rows.student_weight,
+                                             rows.student_bias)  # [n, V]
+            if spec.topk is not None:
+                topk_indices, topk_logps_grad, student_logsumexp = (t[chunk] for t in saved[3:])
+                logit_grad = _topk_logit_grad(student_logits, student_logsumexp, topk_indices, topk_logps_grad,
+                                              scale, out=grads.logit_grad_buffer(chunk, workspace))
             else:
-                teacher_x, teacher_weight, teacher_bias = saved[3:]
-                teacher_logits = _project_logits(teacher_x[rows], teacher_weight, teacher_bias, spec.temperature)
-                with torch.enable_grad():
-                    student_leaf = student_logits.detach().requires_grad_()
-                    chunk_loss = _divergence(_bucket_logps(student_leaf, None, False),
-                                             _bucket_logps(teacher_logits, None, False), spec.alpha)  # [n]
-                    (grad_logits,) = torch.autograd.grad(chunk_loss, student_leaf, grad_scale.squeeze(-1))
-                del teacher_logits
+                teacher_logits = buffers.project("teacher", rows.teacher_x[chunk], rows.teacher_weight,
+                                                 rows.teacher_bias)
+                logit_grad = _full_vocab_logit_grad(spec, student_logits, teacher_logits, scale)
             del student_logits
-            if student_weight is None:  # x is the logits
-                if need_x and not in_place:
-                    grad_x[rows] = grad_logits  # type: ignore[index]
+            grads.add(chunk, logit_grad)
+        return None, *grads.result(), None, None, None, None
+
+
+class _FusedDistillation(torch.autograd.Function):
+    """Σᵢ wᵢ·ρᵢ·ℓᵢ with its gradients computed in forward (ρ: the importance weight, or 1).
+
+    With the weights known before the loss, each chunk's logit gradient is contracted with the LM head while the
+    chunk's logits and softmax are still in memory: the head is applied once per chunk instead of twice (forward,
+    then backward's recompute), and backward only scales the stored gradients by the upstream scalar. The
+    student's row gradient `[N, H]` and the fp32 head gradient `[V, H]` live from forward to backward.
+    """
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, spec: _DistillSpec, weights: Tensor, old_token_logps: Tensor | None,
+                is_clip: float | None, student_x: Tensor, student_weight: Tensor | None, student_bias: Tensor | None,
+                teacher_x: Tensor, teacher_weight: Tensor | None, teacher_bias: Tensor | None,
+                token_ids: Tensor | None) -> tuple[Tensor, ...]:
+        rows = _Rows(student_x, student_weight, student_bias, teacher_x, teacher_weight, teacher_bias, token_ids)
+        per_token_loss, stats = _empty_outputs(rows)
+        workspace = _workspace(spec, rows.student_x.size(0), rows.student_x.device)
+        needs = tuple(spec.needs_grad and need for need in ctx.needs_input_grad[4:7])  # type: ignore[attr-defined]
+        grads = _StudentGrads(rows, needs)  # type: ignore[arg-type]
+        total = torch.zeros((), dtype=torch.float32, device=rows.student_x.device)
+        for chunk in _forward_chunks(spec, rows, workspace):
+            _store(chunk, per_token_loss, stats)
+            chunk_weights = weights[chunk.rows].float()  # [n]
+            if old_token_logps is not None:
+                chunk_weights = chunk_weights * importance_weight(chunk.stats[0], old_token_logps[chunk.rows],  # type: ignore[index]
+                                                                  is_clip)
+            total += weighted_token_sum(chunk.loss, chunk_weights)
+            if not spec.needs_grad:
                 continue
-            grad_out = grad_logits.to(student_weight.dtype)  # [n, V] into the head's matmul, in its dtype
-            if need_x:
-                grad_x[rows] = grad_out @ student_weight  # type: ignore[index]  # [n, H]
-            if need_weight:
-                grad_weight.add_(grad_out.T @ x_chunk)  # type: ignore[union-attr]  # [V, H]
-            if need_bias:
-                grad_bias.add_(grad_logits.sum(0))  # type: ignore[union-attr]  # [V]
-            del grad_logits, grad_out
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(student_weight.dtype)
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(student_bias.dtype)
-        return None, grad_x, grad_weight, grad_bias, None, None, None, None
+            active = chunk_weights != 0
+            scale = torch.where(active, chunk_weights, torch.zeros_like(chunk_weights)).unsqueeze(-1)
+            scale = scale / spec.temperature  # [n, 1]; d(z/τ) = dz/τ
+            if chunk.topk is not None and chunk.topk.logps_grad is not None:
+                topk_logps_grad = torch.where(active.unsqueeze(-1), chunk.topk.logps_grad,
+                                              torch.zeros_like(chunk.topk.logps_grad))
+                out = grads.logit_grad_buffer(chunk.rows, workspace)
+                logit_grad = _topk_logit_grad(chunk.student_logits, chunk.topk.student_logsumexp, chunk.topk.indices,
+                                              topk_logps_grad, scale, out=out)
+            else:
+                logit_grad = _full_vocab_logit_grad(spec, chunk.student_logits, chunk.teacher_logits, scale)
+            grads.add(chunk.rows, logit_grad)
+        ctx.grads = grads.result()  # type: ignore[attr-defined]
+        ctx.mark_non_differentiable(per_token_loss, *stats)
+        return total, per_token_loss, *stats
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_total: Tensor, *_other_grads: Tensor) -> tuple[Tensor | None, ...]:
+        grads: tuple[Tensor | None, ...] = ctx.grads  # type: ignore[attr-defined]
+        del ctx.grads  # type: ignore[attr-defined]
+        scaled = tuple(None if g is None else g if bool(grad_total == 1) else g * grad_total.to(g.dtype)
+                       for g in grads)
+        return None, None, None, None, *scaled, None, None, None, None
+
+
+def _spec(student_rows: Tensor, student_weight: Tensor | None, student_bias: Tensor | None, *, vocab_size: int,
+          temperature: float, alpha: float, topk: int | None, add_tail: bool, chunk_size: int | None) -> _DistillSpec:
+    """Checked options; `needs_grad` is whether any student input takes a gradient here."""
+    _check_args(alpha, topk, chunk_size)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return _DistillSpec(
+        alpha=float(alpha),
+        topk=_effective_topk(topk, vocab_size),
+        add_tail=add_tail,
+        chunk_size=max(student_rows.size(0), 1) if chunk_size is None else int(chunk_size),
+        temperature=float(temperature),
+        vocab_size=vocab_size,
+        needs_grad=torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (student_rows, student_weight, student_bias)
+        ),
+    )
+
+
+def _flat_rows(student_x: Tensor, teacher_x: Tensor, token_ids: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """`[..., D]` inputs as `[N, D]` rows (views for contiguous input) and the token ids as `[N]`."""
+    lead_shape = student_x.shape[:-1]
+    if teacher_x.shape[:-1] != lead_shape:
+        raise ValueError(f"student and teacher have different token shapes: {lead_shape} vs {teacher_x.shape[:-1]}")
+    if token_ids is not None and token_ids.shape != lead_shape:
+        raise ValueError(f"token ids {tuple(token_ids.shape)} do not match the token shape {tuple(lead_shape)}")
+    ids = None if token_ids is None else token_ids.reshape(-1)
+    return student_x.reshape(-1, student_x.size(-1)), teacher_x.reshape(-1, teacher_x.size(-1)), ids
 
 
 def _run_chunked(
@@ -356,36 +558,15 @@ def _run_chunked(
     token_ids: Tensor | None = None,
 ) -> tuple[Tensor, TokenStats | None]:
     """Flatten `[..., D]` rows, run the chunked function, restore the leading shape."""
-    _check_args(alpha, topk, chunk_size)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
     lead_shape = student_x.shape[:-1]
-    if teacher_x.shape[:-1] != lead_shape:
-        raise ValueError(f"student and teacher have different token shapes: {lead_shape} vs {teacher_x.shape[:-1]}")
-    student_rows = student_x.reshape(-1, student_x.size(-1))  # [N, D]; a view for contiguous input
-    teacher_rows = teacher_x.reshape(-1, teacher_x.size(-1))  # [N, D']
-    num_rows = student_rows.size(0)
-    spec = _DistillSpec(
-        alpha=float(alpha),
-        topk=_effective_topk(topk, vocab_size),
-        add_tail=add_tail,
-        chunk_size=max(num_rows, 1) if chunk_size is None else int(chunk_size),
-        temperature=float(temperature),
-        vocab_size=vocab_size,
-        needs_grad=torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (student_x, student_weight, student_bias)
-        ),
-    )
-    if token_ids is not None and token_ids.shape != lead_shape:
-        raise ValueError(f"token ids {tuple(token_ids.shape)} do not match the token shape {tuple(lead_shape)}")
-    ids = None if token_ids is None else token_ids.reshape(-1)  # [N]
-    per_token_loss, student_token_logps, entropy, teacher_token_logps, teacher_entropy = _ChunkedDistillation.apply(
+    student_rows, teacher_rows, ids = _flat_rows(student_x, teacher_x, token_ids)
+    spec = _spec(student_rows, student_weight, student_bias, vocab_size=vocab_size, temperature=temperature,
+                 alpha=alpha, topk=topk, add_tail=add_tail, chunk_size=chunk_size)
+    per_token_loss, *stats = _ChunkedDistillation.apply(
         spec, student_rows, student_weight, student_bias, teacher_rows, teacher_weight, teacher_bias, ids
     )  # [N] each (the statistics are empty without token ids)
-    stats = None if token_ids is None else TokenStats(
-        student_token_logps.view(lead_shape), entropy.view(lead_shape), teacher_token_logps.view(lead_shape),
-        teacher_entropy.view(lead_shape))
-    return per_token_loss.view(lead_shape), stats
+    token_stats = None if token_ids is None else TokenStats(*(s.view(lead_shape) for s in stats))
+    return per_token_loss.view(lead_shape), token_stats
 
 
 def chunked_per_token_distillation_loss(
@@ -469,6 +650,63 @@ def chunked_distillation_loss_with_stats(
     )
     assert stats is not None
     return per_token_loss, stats
+
+
+class WeightedDistillation(NamedTuple):
+    """What `weighted_distillation_loss` returns."""
+
+    loss: Tensor  # scalar Σ w·ρ·ℓ, with gradient
+    per_token_loss: Tensor  # [...] ℓ, no gradient (for logging)
+    stats: TokenStats | None  # present when token ids were given
+
+
+def weighted_distillation_loss(
+    student_hidden: Tensor,
+    teacher_hidden: Tensor,
+    student_lm_head: Tensor,
+    teacher_lm_head: Tensor,
+    token_weights: Tensor,
+    *,
+    temperature: float,
+    alpha: float,
+    topk: int | None,
+    add_tail: bool,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    student_lm_head_bias: Tensor | None = None,
+    teacher_lm_head_bias: Tensor | None = None,
+    token_ids: Tensor | None = None,
+    old_token_logps: Tensor | None = None,
+    is_clip: float | None = None,
+) -> WeightedDistillation:
+    """The scalar `Σ w·ρ·ℓ` over tokens `[...]`, from hidden states, with its gradients computed in the same pass.
+
+    ℓ is `chunked_distillation_loss`'s per-token divergence, `w` the constant `token_weights` (a trainer's mask
+    and normaliser, e.g. `aggregation_weights`), ρ the detached `importance_weight` of the sampled tokens
+    (`token_ids` and `old_token_logps` given; else 1). Values and gradients equal those of
+    `(chunked_distillation_loss(...) * w * ρ).sum()` over `w ≠ 0` (NaN or inf where `w = 0` cannot leak in), but
+    each chunk goes through the LM heads once instead of twice: knowing `w` up front, the chunk's logit gradient
+    is contracted with the head while its logits still exist. Memory: the student's row gradient and the fp32
+    head gradient are held from forward to backward.
+    """
+    if student_lm_head.size(0) != teacher_lm_head.size(0):
+        raise ValueError(f"student and teacher vocabularies differ: {student_lm_head.size(0)} vs "
+                         f"{teacher_lm_head.size(0)}")
+    if token_weights.shape != student_hidden.shape[:-1]:
+        raise ValueError(f"token weights {tuple(token_weights.shape)} do not match the token shape "
+                         f"{tuple(student_hidden.shape[:-1])}")
+    if old_token_logps is not None and (token_ids is None or old_token_logps.shape != token_ids.shape):
+        raise ValueError("old_token_logps needs token_ids of the same shape (the ratio is taken at sampled tokens)")
+    lead_shape = student_hidden.shape[:-1]
+    student_rows, teacher_rows, ids = _flat_rows(student_hidden, teacher_hidden, token_ids)
+    spec = _spec(student_rows, student_lm_head, student_lm_head_bias, vocab_size=student_lm_head.size(0),
+                 temperature=temperature, alpha=alpha, topk=topk, add_tail=add_tail, chunk_size=chunk_size)
+    old = None if old_token_logps is None else old_token_logps.reshape(-1)
+    loss, per_token_loss, *stats = _FusedDistillation.apply(
+        spec, token_weights.detach().reshape(-1), old, is_clip, student_rows, student_lm_head, student_lm_head_bias,
+        teacher_rows, teacher_lm_head, teacher_lm_head_bias, ids,
+    )
+    token_stats = None if token_ids is None else TokenStats(*(s.view(lead_shape) for s in stats))
+    return WeightedDistillation(loss, per_token_loss.view(lead_shape), token_stats)
 
 
 def _run_hidden(student_hidden: Tensor, teacher_hidden: Tensor, student_lm_head: Tensor, teacher_lm_head: Tensor,
@@ -666,6 +904,39 @@ def importance_weight(per_token_logps: Tensor, old_per_token_logps: Tensor | Non
 
 
 # ------------------------------------------------------------------------------------------------ aggregation
+def aggregation_weights(
+    mask: Tensor,
+    *,
+    mode: Literal["sequence_mean", "token_mean"],
+    num_sequences: float | Tensor | None = None,
+    num_active_tokens: float | Tensor | None = None,
+) -> Tensor:
+    """Each token's weight `[B, T]` in `aggregate_loss`: its loss is `weighted_token_sum(per_token_loss, weights)`.
+
+    `"sequence_mean"`: mask / the sequence's active tokens (at least 1) / `num_sequences` (default `B`).
+    `"token_mean"`: mask / `num_active_tokens` (default: this batch's count, at least 1). Known before the loss
+    is computed, so `weighted_distillation_loss` can take its gradient in the same pass.
+    """
+    mask = mask.float()  # [B, T]
+    if mode == "sequence_mean":
+        tokens_per_sequence = mask.sum(-1, keepdim=True).clamp(min=1.0)  # [B, 1]
+        denominator = mask.size(0) if num_sequences is None else num_sequences
+        return mask / tokens_per_sequence / denominator
+    if mode == "token_mean":
+        denominator = mask.sum().clamp(min=1.0) if num_active_tokens is None else num_active_tokens
+        return mask / denominator
+    raise ValueError(f"mode must be one of 'sequence_mean', 'token_mean', got {mode!r}")
+
+
+def weighted_token_sum(per_token_loss: Tensor, weights: Tensor) -> Tensor:
+    """`Σ weights·per_token_loss` over tokens with a non-zero weight (NaN or inf elsewhere cannot leak in).
+
+    Always connected to `per_token_loss`'s graph, so an all-masked batch still backpropagates (DDP needs it).
+    """
+    weights = weights.to(per_token_loss.dtype)
+    return torch.where(weights != 0, per_token_loss * weights, torch.zeros_like(per_token_loss)).sum()
+
+
 def aggregate_loss(
     per_token_loss: Tensor,
     mask: Tensor,
@@ -697,17 +968,8 @@ def aggregate_loss(
     """
     if per_token_loss.shape != mask.shape:
         raise ValueError(f"per_token_loss {tuple(per_token_loss.shape)} and mask {tuple(mask.shape)} differ")
-    mask = mask.to(per_token_loss.dtype)  # [B, T]
-    masked_loss = torch.where(mask != 0, per_token_loss * mask, torch.zeros_like(per_token_loss))  # [B, T]
-    if mode == "sequence_mean":
-        tokens_per_sequence = mask.sum(-1).clamp(min=1.0)  # [B]
-        sequence_loss = masked_loss.sum(-1) / tokens_per_sequence  # [B]; all-masked rows are 0
-        denominator = per_token_loss.size(0) if num_sequences is None else num_sequences
-        return sequence_loss.sum() / denominator
-    if mode == "token_mean":
-        denominator = mask.sum().clamp(min=1.0) if num_active_tokens is None else num_active_tokens
-        return masked_loss.sum() / denominator
-    raise ValueError(f"mode must be one of 'sequence_mean', 'token_mean', got {mode!r}")
+    weights = aggregation_weights(mask, mode=mode, num_sequences=num_sequences, num_active_tokens=num_active_tokens)
+    return weighted_token_sum(per_token_loss, weights)
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ for that, the way TRL adds its fused LM head.
 from __future__ import annotations
 
 import functools
+import inspect
 import types
 from typing import Any, NamedTuple
 
@@ -46,12 +47,54 @@ def lm_head(model: nn.Module) -> LMHead:
 
 def backbone_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                            keep: int) -> torch.Tensor:
-    """Final (normed) hidden states of the last `keep` positions `[B, keep, H]`, skipping the LM head."""
-    outputs = causal_lm(model).base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    """Final (normed) hidden states of the last `keep` positions `[B, keep, H]`, skipping the LM head.
+
+    Without autograd (the teacher), rows whose first `L - keep` tokens and mask are identical go through them once
+    when that saves work (`shared_prefix_pays`): the failures of a group share one demonstration, so their teacher
+    prompts are the same. Same positions and mask as one pass over every row, so the same values up to rounding.
+    The number of forward calls then depends on the data: not for parameters sharded across ranks (ZeRO-3/FSDP
+    gather them inside each call), which the trainer never sends here.
+    """
+    lm = causal_lm(model)
+    prefix_length = input_ids.size(1) - keep
+    if prefix_length > 0 and not torch.is_grad_enabled() and not getattr(lm, "_is_stateful", False):
+        first, group = distinct_rows(input_ids[:, :prefix_length], attention_mask[:, :prefix_length])
+        if shared_prefix_pays(first.numel(), input_ids.size(0), prefix_length, keep):
+            return _shared_prefix_hidden_states(lm, input_ids, attention_mask, prefix_length, first, group)
+    outputs = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return outputs.last_hidden_state[:, -keep:, :]
 
 
+def distinct_rows(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first row of each distinct `(ids, mask)` row `[U]`, and the index into those of every row `[B]`."""
+    _, group = torch.unique(torch.cat([ids, mask.to(ids.dtype)], dim=1), dim=0, return_inverse=True)  # [B]
+    rows = torch.arange(ids.size(0), device=ids.device)
+    first = torch.full((int(group.max()) + 1,), ids.size(0), dtype=torch.long, device=ids.device)
+    first = first.scatter_reduce(0, group, rows, reduce="amin")  # [U]
+    return first, group
 
+
+def shared_prefix_pays(distinct: int, rows: int, prefix_length: int, keep: int) -> bool:
+    """Whether one pass over the `distinct` prefixes plus one over every row's last `keep` positions costs at most
+    90 % of the token positions of one pass over everything (two forward calls are not free)."""
+    return distinct * prefix_length + rows * keep <= 0.9 * rows * (prefix_length + keep)
+
+
+def _shared_prefix_hidden_states(lm: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                 prefix_length: int, first: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """The distinct prefixes fill a KV cache, copied to their rows; then every row's last positions attend to it."""
+    from transformers import DynamicCache
+
+    backbone = lm.base_model
+    # transformers renamed the keyword `past_key_values` to `cache` within the 5.x range we support
+    cache_keyword = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+    cache = DynamicCache(config=lm.config)
+    backbone(input_ids=input_ids[first, :prefix_length], attention_mask=attention_mask[first, :prefix_length],
+             use_cache=True, **{cache_keyword: cache})
+    cache.reorder_cache(group.long())  # type: ignore[arg-type]  # [U, ...] -> [B, ...]
+    outputs = backbone(input_ids=input_ids[:, prefix_length:], attention_mask=attention_mask, use_cache=True,
+                       **{cache_keyword: cache})
+    return outputs.last_hidden_state  # [B, keep, H]
 
 
 def supports_hidden_state_path(model: nn.Module) -> bool:

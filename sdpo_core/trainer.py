@@ -100,6 +100,7 @@ class _DistillationTerms(NamedTuple):
     teacher_token_logps: torch.Tensor  # log p_teacher(sampled token)
     entropy: torch.Tensor  # the student's entropy, on every row
     teacher_entropy: torch.Tensor  # the teacher's entropy
+    loss: torch.Tensor  # the scalar Σ weight·ρ·ℓ (ρ: the importance ratio), with its gradient
 
 
 def _scatter_rows(rows: torch.Tensor, num_rows: int, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -440,29 +441,17 @@ class SDPOTrainer(GRPOTrainer):
             inputs = {**inputs, "sd_mask": distill_rows}
         sd_mask = inputs["sd_mask"]  # [B]
         mask = inputs["completion_mask"] * inputs.get("tool_mask", 1) * sd_mask.unsqueeze(1)  # [B, T]
+        weights = self._token_weights(inputs, mask, mode)  # [B, T]
         terms_of = self._distillation_from_hidden if self._hidden_state_path else self._distillation_from_logits
-        terms = terms_of(model, inputs)
-        per_token_loss, student_token_logps = terms.per_token_loss, terms.student_token_logps
+        terms = terms_of(model, inputs, weights)
+        student_token_logps = terms.student_token_logps
         if not sd_mask.any():  # lasgroup/SDPO dp_actor.py:848: no teacher signal in this micro-batch
             self._metrics[mode]["sdpo/empty_target_batch"].append(1.0)
-
         is_ratio = sdpo_loss.importance_weight(student_token_logps, inputs.get("old_per_token_logps"), cfg.is_clip)
-        per_token_loss = per_token_loss * is_ratio
-        if "importance_sampling_ratio" in inputs:  # vLLM rollout correction, as GRPO applies it
-            per_token_loss = per_token_loss * inputs["importance_sampling_ratio"]
-
-        if cfg.loss_aggregation == "sequence_mean":
-            loss = sdpo_loss.aggregate_loss(per_token_loss, mask, mode="sequence_mean",
-                                            num_sequences=per_token_loss.size(0))
-            reported = loss.detach()
-            if mode == "train":
-                loss = loss / self.current_gradient_accumulation_steps
-        else:
-            normalizer = inputs["sd_num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-            if mode == "train":
-                normalizer = normalizer * self.current_gradient_accumulation_steps / self._steps_per_generation
-            loss = sdpo_loss.aggregate_loss(per_token_loss, mask, mode="token_mean", num_active_tokens=normalizer)
-            reported = loss.detach()
+        loss = terms.loss
+        reported = loss.detach()
+        if mode == "train" and cfg.loss_aggregation == "sequence_mean":  # log the loss before GA's scaling
+            reported = reported * self.current_gradient_accumulation_steps
 
         self._log_loss_metrics(mode, reported, inputs, mask, terms, is_ratio)
         if policy_rows is None or distill_rows is None:  # both are set, or neither
@@ -472,6 +461,24 @@ class SDPOTrainer(GRPOTrainer):
         if cfg.route_by_success:
             return loss + policy_loss
         return cfg.distillation_weight * loss + (1.0 - cfg.distillation_weight) * policy_loss
+
+    def _token_weights(self, inputs, mask: torch.Tensor, mode: str) -> torch.Tensor:
+        """Each token's weight `[B, T]` in this micro-batch's SDPO loss (the loss is Σ weight·ρ·ℓ, ρ the importance
+        ratio): the aggregation's, times the vLLM rollout correction as GRPO applies it, scaled for gradient
+        accumulation. Known before the forward, so the hidden-state loss takes its gradient in the same pass."""
+        cfg = self.sdpo_config
+        if cfg.loss_aggregation == "sequence_mean":
+            weights = sdpo_loss.aggregation_weights(mask, mode="sequence_mean", num_sequences=mask.size(0))
+            if mode == "train":
+                weights = weights / self.current_gradient_accumulation_steps
+        else:
+            normalizer = inputs["sd_num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                normalizer = normalizer * self.current_gradient_accumulation_steps / self._steps_per_generation
+            weights = sdpo_loss.aggregation_weights(mask, mode="token_mean", num_active_tokens=normalizer)
+        if "importance_sampling_ratio" in inputs:
+            weights = weights * inputs["importance_sampling_ratio"]
+        return weights
 
     def _policy_loss(self, inputs, per_token_logps: torch.Tensor, rows: torch.Tensor, mode: str) -> torch.Tensor:
         """GRPO's loss on `rows`, from the log-probs (with grad) of the distillation's own student forward.
@@ -528,8 +535,8 @@ class SDPOTrainer(GRPOTrainer):
             return teacher_ids, teacher_mask, keep
         return teacher_ids[rows], teacher_mask[rows], keep
 
-    def _distillation_from_logits(self, model, inputs):
-        """Per-token loss from full `[B, T, V]` logits (token-level and trust-region modes need them)."""
+    def _distillation_from_logits(self, model, inputs, weights: torch.Tensor):
+        """The loss Σ weight·ρ·ℓ from full `[B, T, V]` logits (token-level and trust-region modes need them)."""
         cfg = self.sdpo_config
         completion_ids = inputs["completion_ids"]
         input_ids, attention_mask, keep = self._inputs_for(inputs, "prompt")
@@ -537,9 +544,11 @@ class SDPOTrainer(GRPOTrainer):
                                use_cache=False).logits[:, :-1, :] / self.temperature  # [B, T, V]
         student_token_logps = sdpo_loss.sampled_token_logps(student_logits, completion_ids)  # [B, T]
         entropy = sdpo_loss.token_entropy(student_logits)  # [B, T]
+        is_ratio = sdpo_loss.importance_weight(student_token_logps, inputs.get("old_per_token_logps"), cfg.is_clip)
         if not inputs["sd_mask"].any() and not self._teacher_on_all_rows:
-            return _DistillationTerms(student_token_logps * 0.0, student_token_logps, student_token_logps.detach(),
-                                      entropy, torch.zeros_like(entropy))
+            zero = student_token_logps * 0.0  # graph-connected
+            return _DistillationTerms(zero, student_token_logps, student_token_logps.detach(), entropy,
+                                      torch.zeros_like(entropy), sdpo_loss.weighted_token_sum(zero, weights))
         rows = self._teacher_rows(inputs["sd_mask"])
         student_rows_logps = student_token_logps
         if rows is not None:  # rows without a signal are masked out of the loss: skip their teacher forward
@@ -560,10 +569,13 @@ class SDPOTrainer(GRPOTrainer):
         if rows is not None:
             per_token_loss, teacher_token_logps, teacher_entropy = _scatter_rows(
                 rows, student_token_logps.size(0), per_token_loss, teacher_token_logps, teacher_entropy)
-        return _DistillationTerms(per_token_loss, student_token_logps, teacher_token_logps, entropy, teacher_entropy)
+        loss = sdpo_loss.weighted_token_sum(per_token_loss * is_ratio, weights)
+        return _DistillationTerms(per_token_loss, student_token_logps, teacher_token_logps, entropy, teacher_entropy,
+                                  loss)
 
-    def _distillation_from_hidden(self, model, inputs):
-        """Per-token loss from final hidden states and the LM heads: `[B, T, V]` logits never exist."""
+    def _distillation_from_hidden(self, model, inputs, weights: torch.Tensor):
+        """The loss Σ weight·ρ·ℓ from final hidden states and the LM heads, its gradient taken in the same pass
+        (`weighted_distillation_loss`): `[B, T, V]` logits never exist, and each chunk meets the heads once."""
         cfg = self.sdpo_config
         completion_ids = inputs["completion_ids"]
         input_ids, attention_mask, keep = self._inputs_for(inputs, "prompt")
@@ -585,29 +597,34 @@ class SDPOTrainer(GRPOTrainer):
             if policy_logps is not None:
                 student_token_logps = policy_logps
             return _DistillationTerms(zero, student_token_logps, student_token_logps.detach(), entropy,
-                                      torch.zeros_like(entropy))
+                                      torch.zeros_like(entropy), zero.sum())
         rows = self._teacher_rows(inputs["sd_mask"])
-        active_hidden, active_ids = student_hidden, completion_ids
+        active_hidden, active_ids, old_logps = student_hidden, completion_ids, inputs.get("old_per_token_logps")
         if rows is not None:  # rows without a signal are masked out of the loss: skip their teacher forward
-            active_hidden, active_ids = student_hidden[rows], completion_ids[rows]
+            active_hidden, active_ids, weights = student_hidden[rows], completion_ids[rows], weights[rows]
+            old_logps = None if old_logps is None else old_logps[rows]
         assert self.teacher is not None  # set in __init__ whenever SDPO is enabled
         teacher_hidden, teacher_head = self.teacher.hidden_states(model, *self._teacher_inputs(inputs, rows))
         teacher_hidden = teacher_hidden[:, :-1, :]  # [b, T, H]
         # the statistics come out of the loss's own chunk logits: no second pass through either LM head
-        per_token_loss, stats = sdpo_loss.chunked_distillation_loss_with_stats(
-            active_hidden, teacher_hidden, student_head.weight, teacher_head.weight, active_ids,
+        loss, per_token_loss, stats = sdpo_loss.weighted_distillation_loss(
+            active_hidden, teacher_hidden, student_head.weight, teacher_head.weight, weights,
             temperature=self.temperature, alpha=cfg.alpha, topk=cfg.distillation_topk,
             add_tail=cfg.distillation_add_tail, chunk_size=cfg.distillation_chunk_size,
-            student_lm_head_bias=student_head.bias, teacher_lm_head_bias=teacher_head.bias,
-        )  # [b, T] each
+            student_lm_head_bias=student_head.bias, teacher_lm_head_bias=teacher_head.bias, token_ids=active_ids,
+            old_token_logps=old_logps, is_clip=cfg.is_clip,
+        )  # a scalar, then [b, T] each
+        assert stats is not None  # token ids were given
         terms = _DistillationTerms(per_token_loss, stats.student_token_logps, stats.teacher_token_logps,
-                                   stats.entropy, stats.teacher_entropy)
+                                   stats.entropy, stats.teacher_entropy, loss)
         if rows is not None:
             # Rows without a signal get zeros in the teacher's terms; the loss mask and the trained-token metrics
             # exclude them. Every parameter still reaches the loss through the active rows, as DDP needs. The
             # student's statistics of those rows (which never went through the loss) are computed alone, for the
             # `entropy` metric over all completion tokens.
-            terms = _DistillationTerms(*_scatter_rows(rows, student_hidden.size(0), *terms))
+            per_token_loss, student_logps, teacher_logps, entropy, teacher_entropy = _scatter_rows(
+                rows, student_hidden.size(0), *terms[:-1])
+            terms = _DistillationTerms(per_token_loss, student_logps, teacher_logps, entropy, teacher_entropy, loss)
             skipped = (inputs["sd_mask"] == 0).nonzero(as_tuple=True)[0]
             skipped_logps, skipped_entropy = sdpo_loss.token_stats_from_hidden(
                 student_hidden[skipped], *student_head, completion_ids[skipped], temperature=self.temperature,

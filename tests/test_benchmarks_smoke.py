@@ -39,6 +39,16 @@ def test_step_overhead_prints_its_table(tmp_path):
     assert summary["medians_s"]["GRPO"]["teacher_forward"] == 0
 
 
+def test_loss_bench_times_the_fused_loss_against_trl_and_profiles_it(tmp_path):
+    stdout = _run("loss_bench.py", "--quick", "--no-logits", "--threads", "1", "--sweep", "1x64x4096",
+                  "--profile", "1x64x4096", cwd=tmp_path)
+    table_row = next(line for line in stdout.splitlines() if line.startswith("cpu     1x64x4096"))
+    assert "error" not in table_row
+    assert "-  " not in table_row
+    for phase in ("student head matmul", "gradient matmul to the head", "backward's recompute matmul"):
+        assert phase in stdout
+
+
 @pytest.mark.slow
 def test_learning_efficacy_writes_results_and_plot(tmp_path):
     out_dir = tmp_path / "results"

@@ -220,9 +220,9 @@ def test_episodes_are_played_turn_by_turn_with_the_observations_masked(answering
 @pytest.mark.parametrize("sdpo", [{}, {"full_logit_distillation": False, "alpha": 1.0}],
                          ids=["full-logit distillation from hidden states", "token-level reverse KL from logits"])
 def test_observation_tokens_get_no_loss_and_no_gradient(answering_model, tmp_path, monkeypatch, sdpo):
-    """The loss's own mask is 0 on observation tokens, so their per-token loss is exactly 0, and the gradient of
-    the loss with respect to the student's final hidden states at the positions that predict them is exactly 0: an
-    observation token reaches the loss only as context for the assistant turns after it."""
+    """The loss's own weights are 0 on observation tokens, so their per-token loss counts for nothing, and the
+    gradient of the loss with respect to the student's final hidden states at the positions that predict them is
+    exactly 0: an observation token reaches the loss only as context for the assistant turns after it."""
     monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
     from sdpo_core import loss as sdpo_loss
 
@@ -234,14 +234,13 @@ def test_observation_tokens_get_no_loss_and_no_gradient(answering_model, tmp_pat
     assert batch["sd_mask"].sum() > 0
 
     seen = {}
-    real_aggregate = sdpo_loss.aggregate_loss
+    real_weights = sdpo_loss.aggregation_weights
 
-    def aggregate(per_token_loss, mask, **kwargs):
-        seen["masked"] = (per_token_loss * mask).detach()
-        seen["mask"] = mask.detach()
-        return real_aggregate(per_token_loss, mask, **kwargs)
+    def weights(mask, **kwargs):  # each token's weight in the loss: the loss is Σ weight·ρ·ℓ
+        seen["weights"] = real_weights(mask, **kwargs)
+        return seen["weights"]
 
-    monkeypatch.setattr(sdpo_loss, "aggregate_loss", aggregate)
+    monkeypatch.setattr(sdpo_loss, "aggregation_weights", weights)
     hidden = {}
     hook = trainer.model.model.norm.register_forward_hook(lambda module, args, out: hidden.setdefault("out", out))
     trainer.model.train()
@@ -251,8 +250,7 @@ def test_observation_tokens_get_no_loss_and_no_gradient(answering_model, tmp_pat
     out = hidden["out"]
     out.retain_grad()
     loss.backward()
-    assert torch.all(seen["mask"][observed] == 0)
-    assert torch.all(seen["masked"][observed] == 0)
+    assert torch.all(seen["weights"][observed] == 0)
     prompt_length = batch["prompt_ids"].size(1)
     # hidden state at position prompt_length - 1 + j predicts completion token j
     grad = out.grad[:, prompt_length - 1:prompt_length - 1 + observed.size(1)].abs().sum(-1)  # [B, T]

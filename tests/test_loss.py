@@ -425,6 +425,18 @@ def test_sequence_mean_by_hand():
     close(sdpo_loss.aggregate_loss(loss, mask, mode="sequence_mean", num_sequences=10), torch.tensor(0.75))
 
 
+def test_aggregation_weights_by_hand():
+    _, mask = _batch()
+    by_sequence = sdpo_loss.aggregation_weights(mask, mode="sequence_mean")
+    close(by_sequence, torch.tensor([[1 / 2, 1 / 2, 0], [1 / 3, 1 / 3, 1 / 3], [0, 0, 0], [1, 0, 0]]) / 4)
+    close(sdpo_loss.aggregation_weights(mask, mode="token_mean", num_active_tokens=3.0), mask / 3)
+    loss = torch.tensor([[1.0, float("nan")], [2.0, 3.0]], requires_grad=True)
+    total = sdpo_loss.weighted_token_sum(loss, torch.tensor([[0.5, 0.0], [1.0, 2.0]]))
+    total.backward()
+    close(total, torch.tensor(8.5))
+    close(loss.grad, torch.tensor([[0.5, 0.0], [1.0, 2.0]]))
+
+
 def test_token_mean_by_hand():
     loss, mask = _batch()
     # active tokens: 1+2 + 4+5+6 + 1 = 19 over 6
@@ -547,3 +559,111 @@ def test_loss_with_stats_rejects_token_ids_of_another_shape():
     with pytest.raises(ValueError, match="token ids"):
         chunked_distillation_loss_with_stats(hidden, hidden, head, head, torch.zeros(2, 4, dtype=torch.long),
                                              temperature=1.0, alpha=0.5, topk=4, add_tail=True)
+
+
+# ------------------------------------------------------------------------------------------------ fused (weighted)
+def _fused_inputs(seed: int, with_bias: bool):
+    student_hidden, teacher_hidden = _logits(B, T, H, scale=1.0, seed=seed), _logits(B, T, H, scale=1.0, seed=seed + 1)
+    # logits of std ~1: a top-K mass near 1 makes the tail ill-conditioned in fp32, for every summation order
+    student_head, teacher_head = _logits(V, H, scale=0.5, seed=seed + 2), _logits(V, H, scale=0.5, seed=seed + 3)
+    bias = _logits(V, scale=0.5, seed=seed + 4) if with_bias else None
+    return student_hidden, teacher_hidden, student_head, teacher_head, bias
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("topk", [4, None])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("chunk_size", [1, 4, None])
+def test_weighted_loss_equals_the_weighted_sum_of_the_per_token_loss(alpha, topk, with_bias, chunk_size):
+    """Gradients computed in forward equal autograd's through `chunked_distillation_loss`, weights and all."""
+    student_hidden, teacher_hidden, student_head, teacher_head, bias = _fused_inputs(40, with_bias)
+    weights = _logits(B, T, seed=45).abs()
+    weights[0, 1] = 0.0  # a masked token
+    kwargs = {"temperature": 0.7, "alpha": alpha, "topk": topk, "add_tail": True, "chunk_size": chunk_size,
+              "teacher_lm_head_bias": bias}
+    results = []
+    for fused in (False, True):
+        hidden, head = student_hidden.clone().requires_grad_(), student_head.clone().requires_grad_()
+        student_bias = None if bias is None else bias.clone().requires_grad_()
+        leaves = [t for t in (hidden, head, student_bias) if t is not None]
+        if fused:
+            out = sdpo_loss.weighted_distillation_loss(hidden, teacher_hidden, head, teacher_head, weights,
+                                                       student_lm_head_bias=student_bias, **kwargs)
+            loss, per_token = out.loss, out.per_token_loss
+        else:
+            per_token = sdpo_loss.chunked_distillation_loss(hidden, teacher_hidden, head, teacher_head,
+                                                            student_lm_head_bias=student_bias, **kwargs)
+            loss = (per_token * weights).sum()
+        results.append((loss.detach(), per_token.detach(), torch.autograd.grad(3.0 * loss, leaves)))
+    (ref_loss, ref_per_token, ref_grads), (loss, per_token, grads) = results
+    close(loss, ref_loss)
+    torch.testing.assert_close(per_token, ref_per_token, rtol=0, atol=0)
+    # the same sums in another order; at α=0 the fp32 tail amplifies rounding to ~5e-5 relative on either path
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        close(grad, ref_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_weighted_loss_applies_the_importance_weight_at_the_sampled_tokens():
+    student_hidden, teacher_hidden, student_head, teacher_head, _ = _fused_inputs(50, False)
+    ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(0))
+    old = _logits(B, T, seed=56) - 3.0
+    weights = torch.full((B, T), 0.5)
+    kwargs = {"temperature": 1.0, "alpha": 0.5, "topk": 4, "add_tail": True, "chunk_size": 2}
+    hidden = student_hidden.clone().requires_grad_()
+    out = sdpo_loss.weighted_distillation_loss(hidden, teacher_hidden, student_head, teacher_head, weights,
+                                               token_ids=ids, old_token_logps=old, is_clip=2.0, **kwargs)
+    (grad,) = torch.autograd.grad(out.loss, hidden)
+
+    reference_hidden = student_hidden.clone().requires_grad_()
+    per_token, stats = sdpo_loss.chunked_distillation_loss_with_stats(reference_hidden, teacher_hidden, student_head,
+                                                                      teacher_head, ids, **kwargs)
+    ratio = sdpo_loss.importance_weight(stats.student_token_logps, old, 2.0)
+    assert (ratio != 1.0).any()
+    assert (ratio == 2.0).any()
+    reference = (per_token * ratio * weights).sum()
+    close(out.loss, reference.detach())
+    close(grad, torch.autograd.grad(reference, reference_hidden)[0])
+    for value, expected in zip(out.stats, stats, strict=True):
+        torch.testing.assert_close(value, expected, rtol=0, atol=0)
+
+
+def test_weighted_loss_ignores_nan_at_zero_weight_and_frozen_heads():
+    student_hidden, teacher_hidden, student_head, teacher_head, _ = _fused_inputs(60, False)
+    teacher_hidden = teacher_hidden.clone()
+    teacher_hidden[1, 2] = float("nan")  # a padded position with garbage in it
+    weights = torch.ones(B, T)
+    weights[1, 2] = 0.0
+    hidden = student_hidden.clone().requires_grad_()
+    out = sdpo_loss.weighted_distillation_loss(hidden, teacher_hidden, student_head, teacher_head, weights,
+                                               temperature=1.0, alpha=0.5, topk=4, add_tail=True, chunk_size=2)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert torch.isfinite(hidden.grad).all()
+    assert not out.per_token_loss.requires_grad
+    assert out.stats is None
+    assert student_head.grad is None  # a head without requires_grad gets no gradient
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_weighted_loss_without_autograd_gives_the_value(context):
+    student_hidden, teacher_hidden, student_head, teacher_head, _ = _fused_inputs(70, False)
+    weights = torch.rand(B, T, generator=torch.Generator().manual_seed(1))
+    kwargs = {"temperature": 1.0, "alpha": 0.5, "topk": 4, "add_tail": True, "chunk_size": 2}
+    with context():
+        out = sdpo_loss.weighted_distillation_loss(student_hidden.requires_grad_(), teacher_hidden, student_head,
+                                                   teacher_head, weights, **kwargs)
+    per_token = sdpo_loss.chunked_distillation_loss(student_hidden, teacher_hidden, student_head, teacher_head,
+                                                    **kwargs)
+    close(out.loss, (per_token * weights).sum().detach())
+
+
+def test_weighted_loss_rejects_mismatched_weights_and_old_logps():
+    hidden, head = torch.randn(2, 5, 8), torch.randn(13, 8)
+    kwargs = {"temperature": 1.0, "alpha": 0.5, "topk": 4, "add_tail": True}
+    with pytest.raises(ValueError, match="token weights"):
+        sdpo_loss.weighted_distillation_loss(hidden, hidden, head, head, torch.ones(2, 4), **kwargs)
+    with pytest.raises(ValueError, match="old_token_logps"):
+        sdpo_loss.weighted_distillation_loss(hidden, hidden, head, head, torch.ones(2, 5),
+                                             old_token_logps=torch.zeros(2, 5), **kwargs)
+    with pytest.raises(ValueError, match="vocabularies"):
+        sdpo_loss.weighted_distillation_loss(hidden, hidden, head, head[:12], torch.ones(2, 5), **kwargs)
