@@ -20,6 +20,10 @@ chunk by chunk with a custom autograd function (`_ChunkedDistillation`) that rec
 in backward, so the fp32 temporaries are bounded by `chunk_size x V`. The hidden-state path never
 materialises `[B, T, V]` logits at all, and in top-K mode neither path keeps the teacher's logits alive for
 backward. The only full-size tensor the logits path creates is the gradient of the student's logits.
+
+Speed. `weighted_distillation_loss`, the trainer's path, takes the token weights up front and contracts each
+chunk's logit gradient with the head during forward (`_FusedDistillation`): one pass through the LM heads
+instead of two (docs/algorithm.md §2.9).
 """
 
 from __future__ import annotations

@@ -57,12 +57,20 @@ def backbone_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_
     """
     lm = causal_lm(model)
     prefix_length = input_ids.size(1) - keep
-    if prefix_length > 0 and not torch.is_grad_enabled() and not getattr(lm, "_is_stateful", False):
+    if prefix_length > 0 and not torch.is_grad_enabled() and _keeps_a_cache(lm):
         first, group = distinct_rows(input_ids[:, :prefix_length], attention_mask[:, :prefix_length])
         if shared_prefix_pays(first.numel(), input_ids.size(0), prefix_length, keep):
             return _shared_prefix_hidden_states(lm, input_ids, attention_mask, prefix_length, first, group)
     outputs = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return outputs.last_hidden_state[:, -keep:, :]
+
+
+def _keeps_a_cache(lm: Any) -> bool:
+    """Whether a forward fills a KV cache: not for stateful (recurrent) models, and not under gradient
+    checkpointing in training mode, where transformers turns the cache off (a LoRA teacher runs inside the
+    training student)."""
+    checkpointing = getattr(lm, "is_gradient_checkpointing", False) and lm.training
+    return not getattr(lm, "_is_stateful", False) and not checkpointing
 
 
 def distinct_rows(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,6 +99,9 @@ def _shared_prefix_hidden_states(lm: Any, input_ids: torch.Tensor, attention_mas
     cache = DynamicCache(config=lm.config)
     backbone(input_ids=input_ids[first, :prefix_length], attention_mask=attention_mask[first, :prefix_length],
              use_cache=True, **{cache_keyword: cache})
+    if cache.get_seq_length() != prefix_length:  # the rows' last positions would attend to no prompt at all
+        raise RuntimeError(f"{type(lm).__name__} did not fill its KV cache over the {prefix_length} shared prompt "
+                           "positions; the teacher's shared-prefix pass cannot be used with this model")
     cache.reorder_cache(group.long())  # type: ignore[arg-type]  # [U, ...] -> [B, ...]
     outputs = backbone(input_ids=input_ids[:, prefix_length:], attention_mask=attention_mask, use_cache=True,
                        **{cache_keyword: cache})

@@ -1,4 +1,4 @@
-"""The CUDA paths: the hidden-state loss on CUDA equals CPU, an SDPO step in bf16 on CUDA, and vLLM colocate.
+"""The CUDA paths: the hidden-state losses on CUDA equal CPU, an SDPO step in bf16 on CUDA, and vLLM colocate.
 
 Marked `gpu` and skipped without a CUDA device (and, for vLLM, without vllm installed); CI on CPU deselects them.
 Run them on a GPU machine with `python -m pytest -m gpu tests/test_gpu.py`.
@@ -36,6 +36,29 @@ def test_hidden_state_loss_on_cuda_equals_cpu(dtype):
             alpha=0.5, topk=8, add_tail=True, temperature=0.7, chunk_size=5)
         hidden_grad, head_grad = torch.autograd.grad(loss.sum(), [hidden, head])
         return loss.detach().float().cpu(), hidden_grad.float().cpu(), head_grad.float().cpu()
+
+    tolerance = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    for on_cpu, on_cuda in zip(run("cpu"), run("cuda"), strict=True):
+        torch.testing.assert_close(on_cuda, on_cpu, **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weighted_loss_on_cuda_equals_cpu(dtype):
+    """The trainer's path (gradient taken in forward, logit buffers reused per chunk) on CUDA."""
+    tokens, hidden_size, vocab = 24, 32, 300
+    student_hidden, teacher_hidden = _random(tokens, hidden_size, seed=5), _random(tokens, hidden_size, seed=6)
+    student_head, teacher_head = _random(vocab, hidden_size, seed=7), _random(vocab, hidden_size, seed=8)
+    weights, ids = _random(tokens, seed=9).abs(), torch.arange(tokens) * 7 % vocab
+
+    def run(device: str) -> tuple[torch.Tensor, ...]:
+        hidden = student_hidden.to(device, dtype).requires_grad_()
+        head = student_head.to(device, dtype).requires_grad_()
+        out = sdpo_loss.weighted_distillation_loss(
+            hidden, teacher_hidden.to(device, dtype), head, teacher_head.to(device, dtype), weights.to(device),
+            alpha=0.5, topk=8, add_tail=True, temperature=0.7, chunk_size=5, token_ids=ids.to(device))
+        hidden_grad, head_grad = torch.autograd.grad(out.loss, [hidden, head])
+        return (out.loss.detach().cpu(), out.stats.entropy.cpu(), hidden_grad.float().cpu(),
+                head_grad.float().cpu())
 
     tolerance = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     for on_cpu, on_cuda in zip(run("cpu"), run("cuda"), strict=True):

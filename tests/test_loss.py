@@ -667,3 +667,23 @@ def test_weighted_loss_rejects_mismatched_weights_and_old_logps():
                                              old_token_logps=torch.zeros(2, 5), **kwargs)
     with pytest.raises(ValueError, match="vocabularies"):
         sdpo_loss.weighted_distillation_loss(hidden, hidden, head, head[:12], torch.ones(2, 5), **kwargs)
+
+
+def test_weighted_loss_with_a_bf16_head_gives_bf16_grads_like_the_per_token_path():
+    student_hidden, teacher_hidden, student_head, teacher_head, _ = _fused_inputs(80, False)
+    weights = torch.rand(B, T, generator=torch.Generator().manual_seed(2))
+    kwargs = {"temperature": 1.0, "alpha": 0.5, "topk": 4, "add_tail": True, "chunk_size": 2}
+    results = []
+    for fused in (False, True):
+        hidden = student_hidden.bfloat16().requires_grad_()
+        head = student_head.bfloat16().requires_grad_()
+        if fused:
+            loss = sdpo_loss.weighted_distillation_loss(hidden, teacher_hidden.bfloat16(), head,
+                                                        teacher_head.bfloat16(), weights, **kwargs).loss
+        else:
+            loss = (sdpo_loss.chunked_distillation_loss(hidden, teacher_hidden.bfloat16(), head,
+                                                        teacher_head.bfloat16(), **kwargs) * weights).sum()
+        results.append(torch.autograd.grad(loss, (hidden, head)))
+    for grad, reference in zip(*reversed(results), strict=True):
+        assert grad.dtype == torch.bfloat16
+        torch.testing.assert_close(grad, reference, rtol=1e-2, atol=1e-2)

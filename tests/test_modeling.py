@@ -88,3 +88,16 @@ def test_student_pass_with_autograd_is_one_plain_pass(model, monkeypatch):
     hidden = backbone_hidden_states(model, ids, mask, COMPLETION + 1)
     assert calls == [6]
     assert hidden.requires_grad
+
+
+def test_a_model_whose_cache_is_off_goes_through_everything_at_once(monkeypatch):
+    # a LoRA teacher runs inside the training student; under gradient checkpointing transformers turns the cache
+    # off, so the shared pass would leave the completions without their prompt
+    model = tiny_model(tiny_tokenizer())
+    model.gradient_checkpointing_enable()
+    model.train()
+    ids, mask = _batch()
+    calls = _count_backbone_calls(model, monkeypatch)
+    with torch.no_grad():
+        backbone_hidden_states(model, ids, mask, COMPLETION + 1)
+    assert calls == [6]
