@@ -327,10 +327,14 @@ def _hidden_case(case: dict[str, Any], device: torch.device) -> dict[str, Any]:
         if name in case.get("skip", {}):
             results[name] = {"error": case["skip"][name]}
             continue
+        def run(name: str = name) -> None:
+            _hidden_run(name, inputs, case["alpha"], case["chunk_size"])
+            inputs["student_hidden"].grad = inputs["student_head"].grad = None
+
         try:
-            elapsed, peak = _measure(lambda name=name: _hidden_run(name, inputs, case["alpha"], case["chunk_size"]),
-                                     device)
-            results[name] = {"time": elapsed, "peak": peak}
+            elapsed, peak = _measure(run, device)  # memory of a first run, then the median of timed reruns
+            times = [_measure(run, device)[0] for _ in range(case["repeats"])]
+            results[name] = {"time": statistics.median(times) if times else elapsed, "peak": peak}
         except Exception as error:
             results[name] = {"error": f"{type(error).__name__}: {error}"[:200]}
         inputs["student_hidden"].grad = inputs["student_head"].grad = None
@@ -482,7 +486,7 @@ def _hidden_section(args: argparse.Namespace, devices: list[str], impls: list[st
         for batch, length, vocab in args.sweep:
             results = _spawn({"kind": "hidden", "device": device, "threads": args.threads, "B": batch, "T": length,
                               "V": vocab, "H": args.hidden, "alpha": 0.5, "impls": names,
-                              "chunk_size": args.sweep_chunk_size,
+                              "chunk_size": args.sweep_chunk_size, "repeats": args.sweep_repeats,
                               "skip": _peer_skips(batch, length, vocab, device, names)})
             row = [device, f"{batch}x{length}x{vocab}"]
             for name in names:
@@ -526,6 +530,8 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk of our chunked losses")
     parser.add_argument("--sweep", nargs="+", type=_parse_shape, help="BxTxV cases of the hidden-state section")
     parser.add_argument("--sweep-chunk-size", type=int, default=None, help="chunk of the hidden-state section")
+    parser.add_argument("--sweep-repeats", type=int, default=1,
+                        help="timed runs per implementation after the memory run in the hidden-state section")
     parser.add_argument("--hidden", type=int, default=None, help="H of the hidden-state section")
     parser.add_argument("--no-sweep", action="store_true", help="skip the hidden-state section")
     parser.add_argument("--no-logits", action="store_true", help="skip the loss-from-logits section")

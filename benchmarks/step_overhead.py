@@ -19,10 +19,10 @@ The split comes from timers the worker wraps around the trainers' seams (instanc
 | generation | `_generate` (TRL's sampling) |
 | scoring | `_calculate_rewards` (reward functions; SDPO also reads and gathers feedback) |
 | batch prep (other) | `_generate_and_score_completions` minus the two above (SDPO: teacher prompts) |
-| teacher forward | `teacher.logits` or `teacher.hidden_states` (no grad, teacher prompt + completion; the hidden-state pass goes once through prompts that rows share) |
+| teacher forward | `teacher.logits` or `teacher.hidden_states` (no grad, prompt + completion) |
 | student fwd (+ misc) | `_compute_loss` minus the teacher forward and the two rows below |
 | token stats (no grad) | `token_stats_from_hidden` (hidden-state path, micro-batches without a teacher signal) |
-| distillation loss fn | `weighted_distillation_loss` (hidden-state path: forward *and* its gradient down to the hidden states and head) / `chunked_per_token_distillation_loss` (forward only) |
+| distillation loss fn | `weighted_distillation_loss` (forward + gradient) / `chunked_per_token_distillation_loss` |
 | backward | `training_step` minus `_prepare_inputs` and `_compute_loss` |
 | teacher update | `teacher.update` (EMA, once per generation batch) |
 | optimizer, callbacks | `on_step_begin` to the last `on_step_end`, minus `training_step` and teacher update |
@@ -375,7 +375,8 @@ def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -
     path = "hidden-state" if first.get("hidden_state_path") else "full-logits"
     print(f"\nSDPO loss path: {path}; one plain teacher forward with logits (probe): {teacher * 1000:.1f} ms")
     print(f"SDPO / GRPO step: {ratio:.2f}x (target <= 1.0x: {'met' if ratio <= 1.0 else 'NOT met'})")
-    print(f"plain-teacher floor (GRPO step + one unshared teacher forward): {floor:.2f}x; measured is {ratio - floor:+.2f} above it, "
+    print(f"plain-teacher floor (GRPO step + one unshared teacher forward): {floor:.2f}x; "
+          f"measured is {ratio - floor:+.2f} above it, "
           f"{(sdpo_step - grpo_step - teacher) * 1000:+.0f} ms/step beyond the teacher forward")
     spread = {v: (min(s["step"] for s in steps[v]), max(s["step"] for s in steps[v])) for v in VARIANTS}
     print("step range ms: " + ", ".join(f"{v} {a * 1000:.0f}-{b * 1000:.0f}" for v, (a, b) in spread.items()))

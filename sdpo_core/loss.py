@@ -85,6 +85,13 @@ def _check_same_shape(student_logits: Tensor, teacher_logits: Tensor) -> None:
         )
 
 
+def _check_same_vocabulary(student_lm_head: Tensor, teacher_lm_head: Tensor) -> None:
+    """Both heads must project onto the same vocabulary, or the top-K indices mean different tokens."""
+    if student_lm_head.size(0) != teacher_lm_head.size(0):
+        raise ValueError(f"student and teacher vocabularies differ: {student_lm_head.size(0)} vs "
+                         f"{teacher_lm_head.size(0)}")
+
+
 def _effective_topk(topk: int | None, vocab_size: int) -> int | None:
     """`topk >= V` covers the whole vocabulary: use the exact full-vocabulary path (no spurious tail)."""
     return None if topk is None or topk >= vocab_size else int(topk)
@@ -692,9 +699,7 @@ def weighted_distillation_loss(
     is contracted with the head while its logits still exist. Memory: the student's row gradient and the fp32
     head gradient are held from forward to backward.
     """
-    if student_lm_head.size(0) != teacher_lm_head.size(0):
-        raise ValueError(f"student and teacher vocabularies differ: {student_lm_head.size(0)} vs "
-                         f"{teacher_lm_head.size(0)}")
+    _check_same_vocabulary(student_lm_head, teacher_lm_head)
     if token_weights.shape != student_hidden.shape[:-1]:
         raise ValueError(f"token weights {tuple(token_weights.shape)} do not match the token shape "
                          f"{tuple(student_hidden.shape[:-1])}")
@@ -716,9 +721,7 @@ def weighted_distillation_loss(
 def _run_hidden(student_hidden: Tensor, teacher_hidden: Tensor, student_lm_head: Tensor, teacher_lm_head: Tensor,
                 student_bias: Tensor | None, teacher_bias: Tensor | None, *, token_ids: Tensor | None,
                 **options: Any) -> tuple[Tensor, TokenStats | None]:
-    if student_lm_head.size(0) != teacher_lm_head.size(0):
-        raise ValueError(f"student and teacher vocabularies differ: {student_lm_head.size(0)} vs "
-                         f"{teacher_lm_head.size(0)}")
+    _check_same_vocabulary(student_lm_head, teacher_lm_head)
     return _run_chunked(student_hidden, teacher_hidden, student_lm_head, teacher_lm_head, student_bias, teacher_bias,
                         vocab_size=student_lm_head.size(0), token_ids=token_ids, **options)
 
