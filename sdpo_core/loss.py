@@ -496,11 +496,10 @@ class _FusedDistillation(torch.autograd.Function):
             total += weighted_token_sum(chunk.loss, chunk_weights)
             if not spec.needs_grad:
                 continue
-            active = chunk_weights != 0
-            scale = torch.where(active, chunk_weights, torch.zeros_like(chunk_weights)).unsqueeze(-1)
-            scale = scale / spec.temperature  # [n, 1]; d(z/τ) = dz/τ
+            scale = chunk_weights.unsqueeze(-1) / spec.temperature  # [n, 1]; d(z/τ) = dz/τ
             if chunk.topk is not None and chunk.topk.logps_grad is not None:
-                topk_logps_grad = torch.where(active.unsqueeze(-1), chunk.topk.logps_grad,
+                # a NaN ∂ℓ/∂s of a zero-weight token (garbage at padding) must not reach the gradient
+                topk_logps_grad = torch.where((chunk_weights != 0).unsqueeze(-1), chunk.topk.logps_grad,
                                               torch.zeros_like(chunk.topk.logps_grad))
                 out = grads.logit_grad_buffer(chunk.rows, workspace)
                 logit_grad = _topk_logit_grad(chunk.student_logits, chunk.topk.student_logsumexp, chunk.topk.indices,
