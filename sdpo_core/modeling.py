@@ -69,7 +69,10 @@ def _keeps_a_cache(lm: Any) -> bool:
     """Whether a forward fills a KV cache: not for stateful (recurrent) models, and not under gradient
     checkpointing in training mode, where transformers turns the cache off (a LoRA teacher runs inside the
     training student)."""
-    checkpointing = getattr(lm, "is_gradient_checkpointing", False) and lm.training
+    # transformers 5.x renamed the property; read through the class so the deprecated one is not touched
+    name = "is_activation_checkpointing" if hasattr(type(lm), "is_activation_checkpointing") else \
+        "is_gradient_checkpointing"
+    checkpointing = getattr(lm, name, False) and lm.training
     return not getattr(lm, "_is_stateful", False) and not checkpointing
 
 
