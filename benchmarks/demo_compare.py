@@ -69,7 +69,7 @@ def run_points(records: list[dict[str, Any]]) -> dict[str, Any]:
               "heldout_accuracy": evaluations.get(int(r["step"]), {}).get(HELDOUT_ACCURACY)}
              for r in training_records(records)]
     last = steps[-1]["step"] if steps else None
-    end = next((r for r in reversed(records) if "train_runtime" in r), {})
+    end: dict[str, Any] = next((r for r in reversed(records) if "train_runtime" in r), {})
     return {
         "steps": steps,
         "diagnostics": {key: [r.get(key) for r in training_records(records)] for key in DIAGNOSTICS},
@@ -125,7 +125,7 @@ def summary_lines(results: dict[str, Any], window: int = SMOOTHING) -> list[str]
             f"{'entropy first -> last ' + str(window):>27}{'length':>8}{'wall s':>8}")
     lines = [head]
     for variant, seeds in results["runs"].items():
-        rows = []
+        rows: list[tuple[Any, ...]] = []
         for seed, run in sorted(seeds.items(), key=lambda item: int(item[0])):
             reward = [p["reward"] for p in run["steps"]]
             entropy = [p["entropy"] for p in run["steps"]]

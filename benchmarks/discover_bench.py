@@ -26,6 +26,7 @@ rarely solves.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -132,7 +133,9 @@ def main() -> None:
                seed=args.selection_seed)
     settings = {"max_completion_length": args.max_completion_length, "learning_rate": args.learning_rate,
                 "max_turns": args.max_turns, "temperature": 1.0}
-    first_of_each = {}  # the generator repeats questions (one-digit sums: 100 distinct); keep each once
+    # the generator repeats questions (one-digit sums: 100 distinct); keep each once
+    first_of_each: dict[str, dict[str, Any]] = {}
+    assert env.dataset is not None  # the math environment has its own problem set
     for row in env.dataset().to_list():
         first_of_each.setdefault(row["question"], row)
     candidates = list(first_of_each.values())
@@ -166,7 +169,7 @@ def main() -> None:
             done = load_results(file)
             discover(model, tokenizer, env, tasks, budget=args.budget, k=args.k, method=method,
                      settings=DiscoverSettings(**settings, seed=seed), skip={r.problem_id for r in done},
-                     on_result=lambda r, file=file: append_result(file, r))
+                     on_result=functools.partial(append_result, file))
             results[method][str(seed)] = load_results(file)
             # from the per-problem times, so that a resumed run still reports what the whole run cost
             seconds[method][str(seed)] = round(sum(r.seconds for r in results[method][str(seed)]), 1)

@@ -90,6 +90,7 @@ def _task(args: argparse.Namespace):
 
     if args.task == "math":
         env = sdpo_envs.make("math", difficulty=args.difficulty, unformatted_scale=1.0, size=1000, seed=0)
+        assert env.dataset is not None  # the math environment has its own problem set
         rows = Dataset.from_list(env.dataset(as_dataset=False))
     else:
         from sdpo_code import load_bundled
@@ -161,12 +162,13 @@ def _worker(args: argparse.Namespace) -> None:
 
         trainer._calculate_rewards = recording_rewards
         evals: list[dict[str, Any]] = []
+        run_args = args  # inside the callback, `args` are the trainer's
 
         class HeldOutEval(TrainerCallback):
-            def on_step_end(self, _args, state, control, **kwargs):
-                if state.global_step % args.eval_every == 0 or state.global_step == args.steps:
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step % run_args.eval_every == 0 or state.global_step == run_args.steps:
                     evals.append({"step": state.global_step,
-                                  **_evaluate(trainer.model, tokenizer, env, held_out, args)})
+                                  **_evaluate(trainer.model, tokenizer, env, held_out, run_args)})
                     print(f"step {state.global_step}: held-out accuracy {evals[-1]['accuracy']:.3f}", flush=True)
 
         trainer.add_callback(HeldOutEval())
@@ -196,8 +198,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def _mean(values: list[float | None]) -> float:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    return statistics.fmean(values) if values else math.nan
+    numbers = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.fmean(numbers) if numbers else math.nan
 
 
 def aggregate(runs: list[dict[str, Any]], baseline: dict[str, Any] | None) -> dict[str, Any]:
@@ -370,6 +372,7 @@ def main() -> None:
              f"{args.batch_size} rollouts, lr {args.learning_rate:g}")
     print(f"{title}; {args.seeds} seeds x {len(variants)} variants; results in {out_dir}", flush=True)
     started = time.monotonic()
+    baseline: dict[str, Any] | None  # None when its evaluation failed
     baseline = _run("baseline", 0, args, out_dir)
     if "error" in baseline:
         print(f"baseline evaluation failed:\n{baseline['error']}")

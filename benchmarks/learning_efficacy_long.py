@@ -31,6 +31,7 @@ import json
 import statistics
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,8 +41,10 @@ BASELINE, GUARDED = "grpo", "guarded"
 TIE = 1e-9  # means of the same counts summed in another order differ in the last bits: equal is not below
 
 
-def _demo_compare():
+def _demo_compare() -> ModuleType:
     spec = importlib.util.spec_from_file_location("demo_compare", Path(__file__).with_name("demo_compare.py"))
+    assert spec is not None  # a .py path always gets a spec, with a source loader
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -201,7 +201,8 @@ def _measure(run: Callable[[], None], device: torch.device) -> tuple[float, int]
 
 def _logits_case(case: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Every implementation on one `B x T x V` case: memory of a first run, median time, agreement."""
-    alpha, results = case["alpha"], {}
+    alpha = case["alpha"]
+    results: dict[str, Any] = {}
     student = _randn((case["B"], case["T"], case["V"]), 1, device).requires_grad_()
     for name in case["impls"]:
         fn = IMPLS[name]
@@ -252,13 +253,19 @@ def _fp64_loss(student: torch.Tensor, teacher: torch.Tensor, alpha: float, rows:
     return torch.cat(out).view(student.shape[:-1])
 
 
+def _grad(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor.grad`, which the backward pass just run has set."""
+    assert tensor.grad is not None
+    return tensor.grad
+
+
 def _check_logits(student: torch.Tensor, alpha: float, impls: list[str], device: torch.device) -> dict[str, Any]:
     """Max |Δ| of loss and student-logit gradient vs `ours_plain`, and of the loss vs a float64 reference."""
     teacher = _randn(student.shape, 2, device)
     exact = _fp64_loss(student, teacher, alpha)
     reference = _ours_plain(student, teacher, alpha)
     reference.mean().backward()
-    ref_loss, ref_grad = reference.detach(), student.grad
+    ref_loss, ref_grad = reference.detach(), _grad(student)
     student.grad = None
     report: dict[str, Any] = {"ours_plain": {"fp64_diff": (ref_loss.double() - exact).abs().max().item()}}
     for name in impls:
@@ -272,10 +279,10 @@ def _check_logits(student: torch.Tensor, alpha: float, impls: list[str], device:
             continue
         report[name] = {
             "loss_diff": (out.detach() - ref_loss).abs().max().item(),
-            "grad_diff": (student.grad - ref_grad).abs().max().item(),
+            "grad_diff": (_grad(student) - ref_grad).abs().max().item(),
             "fp64_diff": (out.detach().double() - exact).abs().max().item(),
             "agree": torch.allclose(out.detach(), ref_loss, rtol=TOLERANCE, atol=TOLERANCE)
-            and torch.allclose(student.grad, ref_grad, rtol=TOLERANCE, atol=TOLERANCE),
+            and torch.allclose(_grad(student), ref_grad, rtol=TOLERANCE, atol=TOLERANCE),
         }
         student.grad = None
         del out
@@ -301,7 +308,8 @@ def _hidden_inputs(case: dict[str, Any], device: torch.device) -> dict[str, torc
 def _hidden_run(name: str, inputs: dict[str, torch.Tensor], alpha: float, chunk_size: int) -> None:
     """One forward + backward of `name` down to the student's hidden states and LM-head weight, loss = token mean."""
     student_hidden, student_head = inputs["student_hidden"], inputs["student_head"]
-    options = {"temperature": 1.0, "alpha": alpha, "topk": TOPK, "add_tail": True, "chunk_size": chunk_size}
+    options: dict[str, Any] = {"temperature": 1.0, "alpha": alpha, "topk": TOPK, "add_tail": True,
+                               "chunk_size": chunk_size}
     if name == "ours_fused":  # the trainer's path: the token weights are known up front
         weights = torch.full(student_hidden.shape[:-1], 1.0 / student_hidden.shape[:-1].numel(),
                              device=student_hidden.device)
@@ -355,7 +363,8 @@ def _profile_case(case: dict[str, Any], device: torch.device) -> dict[str, Any]:
                         vocab_size=case["V"], needs_grad=True)
     phases: dict[str, float] = {}
 
-    def timed(phase: str, fn: Callable[[], Any]) -> Any:
+    # `...`, not `[]`: mypy cannot infer the lambdas below, whose defaults bind the loop variables (mypy#12557)
+    def timed(phase: str, fn: Callable[..., Any]) -> Any:
         _sync(device)
         start = time.perf_counter()
         out = fn()

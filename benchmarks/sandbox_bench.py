@@ -220,10 +220,10 @@ def compare(items: list[tuple[dict[str, Any], str, str]], ours: dict[str, dict[s
         print(f"  bound: with the same 1 s limit, even a sandbox costing nothing outside its time-outs is at most "
               f"{sum(lcb_seconds) / tle:.2f}x LCB here (LCB's whole wall / its time-outs' wall)")
     for key, r in ours.items():
-        theirs = lcb[r["workers"]]
+        lcb_r = lcb[r["workers"]]
         print(f"ours ({key} workers) / LCB ({r['workers']} workers): tests/s "
-              f"{r['tests_per_s'] / theirs['tests_per_s']:.2f}, submissions/s "
-              f"{r['submissions_per_s'] / theirs['submissions_per_s']:.2f}")
+              f"{r['tests_per_s'] / lcb_r['tests_per_s']:.2f}, submissions/s "
+              f"{r['submissions_per_s'] / lcb_r['submissions_per_s']:.2f}")
 
 
 MIXES = {"all": ("correct", "wrong", "tle", "re"), "no-tle": ("correct", "wrong", "re")}

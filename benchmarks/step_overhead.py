@@ -53,7 +53,10 @@ import threading
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sdpo_envs import Environment
 
 VARIANTS = ("GRPO", "SDPO")
 LOSS_FUNCTIONS = ("weighted_distillation_loss", "chunked_per_token_distillation_loss",
@@ -149,9 +152,9 @@ def _build_model(args: argparse.Namespace):
     if args.model == "tiny":
         from sdpo_core.testing import tiny_model, tiny_tokenizer
 
-        tokenizer = tiny_tokenizer()
-        model = tiny_model(tokenizer, seed=args.seed, hidden_size=args.hidden_size, num_layers=args.num_layers)
-        return model, tokenizer
+        tiny = tiny_tokenizer()
+        model = tiny_model(tiny, seed=args.seed, hidden_size=args.hidden_size, num_layers=args.num_layers)
+        return model, tiny
     from sdpo_core.app.demo_model import resolve_model
 
     path = resolve_model(args.model)
@@ -198,6 +201,7 @@ def _make_trainer(variant: str, args: argparse.Namespace, out: str) -> tuple[Any
     model, tokenizer = _build_model(args)
     prompts_per_step = args.batch_size // args.num_generations
     dataset = generate_problems(n=max(64, prompts_per_step * args.steps * 2), difficulty=args.difficulty, seed=0)
+    reward: Environment | SyntheticReward
     if args.reward == "math":
         import sdpo_envs
 
@@ -365,8 +369,8 @@ def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -
     print(f"\n{'median ms per step':<22}{'GRPO':>9}{'SDPO':>9}{'SDPO/GRPO':>11}{'Δ ms':>9}")
     for label, key in ROWS:
         g, s = medians["GRPO"][key], medians["SDPO"][key]
-        ratio = f"{s / g:10.2f}x" if g > 1e-4 else f"{'-':>11}"
-        print(f"{label:<22}{_fmt(g)}{_fmt(s)}{ratio}{_fmt(s - g)}")
+        ratio_cell = f"{s / g:10.2f}x" if g > 1e-4 else f"{'-':>11}"
+        print(f"{label:<22}{_fmt(g)}{_fmt(s)}{ratio_cell}{_fmt(s - g)}")
     grpo_step, sdpo_step = medians["GRPO"]["step"], medians["SDPO"]["step"]
     probes = [r["teacher_full_forward"] for r in results["SDPO"] if r.get("teacher_full_forward") is not None]
     teacher = statistics.median(probes) if probes else medians["SDPO"]["teacher_forward"]

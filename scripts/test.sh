@@ -7,6 +7,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . "${SDPO_VENV:-.venv}/bin/activate"
 ruff check .
-mypy sdpo_core sdpo_envs plugins/code/sdpo_code plugins/math/sdpo_math plugins/reward/sdpo_reward
+mypy sdpo_core sdpo_envs plugins/code/sdpo_code plugins/math/sdpo_math plugins/reward/sdpo_reward benchmarks
 lint-imports
 python -m pytest -m "not gpu and not network" -q -p no:cacheprovider "$@"
