@@ -11,6 +11,7 @@ Every check runs at construction and names the field it rejects.
 from __future__ import annotations
 
 import json
+import math
 import string
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -59,6 +60,10 @@ class SDPOConfig:
             K of the student's top-K support. `None` uses the full vocabulary.
         distillation_add_tail (`bool`, *optional*, defaults to `True`):
             Add a bucket for the probability mass outside the top-K. `False` renormalizes over the top-K.
+        teacher_temperature (`float`, *optional*, defaults to `1.0`):
+            Divides the teacher's logits (on top of the rollout temperature) before the divergence. Below 1 it
+            sharpens the teacher, a guard for a teacher that is flatter than the student on the student's tokens
+            (its pull then flattens the student). `1.0` is the paper's teacher.
         is_clip (`float` or `None`, *optional*, defaults to `2.0`):
             Upper clip of the sampled-token importance ratio. `None` disables the weight.
         loss_aggregation (`str`, *optional*, defaults to `"sequence_mean"`):
@@ -150,6 +155,9 @@ class SDPOConfig:
     distillation_add_tail: bool = field(
         default=True, metadata={"help": "Add a tail bucket for the mass outside the top-K (else renormalize)."}
     )
+    teacher_temperature: float = field(
+        default=1.0, metadata={"help": "Divides the teacher's logits before the divergence; < 1 sharpens it."}
+    )
     is_clip: float | None = field(
         default=2.0, metadata={"help": "Upper clip of the sampled-token importance ratio; None disables it."}
     )
@@ -239,6 +247,8 @@ class SDPOConfig:
             or self.distillation_topk < 1
         ):
             raise ValueError(f"distillation_topk must be an integer >= 1 or None, got {self.distillation_topk}")
+        if not (math.isfinite(self.teacher_temperature) and self.teacher_temperature > 0):
+            raise ValueError(f"teacher_temperature must be a finite number > 0, got {self.teacher_temperature}")
         if self.is_clip is not None and not self.is_clip > 0:
             raise ValueError(f"is_clip must be > 0 or None, got {self.is_clip}")
         _check_choice("teacher_mode", self.teacher_mode, TEACHER_MODES)
@@ -277,6 +287,7 @@ class SDPOConfig:
         guards = [name for name, on in (
             ("distillation_weight", self.distillation_weight != 1.0),
             ("route_by_success", self.route_by_success),
+            ("teacher_temperature", self.teacher_temperature != 1.0),
             ("teacher_update_rate_schedule", scheduled),
             ("teacher_reset_every", self.teacher_reset_every is not None),
         ) if on]

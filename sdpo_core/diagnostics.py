@@ -6,6 +6,8 @@
 - How much a completion copies its demonstration (`copy_overlap`: the longest common substring over the
   completion's length).
 - How far a parameter set moved from a reference (`relative_l2_distance`), for the teacher's drift.
+- What the top-K divergence's tail bucket does (`tail_masses`) and which way a distillation step moves a
+  token's entropy (`entropy_change_rate`): the mechanism `docs/training.md` describes for the entropy rise.
 - The collapse signatures, each a function of a metric's history (one value per logged step; `None` and
   NaN entries are steps where the metric was undefined and are skipped). Each returns a sentence saying
   why the signature holds, or `None`. `docs/training.md` lists the thresholds and where they come from.
@@ -14,7 +16,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -22,6 +24,7 @@ from torch import Tensor
 __all__ = [
     "ROW_KINDS",
     "copy_overlap",
+    "entropy_change_rate",
     "entropy_collapsed",
     "entropy_surged",
     "finite_values",
@@ -31,6 +34,7 @@ __all__ = [
     "masked_totals",
     "relative_l2_distance",
     "reward_fell",
+    "tail_masses",
     "totals_to_means",
 ]
 
@@ -143,6 +147,44 @@ def relative_l2_distance(current: Sequence[Tensor], reference: Sequence[Tensor])
         difference += float((now.detach().double() - then64).square().sum())
         squared += float(then64.square().sum())
     return math.sqrt(difference / squared) if squared > 0 else math.nan
+
+
+# ------------------------------------------------------------------------------------------ the tail bucket
+def tail_masses(student_logits: Tensor, teacher_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """`[...]` each: the student's probability outside its own top-`k` tokens, and the teacher's outside those.
+
+    With `distillation_add_tail` the divergence sees exactly these two numbers as its tail bucket. Where the
+    teacher's is the larger, the loss raises the student's whole tail (every token outside its top-K, each in
+    proportion to its probability), which flattens the student even where the teacher is not flatter: a teacher
+    whose distribution differs puts more mass outside the *student's* top-K than outside its own.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} must have the same shape")
+    if not 0 < k <= student_logits.size(-1):
+        raise ValueError(f"k must be in [1, {student_logits.size(-1)}] (the vocabulary), got {k}")
+    student_logps = torch.log_softmax(student_logits.detach().float(), dim=-1)  # [..., V]
+    teacher_logps = torch.log_softmax(teacher_logits.detach().float(), dim=-1)  # [..., V]
+    top_logps, top = student_logps.topk(k, dim=-1)  # [..., K]
+    student_tail = (1 - top_logps.exp().sum(-1)).clamp(min=0)
+    teacher_tail = (1 - teacher_logps.gather(-1, top).exp().sum(-1)).clamp(min=0)
+    return student_tail, teacher_tail
+
+
+def entropy_change_rate(student_logits: Tensor, per_token_loss: Callable[[Tensor], Tensor]) -> Tensor:
+    """`[...]`: how fast each token's entropy changes under gradient descent on its loss, with the logits as
+    the parameters: `−∇H · ∇ℓ` (nats per unit of step size; positive: the step flattens the token).
+
+    `per_token_loss` maps logits `[..., V]` to losses `[...]`, each depending on its own token's logits only
+    (any SDPO divergence against fixed teacher logits). A model step moves logits through shared weights, so
+    this is the direction of the pull on each token, not the size of a training step's effect.
+    """
+    logits = student_logits.detach().float().requires_grad_(True)  # [..., V]
+    with torch.enable_grad():
+        (loss_grad,) = torch.autograd.grad(per_token_loss(logits).sum(), logits)
+        logps = torch.log_softmax(logits, dim=-1)
+        (entropy_grad,) = torch.autograd.grad(-(logps.exp() * logps).sum(), logits)
+    return -(entropy_grad * loss_grad).sum(-1)
 
 
 # ------------------------------------------------------------------------------------------ collapse signatures

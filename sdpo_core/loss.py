@@ -197,6 +197,7 @@ class _DistillSpec:
     temperature: float
     vocab_size: int
     needs_grad: bool  # False under no_grad/inference_mode: skip the K-sized gradient in forward
+    teacher_temperature: float = 1.0  # the teacher's logits are divided by temperature · teacher_temperature
 
 
 class TokenStats(NamedTuple):
@@ -353,7 +354,7 @@ class _LogitBuffers:
 
     def project(self, side: str, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
         """Tempered fp32 logits `[n, V]` of one chunk of `side`'s rows; valid until its next chunk."""
-        temperature = self.spec.temperature
+        temperature = self.spec.temperature * (self.spec.teacher_temperature if side == "teacher" else 1.0)
         if weight is None or weight.dtype != torch.float32 or x.dtype != torch.float32:
             return _project_logits(x, weight, bias, temperature)
         if side not in self.buffers:
@@ -522,11 +523,13 @@ class _FusedDistillation(torch.autograd.Function):
 
 
 def _spec(student_rows: Tensor, student_weight: Tensor | None, student_bias: Tensor | None, *, vocab_size: int,
-          temperature: float, alpha: float, topk: int | None, add_tail: bool, chunk_size: int | None) -> _DistillSpec:
+          temperature: float, alpha: float, topk: int | None, add_tail: bool, chunk_size: int | None,
+          teacher_temperature: float = 1.0) -> _DistillSpec:
     """Checked options; `needs_grad` is whether any student input takes a gradient here."""
     _check_args(alpha, topk, chunk_size)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    for name, value in (("temperature", temperature), ("teacher_temperature", teacher_temperature)):
+        if value <= 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
     return _DistillSpec(
         alpha=float(alpha),
         topk=_effective_topk(topk, vocab_size),
@@ -537,6 +540,7 @@ def _spec(student_rows: Tensor, student_weight: Tensor | None, student_bias: Ten
         needs_grad=torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (student_rows, student_weight, student_bias)
         ),
+        teacher_temperature=float(teacher_temperature),
     )
 
 
@@ -687,6 +691,7 @@ def weighted_distillation_loss(
     token_ids: Tensor | None = None,
     old_token_logps: Tensor | None = None,
     is_clip: float | None = None,
+    teacher_temperature: float = 1.0,
 ) -> WeightedDistillation:
     """The scalar `Σ w·ρ·ℓ` over tokens `[...]`, from hidden states, with its gradients computed in the same pass.
 
@@ -696,7 +701,8 @@ def weighted_distillation_loss(
     `(chunked_distillation_loss(...) * w * ρ).sum()` over `w ≠ 0` (NaN or inf where `w = 0` cannot leak in), but
     each chunk goes through the LM heads once instead of twice: knowing `w` up front, the chunk's logit gradient
     is contracted with the head while its logits still exist. Memory: the student's row gradient and the fp32
-    head gradient are held from forward to backward.
+    head gradient are held from forward to backward. `teacher_temperature` sharpens (< 1) the teacher: its logits
+    are divided by `temperature · teacher_temperature`, and its statistics are those of that distribution.
     """
     _check_same_vocabulary(student_lm_head, teacher_lm_head)
     if token_weights.shape != student_hidden.shape[:-1]:
@@ -707,7 +713,8 @@ def weighted_distillation_loss(
     lead_shape = student_hidden.shape[:-1]
     student_rows, teacher_rows, ids = _flat_rows(student_hidden, teacher_hidden, token_ids)
     spec = _spec(student_rows, student_lm_head, student_lm_head_bias, vocab_size=student_lm_head.size(0),
-                 temperature=temperature, alpha=alpha, topk=topk, add_tail=add_tail, chunk_size=chunk_size)
+                 temperature=temperature, alpha=alpha, topk=topk, add_tail=add_tail, chunk_size=chunk_size,
+                 teacher_temperature=teacher_temperature)
     old = None if old_token_logps is None else old_token_logps.reshape(-1)
     loss, per_token_loss, *stats = _FusedDistillation.apply(
         spec, token_weights.detach().reshape(-1), old, is_clip, student_rows, student_lm_head, student_lm_head_bias,

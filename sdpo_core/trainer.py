@@ -556,7 +556,7 @@ class SDPOTrainer(GRPOTrainer):
             completion_ids = completion_ids[rows]
         assert self.teacher is not None  # set in __init__ whenever SDPO is enabled
         teacher_logits = self.teacher.logits(model, *self._teacher_inputs(inputs, rows))
-        teacher_logits = teacher_logits[:, :-1, :] / self.temperature  # [b, T, V]
+        teacher_logits = teacher_logits[:, :-1, :] / (self.temperature * cfg.teacher_temperature)  # [b, T, V]
         teacher_token_logps = sdpo_loss.sampled_token_logps(teacher_logits, completion_ids)  # [b, T]
         teacher_entropy = sdpo_loss.token_entropy(teacher_logits)  # [b, T]
         if cfg.full_logit_distillation:
@@ -612,7 +612,7 @@ class SDPOTrainer(GRPOTrainer):
             temperature=self.temperature, alpha=cfg.alpha, topk=cfg.distillation_topk,
             add_tail=cfg.distillation_add_tail, chunk_size=cfg.distillation_chunk_size,
             student_lm_head_bias=student_head.bias, teacher_lm_head_bias=teacher_head.bias, token_ids=active_ids,
-            old_token_logps=old_logps, is_clip=cfg.is_clip,
+            old_token_logps=old_logps, is_clip=cfg.is_clip, teacher_temperature=cfg.teacher_temperature,
         )  # a scalar, then [b, T] each
         assert stats is not None  # token ids were given
         terms = _DistillationTerms(per_token_loss, stats.student_token_logps, stats.teacher_token_logps,

@@ -49,6 +49,23 @@ def test_loss_bench_times_the_fused_loss_against_trl_and_profiles_it(tmp_path):
         assert phase in stdout
 
 
+def test_tail_bias_measures_the_entropy_pull_of_each_divergence(tmp_path):
+    from sdpo_core.testing import save_tiny_model
+
+    tail_bias = _benchmark_module("tail_bias")
+    model = Path(save_tiny_model(tmp_path / "tiny-model"))
+    out = tmp_path / "tail_bias.json"
+    stdout = _run("tail_bias.py", "--model", str(model), "--prompts", "1", "--topk", "8", "--json", str(out),
+                  cwd=tmp_path)
+    summary = json.loads(out.read_text())["summary"]["all"]
+    assert summary["tokens"] > 0
+    assert 0 <= summary["student_tail"] <= 1
+    assert 0 <= summary["teacher_tail"] <= 1
+    assert set(summary["entropy_pull"]) == set(tail_bias.DIVERGENCES)
+    assert all(0 <= pull["flatter"] <= 1 for pull in summary["entropy_pull"].values())
+    assert "entropy pull" in stdout
+
+
 @pytest.mark.slow
 def test_learning_efficacy_writes_results_and_plot(tmp_path):
     out_dir = tmp_path / "results"

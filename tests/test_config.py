@@ -101,6 +101,7 @@ def test_guards_are_off_by_default():
     assert (config.distillation_weight, config.route_by_success) == (1.0, False)
     assert (config.teacher_update_rate_schedule, config.teacher_update_rate_final) == ("constant", None)
     assert config.teacher_reset_every is None
+    assert config.teacher_temperature == 1.0
 
 
 def test_guarded_preset_loads_and_is_valid():
@@ -133,6 +134,9 @@ def test_guarded_preset_loads_and_is_valid():
     ({"teacher_mode": "trust_region", "teacher_update_rate_schedule": "linear", "teacher_update_rate_final": 0.0},
      ["teacher_update_rate_schedule", "trust_region"]),
     ({"teacher_update_rate": 0.0, "teacher_reset_every": 4}, ["teacher_reset_every", "teacher_update_rate"]),
+    ({"teacher_temperature": 0.0}, ["teacher_temperature"]),
+    ({"teacher_temperature": float("inf")}, ["teacher_temperature"]),
+    ({"enabled": False, "teacher_temperature": 0.9}, ["enabled", "teacher_temperature"]),
 ])
 def test_contradicting_guards_name_the_fields(kwargs, fields):
     with pytest.raises(ValueError, match=fields[0]) as error:

@@ -10,6 +10,7 @@ import torch
 
 from sdpo_core.diagnostics import (
     copy_overlap,
+    entropy_change_rate,
     entropy_collapsed,
     entropy_surged,
     finite_values,
@@ -19,8 +20,10 @@ from sdpo_core.diagnostics import (
     masked_totals,
     relative_l2_distance,
     reward_fell,
+    tail_masses,
     totals_to_means,
 )
+from sdpo_core.loss import per_token_distillation_loss
 from sdpo_core.teacher_drift import ParameterSample
 
 
@@ -118,6 +121,66 @@ def test_parameter_sample_estimates_the_drift_of_large_tensors():
     for t in tensors:
         t.add_(0.1 * torch.randn(t.shape, generator=generator))
     assert sample.relative_drift(tensors) == pytest.approx(relative_l2_distance(tensors, initial), rel=0.05)
+
+
+# ------------------------------------------------------------------------------------------ the tail bucket
+def test_tail_masses_by_hand():
+    student = torch.tensor([0.5, 0.3, 0.1, 0.1]).log()
+    teacher = torch.tensor([0.2, 0.2, 0.3, 0.3]).log()
+    student_tail, teacher_tail = tail_masses(student, teacher, k=2)  # the student's top-2: tokens 0 and 1
+    assert student_tail.item() == pytest.approx(0.2)
+    assert teacher_tail.item() == pytest.approx(0.6)  # the teacher's own top-2 would leave only 0.4 outside
+
+
+def test_tail_masses_reject_mismatched_logits_and_a_k_outside_the_vocabulary():
+    with pytest.raises(ValueError, match="same shape"):
+        tail_masses(torch.zeros(2, 5), torch.zeros(2, 6), k=2)
+    with pytest.raises(ValueError, match="k must be in"):
+        tail_masses(torch.zeros(2, 5), torch.zeros(2, 5), k=6)
+
+
+def _seed_divergence(teacher_logits, *, topk=3, add_tail=True, alpha=0.5):
+    return lambda logits: per_token_distillation_loss(logits, teacher_logits, alpha=alpha, topk=topk,
+                                                      add_tail=add_tail)
+
+
+def _entropy(logits):
+    logps = torch.log_softmax(logits.double(), dim=-1)
+    return -(logps.exp() * logps).sum(-1)
+
+
+def test_entropy_change_rate_is_the_derivative_of_the_entropy_along_a_descent_step():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(6, 10) * 2, torch.randn(6, 10) * 2
+    loss = _seed_divergence(teacher)
+    logits = student.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss(logits).sum(), logits)
+    step = 1e-3
+    finite_difference = (_entropy(student - step * grad) - _entropy(student + step * grad)) / (2 * step)
+    torch.testing.assert_close(entropy_change_rate(student, loss).double(), finite_difference, rtol=1e-2,
+                               atol=1e-5)
+
+
+def test_a_teacher_with_more_mass_outside_the_students_top_k_flattens_the_student_only_through_the_tail():
+    """The teacher agrees with the student on the top-3 up to scale, but keeps 30 % outside them where the
+    student keeps about 6 %: the tail bucket pulls the student's whole tail up, the renormalised top-3 sees
+    no difference at all."""
+    student = torch.tensor([[4.0, 3.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    top = torch.softmax(student[0, :3], dim=-1) * 0.7
+    teacher = torch.cat([top, torch.full((5,), 0.3 / 5)]).log()[None]
+    student_tail, teacher_tail = tail_masses(student, teacher, k=3)
+    assert student_tail.item() < 0.06
+    assert teacher_tail.item() == pytest.approx(0.3)
+    assert entropy_change_rate(student, _seed_divergence(teacher, add_tail=True)).item() > 1e-3
+    assert entropy_change_rate(student, _seed_divergence(teacher, add_tail=False)).item() == pytest.approx(0.0,
+                                                                                                          abs=1e-7)
+
+
+def test_a_teacher_equal_to_the_student_does_not_move_its_entropy():
+    student = torch.randn(4, 9)
+    for add_tail in (True, False):
+        rate = entropy_change_rate(student, _seed_divergence(student, add_tail=add_tail))
+        torch.testing.assert_close(rate, torch.zeros(4), atol=1e-7, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------ collapse signatures

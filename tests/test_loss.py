@@ -603,6 +603,30 @@ def test_weighted_loss_equals_the_weighted_sum_of_the_per_token_loss(alpha, topk
         close(grad, ref_grad, rtol=1e-4, atol=1e-5)
 
 
+def test_a_teacher_temperature_divides_the_teachers_logits():
+    """Sharpening the teacher by τ is the same as a teacher head (and bias) divided by τ: loss, gradients and the
+    teacher's statistics; the student's statistics are unchanged."""
+    student_hidden, teacher_hidden, student_head, teacher_head, bias = _fused_inputs(50, with_bias=True)
+    weights = _logits(B, T, seed=55).abs()
+    ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(56))
+    results = []
+    for head, head_bias, teacher_temperature in ((teacher_head, bias, 0.6), (teacher_head / 0.6, bias / 0.6, 1.0)):
+        hidden = student_hidden.clone().requires_grad_()
+        out = sdpo_loss.weighted_distillation_loss(
+            hidden, teacher_hidden, student_head, head, weights, temperature=0.7, alpha=0.5, topk=4, add_tail=True,
+            chunk_size=4, teacher_lm_head_bias=head_bias, token_ids=ids, teacher_temperature=teacher_temperature)
+        results.append((out, torch.autograd.grad(out.loss, hidden)[0]))
+    (sharpened, grad), (reference, ref_grad) = results
+    close(sharpened.loss, reference.loss)
+    close(grad, ref_grad)
+    for value, ref in zip(sharpened.stats, reference.stats, strict=True):
+        close(value, ref)
+    with pytest.raises(ValueError, match="teacher_temperature must be > 0"):
+        sdpo_loss.weighted_distillation_loss(student_hidden, teacher_hidden, student_head, teacher_head, weights,
+                                             temperature=1.0, alpha=0.5, topk=4, add_tail=True,
+                                             teacher_temperature=0.0)
+
+
 def test_weighted_loss_applies_the_importance_weight_at_the_sampled_tokens():
     student_hidden, teacher_hidden, student_head, teacher_head, _ = _fused_inputs(50, False)
     ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(0))

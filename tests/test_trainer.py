@@ -411,8 +411,9 @@ def _loss_grads_and_metrics(trainer, batch):
     return loss.detach(), grads, metrics["sdpo/teacher_student_kl"][-1], metrics["entropy"][-1]
 
 
-@pytest.mark.parametrize("teacher_mode", ["ema", "lora_ema"])
-def test_hidden_state_path_matches_logits_path(tokenizer, chat_dataset, make_args, feedback_reward, teacher_mode):
+@pytest.mark.parametrize(("teacher_mode", "teacher_temperature"), [("ema", 1.0), ("lora_ema", 1.0), ("ema", 0.8)])
+def test_hidden_state_path_matches_logits_path(tokenizer, chat_dataset, make_args, feedback_reward, teacher_mode,
+                                               teacher_temperature):
     """The memory-lean path (no [B, T, V] logits) gives the logits path's loss and gradients."""
     model = tiny_model(tokenizer)
     peft_config = None
@@ -423,7 +424,8 @@ def test_hidden_state_path_matches_logits_path(tokenizer, chat_dataset, make_arg
     trainer = SDPOTrainer(model=model, reward_funcs=[feedback_reward(succeed=lambda row: row % 4 == 0)],
                           args=make_args(temperature=0.7), train_dataset=chat_dataset, processing_class=tokenizer,
                           peft_config=peft_config, sdpo_config=SDPOConfig(teacher_mode=teacher_mode, alpha=0.3,
-                                                                           distillation_topk=7))
+                                                                           distillation_topk=7,
+                                                                           teacher_temperature=teacher_temperature))
     assert trainer._hidden_state_path
     batch = trainer._generate_and_score_completions([chat_dataset[i] for i in range(4)])
     trainer.model.train()
@@ -438,6 +440,29 @@ def test_hidden_state_path_matches_logits_path(tokenizer, chat_dataset, make_arg
         torch.testing.assert_close(results[True][1][name], grad, msg=name, rtol=1e-4, atol=1e-6)
     assert results[True][2] == pytest.approx(results[False][2], rel=1e-4, abs=1e-6)  # statistics from the loss's
     assert results[True][3] == pytest.approx(results[False][3], rel=1e-4, abs=1e-6)  # chunks match a separate pass
+
+
+@pytest.mark.parametrize("hidden", [True, False])
+def test_a_sharper_teacher_is_what_the_student_is_distilled_toward(tokenizer, chat_dataset, make_args,
+                                                                   feedback_reward, hidden):
+    """`teacher_temperature` < 1 divides the teacher's logits on both paths: the logged teacher entropy falls and
+    the loss changes; the student's own statistics do not."""
+    trainer = SDPOTrainer(model=tiny_model(tokenizer), reward_funcs=[feedback_reward()], args=make_args(),
+                          train_dataset=chat_dataset, processing_class=tokenizer,
+                          sdpo_config=SDPOConfig(distillation_topk=7))
+    trainer._hidden_state_path = hidden
+    batch = trainer._generate_and_score_completions([chat_dataset[i] for i in range(4)])
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    logged = {}
+    for temperature in (1.0, 0.5):
+        trainer.sdpo_config = dataclasses.replace(trainer.sdpo_config, teacher_temperature=temperature)
+        loss = trainer._compute_loss(trainer.model, batch).detach()
+        metrics = trainer._metrics["train"]
+        logged[temperature] = (loss, metrics["sdpo/teacher_entropy"][-1], metrics["entropy"][-1])
+    assert logged[0.5][1] < logged[1.0][1]
+    assert not torch.equal(logged[0.5][0], logged[1.0][0])
+    assert logged[0.5][2] == pytest.approx(logged[1.0][2])
 
 
 @pytest.mark.parametrize("hidden", [True, False])
