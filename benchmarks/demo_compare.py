@@ -46,13 +46,16 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 # "sdpo" is the demo as it is (its SDPO runs use the `guarded` preset); "guarded" names that preset explicitly,
-# "paper" is SDPOConfig() (the paper's SDPO), "grpo" the GRPO twin.
+# "paper" is SDPOConfig() (the paper's SDPO), "sharp_teacher" the paper's SDPO with the teacher's logits divided by
+# 0.9 (where benchmarks/tail_bias.py finds the pull on the student's entropy about neutral), "grpo" the GRPO twin.
 VARIANTS: dict[str, list[str]] = {"sdpo": [], "guarded": ["--preset", "guarded"], "paper": ["--preset", "paper"],
+                                  "sharp_teacher": ["--preset", "paper", "--teacher_temperature", "0.9"],
                                   "grpo": ["--no_enabled"]}
 DEFAULT_VARIANTS = ("sdpo", "grpo")
 LABELS = {"sdpo": "SDPO", "guarded": "SDPO, guarded preset", "paper": "SDPO, paper settings",
-          "grpo": "GRPO"}
-COLORS = {"sdpo": "tab:red", "guarded": "tab:orange", "paper": "tab:purple", "grpo": "tab:blue"}
+          "sharp_teacher": "SDPO, teacher temperature 0.9", "grpo": "GRPO"}
+COLORS = {"sdpo": "tab:red", "guarded": "tab:orange", "paper": "tab:purple", "sharp_teacher": "tab:green",
+          "grpo": "tab:blue"}
 SMOOTHING = 5
 # per-step signals kept beside reward and entropy (None where a run did not log them, e.g. GRPO's teacher entropy)
 DIAGNOSTICS = ("completions/mean_length", "frac_reward_zero_std", "sdpo/teacher_entropy",
