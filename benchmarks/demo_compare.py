@@ -7,8 +7,8 @@
     python benchmarks/demo_compare.py --max_steps 60 --preset reference_lcb   # other flags go to `sdpo train`
 
 Each (variant, seed) pair is one `sdpo train --seed S` subprocess (GRPO adds `--no_enabled`, guarded
-`--preset guarded`; every other flag the benchmark does not know is passed through), so a run's numbers are
-exactly what a user of `sdpo train` sees:
+`--preset guarded`, see `VARIANTS`; every other flag the benchmark does not know is passed through), so a run's
+numbers are exactly what a user of `sdpo train` sees:
 held-out accuracy (greedy, on distinct prompts never trained on) before training, every `--eval_every` steps and
 after, and the per-step metrics of `metrics.jsonl`. Runs go seed-major (both variants of seed 0 first), `--jobs`
 at a time, with the CPU cores split between them (`OMP_NUM_THREADS`); checkpoints are off (`--save_strategy no`)
@@ -45,17 +45,21 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-# "sdpo" is the demo as it is (its SDPO runs use the `guarded` preset); "guarded" names that preset explicitly,
-# "paper" is SDPOConfig() (the paper's SDPO), "sharp_teacher" the paper's SDPO with the teacher's logits divided by
-# 0.9 (where benchmarks/tail_bias.py finds the pull on the student's entropy about neutral), "grpo" the GRPO twin.
+# "sdpo" is the demo as it is (its SDPO runs use the `guarded_sharp` preset); "guarded" is the guarded preset (half
+# GRPO's loss, a slow EMA teacher), "paper" SDPOConfig() (the paper's SDPO), "sharp_teacher" the paper's SDPO with
+# the teacher's logits divided by 0.9 (where benchmarks/tail_bias.py finds the pull on the student's entropy about
+# neutral), "guarded_sharp" the guarded preset with that teacher (the settings of the `guarded_sharp` preset, spelled
+# out as the recorded runs ran them), "grpo" the GRPO twin.
 VARIANTS: dict[str, list[str]] = {"sdpo": [], "guarded": ["--preset", "guarded"], "paper": ["--preset", "paper"],
                                   "sharp_teacher": ["--preset", "paper", "--teacher_temperature", "0.9"],
+                                  "guarded_sharp": ["--preset", "guarded", "--teacher_temperature", "0.9"],
                                   "grpo": ["--no_enabled"]}
 DEFAULT_VARIANTS = ("sdpo", "grpo")
 LABELS = {"sdpo": "SDPO", "guarded": "SDPO, guarded preset", "paper": "SDPO, paper settings",
-          "sharp_teacher": "SDPO, teacher temperature 0.9", "grpo": "GRPO"}
+          "sharp_teacher": "SDPO, paper settings, teacher temperature 0.9",
+          "guarded_sharp": "SDPO, guarded_sharp preset (guarded, teacher temperature 0.9)", "grpo": "GRPO"}
 COLORS = {"sdpo": "tab:red", "guarded": "tab:orange", "paper": "tab:purple", "sharp_teacher": "tab:green",
-          "grpo": "tab:blue"}
+          "guarded_sharp": "tab:olive", "grpo": "tab:blue"}
 SMOOTHING = 5
 # per-step signals kept beside reward and entropy (None where a run did not log them, e.g. GRPO's teacher entropy)
 DIAGNOSTICS = ("completions/mean_length", "frac_reward_zero_std", "sdpo/teacher_entropy",
@@ -124,7 +128,8 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 def summary_lines(results: dict[str, Any], window: int = SMOOTHING) -> list[str]:
     """Per run and per variant (mean over seeds): held-out before -> after, reward and entropy over the first and
     last `window` steps, mean completion length and wall time."""
-    head = (f"{'run':<14}{'held-out before -> after':>26}{'reward first -> last ' + str(window):>26}"
+    width = max([len(LABELS[v]) + len(" seed 00") for v in results["runs"]] + [len("run")]) + 2
+    head = (f"{'run':<{width}}{'held-out before -> after':>26}{'reward first -> last ' + str(window):>26}"
             f"{'entropy first -> last ' + str(window):>27}{'length':>8}{'wall s':>8}")
     lines = [head]
     for variant, seeds in results["runs"].items():
@@ -138,7 +143,7 @@ def summary_lines(results: dict[str, Any], window: int = SMOOTHING) -> list[str]
         if len(rows) > 1:
             rows.append((f"{LABELS[variant]} mean", *(_mean([r[i] for r in rows]) for i in range(1, 9))))
         for name, before, after, r0, r1, e0, e1, length, wall in rows:
-            lines.append(f"{name:<14}{_fmt(before) + ' -> ' + _fmt(after):>26}{_fmt(r0) + ' -> ' + _fmt(r1):>26}"
+            lines.append(f"{name:<{width}}{_fmt(before) + ' -> ' + _fmt(after):>26}{_fmt(r0) + ' -> ' + _fmt(r1):>26}"
                          f"{_fmt(e0) + ' -> ' + _fmt(e1):>27}{_fmt(length, 1):>8}{_fmt(wall, 0):>8}")
     for variant, seeds in results.get("failed", {}).items():
         for seed, error in seeds.items():
@@ -158,7 +163,7 @@ def plot(results: dict[str, Any], path: Path) -> Path | None:
     except ImportError:
         print("matplotlib is not installed: no plot")
         return None
-    figure = Figure(figsize=(13, 3.8), layout="constrained")
+    figure = Figure(figsize=(13, 4.4), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, 3)
     for variant, seeds in results["runs"].items():
@@ -185,8 +190,8 @@ def plot(results: dict[str, Any], path: Path) -> Path | None:
     for axis, title in zip(axes, titles, strict=True):
         axis.set(title=title, xlabel="step")
         axis.grid(alpha=0.3)
-        if axis.has_data():
-            axis.legend(fontsize="small")
+    if axes[0].has_data():  # one legend for the three panels, below them, so long labels cover no curve
+        figure.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize="small")
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     return path

@@ -1,4 +1,4 @@
-"""The long-horizon study: does SDPO keep its early lead over GRPO for 64 steps, and does the guarded preset?
+"""The long-horizon study: does SDPO keep its early lead over GRPO for 64 steps, and do the guarded presets?
 
     python benchmarks/learning_efficacy_long.py --jobs 2            # 3 seeds x {GRPO, SDPO, guarded SDPO}, 64 steps
     python benchmarks/learning_efficacy_long.py --jobs 2 --resume   # finish an interrupted study
@@ -8,18 +8,21 @@
 Every run is the embedded demo (`sdpo train`: SmolLM2-135M-Instruct on generated one-digit sums, 8 completions
 of at most 48 tokens per step, greedy evaluation on 48 distinct held-out prompts that never occur in training)
 with `--max_steps` and `--eval_every` set by this study; the variants differ only in their preset: `grpo` is
-`--no_enabled` (TRL's GRPO loss), `paper` is `SDPOConfig()` (the paper's SDPO), `guarded` the guarded preset.
+`--no_enabled` (TRL's GRPO loss), `paper` is `SDPOConfig()` (the paper's SDPO), `guarded` the guarded preset,
+`guarded_sharp` the guarded preset with a sharper teacher (the `guarded_sharp` preset, the demo's recipe).
 The runs go through `benchmarks/demo_compare.py` (its `--jobs`, `--resume`, per-run subprocesses and raw results
 file with every step's reward, entropy and diagnostics: `learning_efficacy_long_runs.json`); this script then
 writes the study's own file, `benchmarks/results/learning_efficacy_long.json`:
 
     {"curves": {variant: {seed: [{"step": 0, "heldout_accuracy": ..}, {"step": 8, ..}, ..]}},
-     "targets": {...}, "total_seconds": .., "run_seconds": {variant: {seed: ..}}, "steps": 64, "eval_every": 8}
+     "targets": {guarded variant: {...}}, "total_seconds": .., "run_seconds": {variant: {seed: ..}},
+     "steps": 64, "eval_every": 8}
 
 (`total_seconds` is the wall time of the last invocation; after a `--resume`, the runs' own `run_seconds` tell
 what the whole study cost.)
 
-and prints the study's three targets, checked from the curves alone (see `study_targets`). Other flags are passed
+and prints the study's three targets for each guarded variant (`guarded`, `guarded_sharp`), checked from the curves
+alone (see `study_targets`). Other flags are passed
 to every `sdpo train` run.
 """
 
@@ -36,8 +39,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks/results"
-VARIANTS = ("grpo", "paper", "guarded")
-BASELINE, GUARDED = "grpo", "guarded"
+VARIANTS = ("grpo", "paper", "guarded", "guarded_sharp")
+BASELINE, GUARDED = "grpo", ("guarded", "guarded_sharp")  # the targets are checked for each guarded recipe
 TIE = 1e-9  # means of the same counts summed in another order differ in the last bits: equal is not below
 
 
@@ -81,55 +84,59 @@ def largest_fall_below_peak(points: list[dict[str, Any]]) -> float:
     return fall
 
 
-def study_targets(curves: dict[str, dict[str, list[dict[str, Any]]]], from_step: int = 8,
+def study_targets(curves: dict[str, dict[str, list[dict[str, Any]]]], guarded: str = "guarded", from_step: int = 8,
                   max_fall: float = 0.1) -> dict[str, Any]:
-    """The study's targets for the guarded preset against GRPO, from the held-out curves:
+    """The study's targets for one guarded variant against GRPO, from the held-out curves:
 
-    - `at_or_above_grpo`: the guarded mean is >= GRPO's mean at every evaluation from `from_step` on
+    - `at_or_above_grpo`: the variant's mean is >= GRPO's mean at every evaluation from `from_step` on
       (`below_at` lists the steps where it is not);
-    - `half_the_steps`: the first evaluated step at which the guarded mean reaches GRPO's final mean is at most
+    - `half_the_steps`: the first evaluated step at which the variant's mean reaches GRPO's final mean is at most
       half of the last step;
-    - `no_seed_falls`: no guarded seed falls more than `max_fall` below its own peak (`fall_per_seed`).
+    - `no_seed_falls`: no seed of the variant falls more than `max_fall` below its own peak (`fall_per_seed`).
     """
-    if BASELINE not in curves or GUARDED not in curves:
-        return {"complete": False, "missing": [v for v in (BASELINE, GUARDED) if v not in curves]}
-    grpo, guarded = mean_curve(curves[BASELINE]), mean_curve(curves[GUARDED])
-    shared = [s for s in guarded if s in grpo and s >= from_step]
-    below = [s for s in shared if guarded[s] < grpo[s] - TIE]
+    if BASELINE not in curves or guarded not in curves:
+        return {"complete": False, "missing": [v for v in (BASELINE, guarded) if v not in curves]}
+    grpo, ours = mean_curve(curves[BASELINE]), mean_curve(curves[guarded])
+    shared = [s for s in ours if s in grpo and s >= from_step]
+    below = [s for s in shared if ours[s] < grpo[s] - TIE]
     last = max(grpo)
-    reached = next((s for s in guarded if guarded[s] >= grpo[last] - TIE), None)
-    falls = {seed: round(largest_fall_below_peak(points), 4) for seed, points in curves[GUARDED].items()}
+    reached = next((s for s in ours if ours[s] >= grpo[last] - TIE), None)
+    falls = {seed: round(largest_fall_below_peak(points), 4) for seed, points in curves[guarded].items()}
     return {
         "complete": True,
         "steps_compared": shared,
         "at_or_above_grpo": not below,
         "below_at": below,
         "grpo_final_mean": grpo[last],
-        "guarded_reaches_grpo_final_at": reached,
+        "reaches_grpo_final_at": reached,
         "half_the_steps": reached is not None and reached <= last / 2,
         "fall_per_seed": falls,
         "no_seed_falls": all(f <= max_fall for f in falls.values()),
     }
 
 
-def report_lines(curves: dict[str, dict[str, list[dict[str, Any]]]], targets: dict[str, Any]) -> list[str]:
-    """The mean held-out curve of each variant (seeds in brackets) and the targets, as printed lines."""
+def report_lines(curves: dict[str, dict[str, list[dict[str, Any]]]],
+                 targets: dict[str, dict[str, Any]]) -> list[str]:
+    """The mean held-out curve of each variant (seeds in brackets) and each guarded variant's targets, as printed
+    lines."""
     steps = sorted({p["step"] for seeds in curves.values() for points in seeds.values() for p in points})
     lines = [f"{'held-out accuracy':<22}" + "".join(f"{s:>7}" for s in steps)]
     for variant, seeds in curves.items():
         mean = mean_curve(seeds)
         lines.append(f"{variant + ' (' + str(len(seeds)) + ' seeds)':<22}"
                      + "".join(f"{mean[s]:>7.3f}" if s in mean else f"{'-':>7}" for s in steps))
-    if not targets.get("complete"):
-        return [*lines, f"targets: not checked, missing {targets.get('missing')}"]
-    lines += [
-        f"guarded >= GRPO (mean) at every evaluation from step 8: {targets['at_or_above_grpo']}"
-        + (f" (below at {targets['below_at']})" if targets["below_at"] else ""),
-        f"guarded reaches GRPO's final {targets['grpo_final_mean']:.3f} at step "
-        f"{targets['guarded_reaches_grpo_final_at']}: within half the steps: {targets['half_the_steps']}",
-        f"largest fall below its own peak per guarded seed: {targets['fall_per_seed']}: none > 0.1: "
-        f"{targets['no_seed_falls']}",
-    ]
+    for variant, checked in targets.items():
+        if not checked.get("complete"):
+            lines.append(f"{variant} targets: not checked, missing {checked.get('missing')}")
+            continue
+        lines += [
+            f"{variant} >= GRPO (mean) at every evaluation from step 8: {checked['at_or_above_grpo']}"
+            + (f" (below at {checked['below_at']})" if checked["below_at"] else ""),
+            f"{variant} reaches GRPO's final {checked['grpo_final_mean']:.3f} at step "
+            f"{checked['reaches_grpo_final_at']}: within half the steps: {checked['half_the_steps']}",
+            f"largest fall below its own peak per {variant} seed: {checked['fall_per_seed']}: none > 0.1: "
+            f"{checked['no_seed_falls']}",
+        ]
     return lines
 
 
@@ -163,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report and raw.get("runs"):
         _demo_compare().plot(raw, args.plot)  # the runs finished so far (a full run draws it at its end)
     curves = heldout_curves(raw)
-    targets = study_targets(curves)
+    targets = {variant: study_targets(curves, variant) for variant in GUARDED}
     args.results.write_text(json.dumps({
         "steps": args.steps, "eval_every": args.eval_every, "sdpo_train_args": raw.get("sdpo_train_args"),
         "total_seconds": raw.get("total_seconds"), "jobs": raw.get("jobs"),

@@ -175,14 +175,16 @@ def test_long_study_targets_from_hand_made_curves():
         "guarded": {"0": _curve((0, 0.5), (8, 0.8), (16, 0.65), (24, 0.9)),   # falls 0.15 below its peak
                     "1": _curve((0, 0.5), (8, 0.8), (16, 0.65), (24, 0.9))},
     }
-    targets = study.study_targets(curves)
+    targets = study.study_targets(curves, "guarded")
     assert targets["steps_compared"] == [8, 16, 24]
     assert (targets["at_or_above_grpo"], targets["below_at"]) == (False, [16])
     assert targets["grpo_final_mean"] == pytest.approx(0.8)
-    assert (targets["guarded_reaches_grpo_final_at"], targets["half_the_steps"]) == (8, True)
+    assert (targets["reaches_grpo_final_at"], targets["half_the_steps"]) == (8, True)
     assert targets["fall_per_seed"] == {"0": pytest.approx(0.15), "1": pytest.approx(0.15)}
     assert targets["no_seed_falls"] is False
-    assert study.study_targets({"grpo": curves["grpo"]}) == {"complete": False, "missing": ["guarded"]}
+    assert study.study_targets({"grpo": curves["grpo"]}, "guarded") == {"complete": False, "missing": ["guarded"]}
+    assert study.study_targets({"guarded_sharp": curves["guarded"]}, "guarded_sharp") == {
+        "complete": False, "missing": ["grpo"]}
 
 
 def test_long_study_equal_accuracies_summed_in_another_order_are_not_below():
@@ -190,9 +192,9 @@ def test_long_study_equal_accuracies_summed_in_another_order_are_not_below():
     study = _benchmark_module("learning_efficacy_long")
     grpo = {str(i): _curve((0, 0.5), (8, n / 48)) for i, n in enumerate((46, 43, 47))}
     guarded = {str(i): _curve((0, 0.5), (8, n / 48)) for i, n in enumerate((44, 45, 47))}
-    targets = study.study_targets({"grpo": grpo, "guarded": guarded})
+    targets = study.study_targets({"grpo": grpo, "guarded": guarded}, "guarded")
     assert (targets["at_or_above_grpo"], targets["below_at"]) == (True, [])
-    assert targets["guarded_reaches_grpo_final_at"] == 8
+    assert targets["reaches_grpo_final_at"] == 8
 
 
 def test_long_study_report_rewrites_its_file_from_the_raw_results(tmp_path):
@@ -208,8 +210,10 @@ def test_long_study_report_rewrites_its_file_from_the_raw_results(tmp_path):
     written = json.loads(results.read_text())
     assert written["curves"]["guarded"]["0"] == _curve((0, 0.5), (8, 0.875))
     assert written["run_seconds"] == {"grpo": {"0": 60.0}, "guarded": {"0": 60.0}}
-    assert written["targets"]["at_or_above_grpo"] is True
-    assert "at step 8: within half the steps: False" in stdout  # reached at the last step, not by its half
+    assert written["targets"]["guarded"]["at_or_above_grpo"] is True
+    assert written["targets"]["guarded_sharp"] == {"complete": False, "missing": ["guarded_sharp"]}
+    assert "guarded reaches GRPO's final 0.750 at step 8: within half the steps: False" in stdout  # not by its half
+    assert "guarded_sharp targets: not checked, missing ['guarded_sharp']" in stdout
 
 
 @pytest.mark.slow

@@ -104,11 +104,11 @@ def test_no_arguments_is_the_embedded_demo():
     assert sdpo.distillation_topk == 100
 
 
-def test_the_demo_trains_sdpo_with_the_guarded_preset():
+def test_the_demo_trains_sdpo_with_the_guarded_sharp_preset():
     script, _, sdpo = parse_train_args([])
-    assert script.preset == "guarded"
-    assert sdpo == SDPOConfig.from_preset("guarded")
-    assert (sdpo.distillation_weight, sdpo.teacher_update_rate) == (0.5, 0.01)
+    assert script.preset == "guarded_sharp"
+    assert sdpo == SDPOConfig.from_preset("guarded_sharp")
+    assert (sdpo.distillation_weight, sdpo.teacher_update_rate, sdpo.teacher_temperature) == (0.5, 0.01, 0.9)
 
 
 @pytest.mark.parametrize("argv", [["--no_enabled"], ["--enabled", "false"], ["--enabled=false"]])

@@ -90,7 +90,7 @@ def test_presets_set_the_run_values():
     generalization = SDPOConfig.from_preset("reference_generalization", alpha=0.3)
     assert not generalization.include_environment_feedback
     assert generalization.alpha == 0.3
-    assert set(PRESETS) == {"reference_lcb", "reference_generalization", "guarded", "paper"}
+    assert set(PRESETS) == {"reference_lcb", "reference_generalization", "guarded", "guarded_sharp", "paper"}
     assert SDPOConfig.from_preset("paper") == SDPOConfig()
     with pytest.raises(ValueError, match="unknown SDPO preset"):
         SDPOConfig.from_preset("nope")
@@ -113,6 +113,12 @@ def test_guarded_preset_loads_and_is_valid():
     assert {k: v for k, v in guarded.to_dict().items() if k not in PRESETS["guarded"]} == {
         k: v for k, v in SDPOConfig().to_dict().items() if k not in PRESETS["guarded"]}  # the rest is the seed's
     assert SDPOConfig.from_preset("guarded", distillation_weight=0.8).distillation_weight == 0.8
+
+
+def test_guarded_sharp_is_guarded_with_a_sharper_teacher():
+    sharp = SDPOConfig.from_preset("guarded_sharp")
+    assert sharp.teacher_temperature == 0.9
+    assert sharp == SDPOConfig.from_preset("guarded", teacher_temperature=0.9)
 
 
 @pytest.mark.parametrize(("kwargs", "fields"), [

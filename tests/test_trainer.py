@@ -663,7 +663,8 @@ def test_routing_gives_each_row_exactly_its_term(tokenizer, chat_dataset, make_a
     SDPOConfig(teacher_update_rate_schedule="linear", teacher_update_rate_final=0.0),
     SDPOConfig(teacher_reset_every=1),
     SDPOConfig.from_preset("guarded"),
-], ids=["blend", "routing", "schedule", "reset", "preset-guarded"])
+    SDPOConfig.from_preset("guarded_sharp"),
+], ids=["blend", "routing", "schedule", "reset", "preset-guarded", "preset-guarded-sharp"])
 def test_each_guard_trains(tokenizer, chat_dataset, make_args, feedback_reward, sdpo_config):
     model = tiny_model(tokenizer)
     before = _params(model)

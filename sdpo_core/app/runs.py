@@ -65,10 +65,11 @@ DEFAULTS: dict[str, Any] = {
     "environment_kwargs": {"difficulty": 0, "unformatted_scale": 1.0},
     "eval_size": 48,
     "eval_every": 10,  # held-out accuracy at steps 0, 10, 20 and 30; an evaluation costs about one step
-    # SDPO with the guards' recipe (half GRPO's loss, a slow EMA teacher): with SDPOConfig()'s paper settings
-    # this 135M model's sampled reward falls and its entropy rises on the demo (docs/benchmarks.md). It applies
-    # to SDPO runs of the math environment; `--no_enabled` is the plain GRPO twin, `--preset paper` the paper's SDPO.
-    "preset": "guarded",
+    # SDPO with the guards' recipe (half GRPO's loss, a slow EMA teacher, a sharper teacher): with SDPOConfig()'s
+    # paper settings this 135M model's sampled reward falls and its entropy rises on the demo (docs/benchmarks.md).
+    # It applies to SDPO runs of the math environment; `--no_enabled` is the plain GRPO twin, `--preset paper` the
+    # paper's SDPO.
+    "preset": "guarded_sharp",
     # GRPOConfig, scaled down for two CPU cores: one prompt x 8 completions of <= 48 tokens per step.
     "output_dir": "runs/sdpo",
     "num_generations": 8,
@@ -177,7 +178,7 @@ class TrainArguments:
     preset: str | None = field(
         default=None,
         metadata={"help": f"Named SDPO settings: {' or '.join(sorted(PRESETS))} (explicit SDPOConfig keys "
-                          "still win). The math demo's SDPO runs default to guarded; paper is SDPOConfig()."},
+                          "still win). The math demo's SDPO runs default to guarded_sharp; paper is SDPOConfig()."},
     )
     compare_grpo: bool = field(
         default=False,
