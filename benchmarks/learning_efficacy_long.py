@@ -1,6 +1,7 @@
 """The long-horizon study: does SDPO keep its early lead over GRPO for 64 steps, and do the guarded presets?
 
-    python benchmarks/learning_efficacy_long.py --jobs 2            # 3 seeds x {GRPO, SDPO, guarded SDPO}, 64 steps
+    python benchmarks/learning_efficacy_long.py --jobs 2            # 3 seeds x {GRPO, SDPO, guarded_sharp}, 64 steps
+    python benchmarks/learning_efficacy_long.py --jobs 2 --variants guarded --resume   # add the guarded preset
     python benchmarks/learning_efficacy_long.py --jobs 2 --resume   # finish an interrupted study
     python benchmarks/learning_efficacy_long.py --report            # targets and plot, from the results files alone
     python benchmarks/learning_efficacy_long.py --steps 400 --eval-every 25 --jobs 1 --bf16 true --model PATH  # a GPU
@@ -40,6 +41,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks/results"
 VARIANTS = ("grpo", "paper", "guarded", "guarded_sharp")
+DEFAULT_VARIANTS = ("grpo", "paper", "guarded_sharp")  # the grid of the two-hour budget; `guarded` on request
 BASELINE, GUARDED = "grpo", ("guarded", "guarded_sharp")  # the targets are checked for each guarded recipe
 TIE = 1e-9  # means of the same counts summed in another order differ in the last bits: equal is not below
 
@@ -120,10 +122,10 @@ def report_lines(curves: dict[str, dict[str, list[dict[str, Any]]]],
     """The mean held-out curve of each variant (seeds in brackets) and each guarded variant's targets, as printed
     lines."""
     steps = sorted({p["step"] for seeds in curves.values() for points in seeds.values() for p in points})
-    lines = [f"{'held-out accuracy':<22}" + "".join(f"{s:>7}" for s in steps)]
+    lines = [f"{'held-out accuracy':<26}" + "".join(f"{s:>7}" for s in steps)]
     for variant, seeds in curves.items():
         mean = mean_curve(seeds)
-        lines.append(f"{variant + ' (' + str(len(seeds)) + ' seeds)':<22}"
+        lines.append(f"{variant + ' (' + str(len(seeds)) + ' seeds)':<26}"
                      + "".join(f"{mean[s]:>7.3f}" if s in mean else f"{'-':>7}" for s in steps))
     for variant, checked in targets.items():
         if not checked.get("complete"):
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--eval-every", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of "
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated subset of "
                         + ", ".join(VARIANTS))
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--resume", action="store_true")

@@ -374,8 +374,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "teacher_update_rate": 0.01,
     },
     # Ours: `guarded` with the teacher's logits divided by 0.9 (docs/training.md, why the paper's SDPO flattens the
-    # demo model). A small model's teacher is flatter than its student; the sharper teacher stops the pull toward
-    # higher entropy. The math demo's SDPO recipe, picked over 3 seeds of the demo (docs/benchmarks.md).
+    # demo model). There the teacher is flatter than its student, and the sharper teacher stops the pull toward
+    # higher entropy. The math demo's SDPO recipe, picked by its runs over 3 seeds and the 64-step study
+    # (docs/benchmarks.md).
     "guarded_sharp": {
         "distillation_weight": 0.5,
         "teacher_update_rate": 0.01,
