@@ -23,7 +23,8 @@ Seams overridden (everything else is GRPOTrainer 1.16's):
 - `_get_grad_norm`, a callback's `on_step_end`: EMA once per generation batch, skipped when no step of the
   batch had a finite gradient norm; its rate follows `teacher_update_rate_schedule` and every
   `teacher_reset_every`-th batch resets the teacher instead (`sdpo_core.teacher_schedule`).
-- `_save_checkpoint`, `_load_optimizer_and_scheduler`: teacher weights travel with checkpoints.
+- `_save_checkpoint`, `_load_optimizer_and_scheduler`: teacher weights travel with checkpoints (and a checkpoint
+  that a full disk stops says so).
 
 Deviations from lasgroup/SDPO are deliberate and documented in docs/algorithm.md: the loss is micro-batch
 invariant (the reference's runs are micro-batch 1), teacher-prompt truncation never cuts the generation
@@ -34,6 +35,7 @@ optionally be its own demonstration.
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import logging
 import math
@@ -54,6 +56,7 @@ from trl.trainer.utils import create_model_from_path, get_config_model_id, pad
 from sdpo_core import diagnostics
 from sdpo_core import loss as sdpo_loss
 from sdpo_core.config import SDPOConfig
+from sdpo_core.disk_space import full_disk_message
 from sdpo_core.episode_rollout import EpisodeRollout, check_rollout_arguments
 from sdpo_core.episode_teacher import hindsight_demonstrations
 from sdpo_core.modeling import add_hidden_states_forward, causal_lm, lm_head, supports_hidden_state_path
@@ -716,6 +719,15 @@ class SDPOTrainer(GRPOTrainer):
         self._save_checkpoint(self.model, trial=None)
 
     def _save_checkpoint(self, model, trial):
+        try:
+            self._save_checkpoint_with_teacher(model, trial)
+        except (OSError, RuntimeError) as exc:
+            message = full_disk_message(self._get_output_dir(trial=trial), exc)
+            if message is None:
+                raise
+            raise OSError(errno.ENOSPC, message) from exc
+
+    def _save_checkpoint_with_teacher(self, model, trial):
         super()._save_checkpoint(model, trial)
         if self.teacher is None or not self.args.should_save:
             return
