@@ -41,6 +41,7 @@ import logging
 import math
 import os
 import random
+import shutil
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -725,6 +726,12 @@ class SDPOTrainer(GRPOTrainer):
             message = full_disk_message(self._get_output_dir(trial=trial), exc)
             if message is None:
                 raise
+            checkpoint = os.path.join(self._get_output_dir(trial=trial),
+                                      f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            if self.args.should_save and os.path.isdir(checkpoint):
+                # half written, it would be the checkpoint `--resume` picks as the latest; it also holds the space
+                shutil.rmtree(checkpoint, ignore_errors=True)
+                message += f" (the incomplete {checkpoint} was removed)"
             raise OSError(errno.ENOSPC, message) from exc
 
     def _save_checkpoint_with_teacher(self, model, trial):

@@ -755,7 +755,8 @@ def test_lora_ema_teacher_resets_to_its_initial_adapter(tokenizer, chat_dataset,
 
 def test_a_checkpoint_stopped_by_a_full_disk_says_the_disk_is_full(model, tokenizer, chat_dataset, make_args,
                                                                     feedback_reward, tmp_path, monkeypatch):
-    """torch reports a full disk as a bare "unexpected pos"; the run stops with an error that names the disk."""
+    """torch reports a full disk as a bare "unexpected pos"; the run stops with an error that names the disk, and
+    the half-written checkpoint is removed."""
     from collections import namedtuple
 
     from sdpo_core import disk_space
@@ -772,3 +773,4 @@ def test_a_checkpoint_stopped_by_a_full_disk_says_the_disk_is_full(model, tokeni
         trainer.train()
     assert failure.value.errno == errno.ENOSPC
     assert str(tmp_path / "out") in str(failure.value)
+    assert not (tmp_path / "out" / "checkpoint-1").exists()  # half written, it would be the one a resume picks
