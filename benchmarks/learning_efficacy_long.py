@@ -23,8 +23,7 @@ writes the study's own file, `benchmarks/results/learning_efficacy_long.json`:
 what the whole study cost.)
 
 and prints the study's three targets for each guarded variant (`guarded`, `guarded_sharp`), checked from the curves
-alone (see `study_targets`). Other flags are passed
-to every `sdpo train` run.
+alone (see `study_targets`). Other flags are passed to every `sdpo train` run.
 """
 
 from __future__ import annotations
