@@ -338,6 +338,13 @@ def _check_template(name: str, template: str, required: tuple[str, ...]) -> None
         raise ValueError(f"{name} has unknown placeholder(s) {', '.join('{' + p + '}' for p in unknown)}")
 
 
+# Ours, not a paper run: the collapse guards' starting recipe (docs/config.md#guards-against-collapse).
+# Half GRPO's policy gradient keeps the reward signal; a slow EMA keeps the teacher near the initial model.
+_GUARDED = {
+    "distillation_weight": 0.5,
+    "teacher_update_rate": 0.01,
+}
+
 # The YAML template strings effective in the paper's runs (lasgroup/SDPO actor.yaml:131-148).
 _RUN_TEMPLATES = {
     "reprompt_template": "{prompt}{solution}{feedback}\n\nCorrectly solve the original question.",
@@ -367,19 +374,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # The seed's defaults, SDPOConfig() as it is: the paper's SDPO (for runs whose default preset is another).
     "paper": {},
-    # Ours, not a paper run: the collapse guards' starting recipe (docs/config.md#guards-against-collapse).
-    # Half GRPO's policy gradient keeps the reward signal; a slow EMA keeps the teacher near the initial model.
-    "guarded": {
-        "distillation_weight": 0.5,
-        "teacher_update_rate": 0.01,
-    },
+    "guarded": _GUARDED,
     # Ours: `guarded` with the teacher's logits divided by 0.9 (docs/training.md, why the paper's SDPO flattens the
     # demo model). There the teacher is flatter than its student, and the sharper teacher stops the pull toward
     # higher entropy. The math demo's SDPO recipe, picked by its runs over 3 seeds and the 64-step study
     # (docs/benchmarks.md).
-    "guarded_sharp": {
-        "distillation_weight": 0.5,
-        "teacher_update_rate": 0.01,
-        "teacher_temperature": 0.9,
-    },
+    "guarded_sharp": {**_GUARDED, "teacher_temperature": 0.9},
 }

@@ -726,20 +726,22 @@ class SDPOTrainer(GRPOTrainer):
             message = full_disk_message(self._get_output_dir(trial=trial), exc)
             if message is None:
                 raise
-            checkpoint = os.path.join(self._get_output_dir(trial=trial),
-                                      f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            checkpoint = self._checkpoint_folder(trial)
             if self.args.should_save and os.path.isdir(checkpoint):
                 # half written, it would be the checkpoint `--resume` picks as the latest; it also holds the space
                 shutil.rmtree(checkpoint, ignore_errors=True)
                 message += f" (the incomplete {checkpoint} was removed)"
             raise OSError(errno.ENOSPC, message) from exc
 
+    def _checkpoint_folder(self, trial) -> str:
+        """Where the Trainer writes this step's checkpoint."""
+        return os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+
     def _save_checkpoint_with_teacher(self, model, trial):
         super()._save_checkpoint(model, trial)
         if self.teacher is None or not self.args.should_save:
             return
-        folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        checkpoint = os.path.join(self._get_output_dir(trial=trial), folder)
+        checkpoint = self._checkpoint_folder(trial)
         state = self.teacher.state_dict()
         if state:
             torch.save(state, os.path.join(checkpoint, TEACHER_STATE_FILE))
