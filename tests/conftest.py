@@ -1,14 +1,16 @@
-"""Shared fixtures: a tiny hub-free model, tokenizer and dataset, and a trainer factory."""
+"""Shared fixtures: a tiny hub-free model, tokenizer and dataset, a trainer factory, and a disk's free space."""
 
 from __future__ import annotations
 
 import os
+from collections import namedtuple
 
 import pytest
 import torch
 from datasets import Dataset
 from trl import GRPOConfig
 
+from sdpo_core import disk_space
 from sdpo_core.testing import tiny_model, tiny_tokenizer
 
 torch.set_num_threads(1)
@@ -43,6 +45,17 @@ def make_args(tmp_path):
         return GRPOConfig(**{**_ARGS, "output_dir": str(tmp_path / "out"), **overrides})
 
     return make
+
+
+@pytest.fixture
+def free_bytes(monkeypatch):
+    """Set the free space every disk reports to the checkpoint writer's full-disk check."""
+    usage = namedtuple("usage", "total used free")
+
+    def set_free(free: int) -> None:
+        monkeypatch.setattr(disk_space.shutil, "disk_usage", lambda path: usage(10 * 2**30, 10 * 2**30 - free, free))
+
+    return set_free
 
 
 @pytest.fixture

@@ -1,23 +1,8 @@
 """A checkpoint write that fails because the disk is full says so; any other failure is left as it was."""
 
 import errno
-from collections import namedtuple
-
-import pytest
 
 from sdpo_core import disk_space
-
-Usage = namedtuple("Usage", "total used free")
-
-
-@pytest.fixture
-def free_bytes(monkeypatch):
-    """Set the free space every disk reports."""
-
-    def set_free(free: int) -> None:
-        monkeypatch.setattr(disk_space.shutil, "disk_usage", lambda path: Usage(10 * 2**30, 10 * 2**30 - free, free))
-
-    return set_free
 
 
 def test_a_torch_write_error_on_a_nearly_full_disk_names_the_full_disk(tmp_path, free_bytes):
@@ -39,8 +24,10 @@ def test_other_failures_with_room_on_the_disk_are_not_explained(tmp_path, free_b
     assert disk_space.full_disk_message(tmp_path, PermissionError(errno.EACCES, "Permission denied")) is None
 
 
-def test_a_folder_not_created_yet_is_measured_on_its_nearest_existing_parent(tmp_path, monkeypatch):
+def test_a_folder_not_created_yet_is_measured_on_its_nearest_existing_parent(tmp_path, monkeypatch, free_bytes):
+    free_bytes(0)
+    measured = disk_space.shutil.disk_usage
     asked = []
-    monkeypatch.setattr(disk_space.shutil, "disk_usage", lambda path: asked.append(path) or Usage(1, 1, 0))
+    monkeypatch.setattr(disk_space.shutil, "disk_usage", lambda path: asked.append(path) or measured(path))
     assert disk_space.full_disk_message(tmp_path / "out" / "checkpoint-3", RuntimeError("x")) is not None
     assert asked == [str(tmp_path)]

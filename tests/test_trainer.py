@@ -754,19 +754,16 @@ def test_lora_ema_teacher_resets_to_its_initial_adapter(tokenizer, chat_dataset,
 
 
 def test_a_checkpoint_stopped_by_a_full_disk_says_the_disk_is_full(model, tokenizer, chat_dataset, make_args,
-                                                                    feedback_reward, tmp_path, monkeypatch):
+                                                                    feedback_reward, tmp_path, monkeypatch,
+                                                                    free_bytes):
     """torch reports a full disk as a bare "unexpected pos"; the run stops with an error that names the disk, and
     the half-written checkpoint is removed."""
-    from collections import namedtuple
-
-    from sdpo_core import disk_space
 
     def full_disk_write(*args, **kwargs):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64704 vs 64596")
 
     monkeypatch.setattr(torch, "save", full_disk_write)
-    monkeypatch.setattr(disk_space.shutil, "disk_usage",
-                        lambda path: namedtuple("Usage", "total used free")(2**30, 2**30 - 2**20, 2**20))
+    free_bytes(2**20)
     trainer = _trainer(model, tokenizer, chat_dataset, make_args(max_steps=1, save_strategy="steps", save_steps=1),
                        feedback_reward())
     with pytest.raises(OSError, match=r"its disk is full \(1\.0 MiB free\).*unexpected pos") as failure:
